@@ -1,0 +1,271 @@
+// Dense softmax / ReLU^alpha attention on the CPU: a streaming (online-softmax) loop over key
+// tiles with fp32 accumulation, the query heads of a GQA group attending together, and an
+// optional split of the keys (FlashDecoding-style) when there are too few (batch, kv head)
+// pairs to keep every thread busy. Torch-free: the caller provides threads.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "hsr/cpu/vec_math.h"
+#include "hsr/types.h"
+
+namespace hsr::cpu {
+
+// Keys per tile: the fp32 K and V tiles (2 x 64 x D floats) and the scores stay in L2.
+constexpr int64_t kKeyTile = 64;
+// Rows (query heads x query positions) attended together in one work unit.
+constexpr int64_t kMaxRowsPerUnit = 64;
+// A split of the keys is not worth its merge below this many keys.
+constexpr int64_t kMinKeysPerSplit = 1024;
+
+// How a problem is cut into independent work units:
+// unit = ((batch * heads_kv + kv_head) * row_blocks + row_block) * splits + split.
+struct DenseAttentionPlan {
+  int64_t rows_per_block = 1;
+  int64_t row_blocks = 1;
+  int64_t splits = 1;
+  int64_t keys_per_split = 0;
+
+  int64_t num_units(const DenseAttentionProblem& p) const {
+    return p.batch * p.heads_kv * row_blocks * splits;
+  }
+  int64_t num_row_groups(const DenseAttentionProblem& p) const {
+    return p.batch * p.heads_kv * row_blocks;
+  }
+  // Partial results (m, l, acc[D]) per unit and row, merged after all units ran.
+  int64_t workspace_floats(const DenseAttentionProblem& p) const {
+    return splits > 1 ? num_units(p) * rows_per_block * (p.head_dim + 2) : 0;
+  }
+};
+
+inline DenseAttentionPlan plan_dense_attention(const DenseAttentionProblem& p, int num_threads) {
+  DenseAttentionPlan plan;
+  const int64_t rows = p.rows_per_kv_head();
+  plan.rows_per_block = std::max<int64_t>(1, std::min(rows, kMaxRowsPerUnit));
+  plan.row_blocks = rows == 0 ? 0 : (rows + plan.rows_per_block - 1) / plan.rows_per_block;
+  const int64_t base_units = p.batch * p.heads_kv * plan.row_blocks;
+  // Aim for several units per thread so uneven (causal) units balance out.
+  const int64_t want_units = 4 * int64_t(std::max(num_threads, 1));
+  int64_t splits = 1;
+  if (base_units > 0 && base_units < want_units) {
+    splits = (want_units + base_units - 1) / base_units;
+    splits = std::min(splits, std::max<int64_t>(1, p.len_k / kMinKeysPerSplit));
+  }
+  // Round the split length up to whole tiles, then drop splits that would be empty.
+  int64_t per_split = (p.len_k + splits - 1) / std::max<int64_t>(splits, 1);
+  per_split = (per_split + kKeyTile - 1) / kKeyTile * kKeyTile;
+  per_split = std::max<int64_t>(per_split, kKeyTile);
+  plan.splits = std::max<int64_t>(1, (p.len_k + per_split - 1) / per_split);
+  plan.keys_per_split = per_split;
+  return plan;
+}
+
+// Per-row running state of the online softmax. For ReLU, m stays 0 and l is the row sum of A.
+struct RowAccumulator {
+  float m;
+  float l;
+};
+
+// Writes the final output row and its log-normaliser from an accumulated (m, l, acc).
+// Softmax: out = acc / l, lse = m + log l. ReLU: out = acc / l when normalising (0 for an
+// all-zero row), acc otherwise; lse = log l. A row that saw no key gives out 0, lse -inf.
+template <typename T>
+inline void finalize_row(const DenseAttentionProblem& p, RowAccumulator st, const float* acc,
+                         T* out, float* lse) {
+  const int64_t d = p.head_dim;
+  const bool divide = p.kind == ScoreKind::kSoftmax || p.normalize;
+  const float inv = (st.l > 0.0f) ? 1.0f / st.l : 0.0f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float o = divide ? acc[i] * inv : acc[i];
+    out[i] = from_float<T>(o);
+  }
+  *lse = st.l > 0.0f ? st.m + std::log(st.l) : -std::numeric_limits<float>::infinity();
+}
+
+template <typename T>
+class DenseAttentionCpu {
+ public:
+  DenseAttentionCpu(const DenseAttentionProblem& p, const DenseAttentionPlan& plan, const T* q,
+                    const T* k, const T* v, T* out, float* lse, float* workspace)
+      : p_(p), plan_(plan), q_(q), k_(k), v_(v), out_(out), lse_(lse), ws_(workspace) {}
+
+  // Runs one work unit (see DenseAttentionPlan). Thread-safe across distinct units.
+  void run_unit(int64_t unit) const {
+    const int64_t split = unit % plan_.splits;
+    const int64_t group_index = unit / plan_.splits;
+    const int64_t row_block = group_index % plan_.row_blocks;
+    const int64_t bh = group_index / plan_.row_blocks;
+    const int64_t b = bh / p_.heads_kv, hkv = bh % p_.heads_kv;
+    const int64_t d = p_.head_dim;
+    const int64_t group = p_.group();
+    const int64_t row0 = row_block * plan_.rows_per_block;
+    const int64_t nrows = std::min(plan_.rows_per_block, p_.rows_per_kv_head() - row0);
+
+    Scratch& s = scratch();
+    s.resize(nrows, d);
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t qpos = (row0 + r) / group, h = hkv * group + (row0 + r) % group;
+      const T* src = q_ + b * p_.q_stride[0] + h * p_.q_stride[1] + qpos * p_.q_stride[2];
+      float* dst = s.q.data() + r * d;
+      convert_row(src, dst, d);
+      scale_in_place(p_.scale, dst, d);
+      s.last_key[r] = p_.last_visible_key(qpos);
+      s.state[r] = {p_.kind == ScoreKind::kSoftmax ? -std::numeric_limits<float>::infinity() : 0.0f,
+                    0.0f};
+    }
+    std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+
+    const int64_t key_begin = split * plan_.keys_per_split;
+    int64_t key_end = std::min(p_.len_k, key_begin + plan_.keys_per_split);
+    // Rows are ordered by query position, so the last row sees the most keys.
+    key_end = std::min(key_end, s.last_key[nrows - 1] + 1);
+    const T* kbase = k_ + b * p_.k_stride[0] + hkv * p_.k_stride[1];
+    const T* vbase = v_ + b * p_.v_stride[0] + hkv * p_.v_stride[1];
+    for (int64_t t0 = key_begin; t0 < key_end; t0 += kKeyTile) {
+      const int64_t tn = std::min(kKeyTile, key_end - t0);
+      const float* ktile = tile_rows(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, s.k);
+      const float* vtile = tile_rows(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, s.v);
+      const int64_t kld = tile_stride(p_.k_stride[2]), vld = tile_stride(p_.v_stride[2]);
+      for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t visible = std::min(tn, s.last_key[r] - t0 + 1);
+        if (visible <= 0) continue;
+        attend_tile(s.q.data() + r * d, ktile, kld, vtile, vld, visible, s.scores.data(),
+                    s.state[r], s.acc.data() + r * d);
+      }
+    }
+    store_rows(unit, b, hkv, row0, nrows, s);
+  }
+
+  // Merges the per-split partials of one (batch, kv head, row block) into the output.
+  void merge_row_group(int64_t row_group) const {
+    const int64_t row_block = row_group % plan_.row_blocks;
+    const int64_t bh = row_group / plan_.row_blocks;
+    const int64_t b = bh / p_.heads_kv, hkv = bh % p_.heads_kv;
+    const int64_t d = p_.head_dim;
+    const int64_t row0 = row_block * plan_.rows_per_block;
+    const int64_t nrows = std::min(plan_.rows_per_block, p_.rows_per_kv_head() - row0);
+    std::vector<float> acc(d);
+    for (int64_t r = 0; r < nrows; ++r) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t sp = 0; sp < plan_.splits; ++sp) {
+        const float* part = partial(row_group * plan_.splits + sp, r);
+        if (part[1] > 0.0f) m = std::max(m, part[0]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float l = 0.0f;
+      for (int64_t sp = 0; sp < plan_.splits; ++sp) {
+        const float* part = partial(row_group * plan_.splits + sp, r);
+        if (!(part[1] > 0.0f)) continue;
+        const float w = std::exp(part[0] - m);
+        l += w * part[1];
+        axpy(w, part + 2, acc.data(), d);
+      }
+      write_row(b, hkv, row0 + r, {m, l}, acc.data());
+    }
+  }
+
+ private:
+  struct Scratch {
+    std::vector<float> q, acc, k, v, scores;
+    std::vector<int64_t> last_key;
+    std::vector<RowAccumulator> state;
+    void resize(int64_t rows, int64_t d) {
+      q.resize(rows * d);
+      acc.resize(rows * d);
+      k.resize(kKeyTile * d);
+      v.resize(kKeyTile * d);
+      scores.resize(kKeyTile);
+      last_key.resize(rows);
+      state.resize(rows);
+    }
+  };
+  static Scratch& scratch() {
+    thread_local Scratch s;
+    return s;
+  }
+
+  // fp32 rows are read in place; 16-bit rows are converted into the scratch tile.
+  const float* tile_rows(const T* src, int64_t stride, int64_t n, std::vector<float>& buf) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return src;
+    } else {
+      const int64_t d = p_.head_dim;
+      for (int64_t t = 0; t < n; ++t) convert_row(src + t * stride, buf.data() + t * d, d);
+      return buf.data();
+    }
+  }
+  int64_t tile_stride(int64_t stride) const {
+    return std::is_same_v<T, float> ? stride : p_.head_dim;
+  }
+
+  void attend_tile(const float* q, const float* ktile, int64_t kld, const float* vtile,
+                   int64_t vld, int64_t n, float* scores, RowAccumulator& st, float* acc) const {
+    const int64_t d = p_.head_dim;
+    for (int64_t t = 0; t < n; ++t) scores[t] = dot(q, ktile + t * kld, d);
+    float sum = 0.0f;
+    if (p_.kind == ScoreKind::kSoftmax) {
+      float tile_max = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, scores[t]);
+      const float m_new = std::max(st.m, tile_max);
+      if (m_new == -std::numeric_limits<float>::infinity()) return;  // every score is -inf
+      const float correction = exp_nonpositive(st.m - m_new);
+      for (int64_t t = 0; t < n; ++t) {
+        scores[t] = exp_nonpositive(scores[t] - m_new);
+        sum += scores[t];
+      }
+      if (correction != 1.0f) scale_in_place(correction, acc, d);
+      st.l = st.l * correction + sum;
+      st.m = m_new;
+    } else {
+      for (int64_t t = 0; t < n; ++t) {
+        scores[t] = relu_pow(scores[t] - p_.bias, p_.alpha);
+        sum += scores[t];
+      }
+      st.l += sum;
+    }
+    for (int64_t t = 0; t < n; ++t)
+      if (scores[t] != 0.0f) axpy(scores[t], vtile + t * vld, acc, d);
+  }
+
+  float* partial(int64_t unit, int64_t r) const {
+    return ws_ + (unit * plan_.rows_per_block + r) * (p_.head_dim + 2);
+  }
+
+  void store_rows(int64_t unit, int64_t b, int64_t hkv, int64_t row0, int64_t nrows,
+                  const Scratch& s) const {
+    const int64_t d = p_.head_dim;
+    for (int64_t r = 0; r < nrows; ++r) {
+      if (plan_.splits == 1) {
+        write_row(b, hkv, row0 + r, s.state[r], s.acc.data() + r * d);
+      } else {
+        float* part = partial(unit, r);
+        part[0] = s.state[r].m;
+        part[1] = s.state[r].l;
+        std::copy(s.acc.begin() + r * d, s.acc.begin() + (r + 1) * d, part + 2);
+      }
+    }
+  }
+
+  void write_row(int64_t b, int64_t hkv, int64_t row, RowAccumulator st, const float* acc) const {
+    const int64_t group = p_.group();
+    const int64_t qpos = row / group, h = hkv * group + row % group;
+    const int64_t flat = (b * p_.heads_q + h) * p_.len_q + qpos;
+    finalize_row(p_, st, acc, out_ + flat * p_.head_dim, lse_ + flat);
+  }
+
+  const DenseAttentionProblem& p_;
+  const DenseAttentionPlan& plan_;
+  const T* q_;
+  const T* k_;
+  const T* v_;
+  T* out_;
+  float* lse_;
+  float* ws_;
+};
+
+}  // namespace hsr::cpu

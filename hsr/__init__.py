@@ -1,0 +1,13 @@
+"""hsr: sparse attention over a half-space reporting index of the KV cache, for PyTorch."""
+
+from ._loader import TorchVersionMismatch, load_library
+
+_build_info = load_library()
+
+from .ops import attention  # noqa: E402
+
+__version__ = "0.1.0"
+built_with_torch = _build_info.TORCH_VERSION
+built_with_cuda = bool(_build_info.WITH_CUDA)
+
+__all__ = ["attention", "TorchVersionMismatch", "built_with_torch", "built_with_cuda", "__version__"]

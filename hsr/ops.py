@@ -1,0 +1,107 @@
+"""Typed wrappers over torch.ops.hsr.* and their fake (meta) implementations.
+
+The fake implementations give torch.compile and torch.library.opcheck the output shapes
+without running a kernel. They repeat the shape checks so that tracing fails as eagerly as
+the real op would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_SCORE_KINDS = ("softmax", "relu")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_attention_args(q, k, v, kind, alpha, bias):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"hsr.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(B, Hq, Lq, D)" if name == "q" else "(B, Hkv, Lk, D)"
+            raise ValueError(f"hsr.attention: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"hsr.attention: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"hsr.attention: q must be float32, float16 or bfloat16, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"hsr.attention: q, k and v must be on one device, got q on {q.device}, "
+            f"k on {k.device}, v on {v.device}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(
+            f"hsr.attention: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"hsr.attention: k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+    if q.shape[3] <= 0:
+        raise ValueError("hsr.attention: head_dim (q.shape[3]) must be positive")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"hsr.attention: k has head_dim {k.shape[3]} but q has head_dim {q.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"hsr.attention: the number of q heads ({q.shape[1]}) must be a multiple of the "
+            f"number of kv heads ({k.shape[1]})"
+        )
+    if k.shape[2] == 0:
+        raise ValueError("hsr.attention: k and v must hold at least one key (Lk = 0)")
+    if kind not in _SCORE_KINDS:
+        raise ValueError(f'hsr.attention: kind must be "softmax" or "relu", got {kind!r}')
+    if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 1:
+        raise ValueError(f"hsr.attention: alpha must be a positive integer, got {alpha!r}")
+    if not math.isfinite(float(bias)):
+        raise ValueError(f"hsr.attention: bias must be finite, got {bias!r}")
+
+
+@torch.library.register_fake("hsr::attention")
+def _attention_fake(q, k, v, kind="softmax", scale=None, alpha=1, bias=0.0, normalize=True, causal=False):
+    _check_attention_args(q, k, v, kind, alpha, bias)
+    out = q.new_empty(q.shape, memory_format=torch.contiguous_format)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return out, lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kind: str = "softmax",
+    scale: float | None = None,
+    alpha: int = 1,
+    bias: float = 0.0,
+    normalize: bool = True,
+    causal: bool = False,
+    return_lse: bool = False,
+):
+    """Dense attention in torch SDPA layout, on CPU or CUDA.
+
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (GQA: query head h
+    uses kv head h // (Hq // Hkv)). float32, float16 or bfloat16; fp32 accumulation.
+
+    kind="softmax": softmax(scale * q k^T) v, as torch SDPA.
+    kind="relu": A = relu(scale * q k^T - bias) ** alpha (alpha a positive integer); the
+    output is A v / rowsum(A) when ``normalize`` (a row whose A is all zero gives 0), A v
+    otherwise.
+    scale defaults to 1/sqrt(D). ``causal`` aligns the last query with the last key, as
+    FlashAttention does: query i sees keys j <= i + Lk - Lq, and a query that sees no key
+    gives 0.
+
+    Returns out (B, Hq, Lq, D) in q's dtype, and with ``return_lse`` also lse (B, Hq, Lq)
+    float32: the natural log of each row's normaliser (softmax: logsumexp of the scaled
+    scores; relu: log rowsum(A); -inf for a row that sees no key), so outputs over disjoint
+    key sets can be merged exactly.
+    """
+    _check_attention_args(q, k, v, kind, alpha, bias)
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"hsr.attention: scale must be finite, got {scale!r}")
+    out, lse = torch.ops.hsr.attention(
+        q, k, v, kind, None if scale is None else float(scale), int(alpha), float(bias),
+        bool(normalize), bool(causal),
+    )
+    return (out, lse) if return_lse else out

@@ -61,8 +61,8 @@ def _check_attention_args(q, k, v, kind, alpha, bias):
 @torch.library.register_fake("hsr::attention")
 def _attention_fake(q, k, v, kind="softmax", scale=None, alpha=1, bias=0.0, normalize=True, causal=False):
     _check_attention_args(q, k, v, kind, alpha, bias)
-    out = q.new_empty(q.shape, memory_format=torch.contiguous_format)
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     return out, lse
 
 

@@ -5,6 +5,12 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__CUDACC__)
+#define HSR_HOST_DEVICE __host__ __device__
+#else
+#define HSR_HOST_DEVICE
+#endif
+
 namespace hsr {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -105,11 +111,11 @@ struct DenseAttentionProblem {
   bool normalize = true;
   bool causal = false;
 
-  int64_t group() const { return heads_q / heads_kv; }
-  int64_t rows_per_kv_head() const { return len_q * group(); }
+  HSR_HOST_DEVICE int64_t group() const { return heads_q / heads_kv; }
+  HSR_HOST_DEVICE int64_t rows_per_kv_head() const { return len_q * group(); }
   // Causal masking aligns the last query with the last key (FlashAttention's convention
   // for Lq != Lk): query i sees keys j <= i + Lk - Lq. Negative: the query sees no key.
-  int64_t last_visible_key(int64_t qpos) const {
+  HSR_HOST_DEVICE int64_t last_visible_key(int64_t qpos) const {
     return causal ? qpos + len_k - len_q : len_k - 1;
   }
 };

@@ -1,0 +1,58 @@
+"""Plain reference implementations the kernels are tested against (no tricks, no tiling)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_visibility(len_q: int, len_k: int, device=None) -> torch.Tensor:
+    """(Lq, Lk) bool: query i sees key j iff j <= i + Lk - Lq (last query aligned to last key)."""
+    i = torch.arange(len_q, device=device).unsqueeze(1)
+    j = torch.arange(len_k, device=device).unsqueeze(0)
+    return j <= i + (len_k - len_q)
+
+
+def attention_ref(
+    q, k, v, *, kind="softmax", scale=None, alpha=1, bias=0.0, normalize=True, causal=False,
+    compute_dtype=torch.float64,
+):
+    """Dense attention computed naively in ``compute_dtype``.
+
+    With compute_dtype=float64 this is the ground truth; with the inputs' own low-precision
+    dtype it is "PyTorch's own low-precision error" baseline of FlashAttention's tests.
+    Returns (out in compute_dtype, lse in float64): lse is the natural log of each row's
+    normaliser (-inf for a row that sees no key or whose ReLU row sum is 0).
+    """
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    qc = q.to(compute_dtype)
+    kc = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    vc = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    visible = (
+        causal_visibility(q.shape[2], k.shape[2], q.device)
+        if causal
+        else torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    )
+    if kind == "softmax":
+        s = s.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(s.to(torch.float64), dim=-1)
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        z = p.sum(dim=-1, keepdim=True)
+        out = torch.matmul(p, vc) / torch.where(z > 0, z, torch.ones_like(z))
+        return out, lse
+    if kind == "relu":
+        a = torch.relu(s - bias) ** alpha
+        a = a.masked_fill(~visible, 0.0)
+        z = a.sum(dim=-1, keepdim=True)
+        out = torch.matmul(a, vc)
+        if normalize:
+            out = torch.where(z > 0, out / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(out))
+        lse = torch.log(z.squeeze(-1).to(torch.float64))
+        return out, lse
+    raise ValueError(kind)

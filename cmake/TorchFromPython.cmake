@@ -45,6 +45,11 @@ target_include_directories(hsr_torch_cpu SYSTEM INTERFACE
   "${TORCH_ROOT}/include" "${TORCH_ROOT}/include/torch/csrc/api/include")
 target_compile_definitions(hsr_torch_cpu INTERFACE _GLIBCXX_USE_CXX11_ABI=${_torch_cxx11_abi})
 target_link_libraries(hsr_torch_cpu INTERFACE "${HSR_LIBC10}" "${HSR_LIBTORCH_CPU}")
+# at::parallel_for is a header template that uses `#pragma omp parallel` when torch was built
+# with OpenMP (AT_PARALLEL_OPENMP); without -fopenmp here it silently runs on one thread. At
+# run time libgomp.so.1 resolves to the copy torch already loaded.
+find_package(OpenMP REQUIRED COMPONENTS CXX)
+target_link_libraries(hsr_torch_cpu INTERFACE OpenMP::OpenMP_CXX)
 
 add_library(hsr_torch_cuda INTERFACE)
 if(TORCH_CUDA_VERSION)

@@ -131,12 +131,20 @@ class DenseAttentionCpu {
       const float* ktile = tile_rows(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, s.k);
       const float* vtile = tile_rows(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, s.v);
       const int64_t kld = tile_stride(p_.k_stride[2]), vld = tile_stride(p_.v_stride[2]);
-      for (int64_t r = 0; r < nrows; ++r) {
-        const int64_t visible = std::min(tn, s.last_key[r] - t0 + 1);
-        if (visible <= 0) continue;
-        attend_tile(s.q.data() + r * d, ktile, kld, vtile, vld, visible, s.scores.data(),
-                    s.state[r], s.acc.data() + r * d);
+      float* w = s.scores.data();
+      int64_t r = 0;
+      for (; r + 4 <= nrows; r += 4)
+        scores_rows<4>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
+      for (; r < nrows; ++r)
+        scores_rows<1>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
+      for (r = 0; r < nrows; ++r) {
+        const int64_t visible = std::max<int64_t>(0, std::min(tn, s.last_key[r] - t0 + 1));
+        scores_to_weights(w + r * kKeyTile, tn, visible, s.state[r], s.acc.data() + r * d);
       }
+      for (r = 0; r + 4 <= nrows; r += 4)
+        accumulate_pv_rows<4>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * d, d);
+      for (; r < nrows; ++r)
+        accumulate_pv_rows<1>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * d, d);
     }
     store_rows(unit, b, hkv, row0, nrows, s);
   }
@@ -179,7 +187,7 @@ class DenseAttentionCpu {
       acc.resize(rows * d);
       k.resize(kKeyTile * d);
       v.resize(kKeyTile * d);
-      scores.resize(kKeyTile);
+      scores.resize(rows * kKeyTile);
       last_key.resize(rows);
       state.resize(rows);
     }
@@ -203,33 +211,32 @@ class DenseAttentionCpu {
     return std::is_same_v<T, float> ? stride : p_.head_dim;
   }
 
-  void attend_tile(const float* q, const float* ktile, int64_t kld, const float* vtile,
-                   int64_t vld, int64_t n, float* scores, RowAccumulator& st, float* acc) const {
-    const int64_t d = p_.head_dim;
-    for (int64_t t = 0; t < n; ++t) scores[t] = dot(q, ktile + t * kld, d);
+  // Turns one row of raw scores into the weights that multiply V, in place: softmax
+  // probabilities relative to the updated running max (rescaling acc by the correction), or
+  // ReLU^alpha weights. Keys at or past `visible` (causal) get weight 0.
+  void scores_to_weights(float* w, int64_t n, int64_t visible, RowAccumulator& st,
+                         float* acc) const {
     float sum = 0.0f;
     if (p_.kind == ScoreKind::kSoftmax) {
       float tile_max = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, scores[t]);
+      for (int64_t t = 0; t < visible; ++t) tile_max = std::max(tile_max, w[t]);
       const float m_new = std::max(st.m, tile_max);
-      if (m_new == -std::numeric_limits<float>::infinity()) return;  // every score is -inf
-      const float correction = exp_nonpositive(st.m - m_new);
-      for (int64_t t = 0; t < n; ++t) {
-        scores[t] = exp_nonpositive(scores[t] - m_new);
-        sum += scores[t];
+      if (m_new == -std::numeric_limits<float>::infinity()) {  // nothing visible yet
+        std::fill(w, w + n, 0.0f);
+        return;
       }
-      if (correction != 1.0f) scale_in_place(correction, acc, d);
+      const float correction = exp_nonpositive(st.m - m_new);
+      exp_shifted_inplace(w, visible, m_new);
+      for (int64_t t = 0; t < visible; ++t) sum += w[t];
+      if (correction != 1.0f) scale_in_place(correction, acc, p_.head_dim);
       st.l = st.l * correction + sum;
       st.m = m_new;
     } else {
-      for (int64_t t = 0; t < n; ++t) {
-        scores[t] = relu_pow(scores[t] - p_.bias, p_.alpha);
-        sum += scores[t];
-      }
+      relu_pow_inplace(w, visible, p_.bias, p_.alpha);
+      for (int64_t t = 0; t < visible; ++t) sum += w[t];
       st.l += sum;
     }
-    for (int64_t t = 0; t < n; ++t)
-      if (scores[t] != 0.0f) axpy(scores[t], vtile + t * vld, acc, d);
+    std::fill(w + visible, w + n, 0.0f);
   }
 
   float* partial(int64_t unit, int64_t r) const {

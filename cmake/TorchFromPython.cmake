@@ -48,8 +48,12 @@ target_link_libraries(hsr_torch_cpu INTERFACE "${HSR_LIBC10}" "${HSR_LIBTORCH_CP
 # at::parallel_for is a header template that uses `#pragma omp parallel` when torch was built
 # with OpenMP (AT_PARALLEL_OPENMP); without -fopenmp here it silently runs on one thread. At
 # run time libgomp.so.1 resolves to the copy torch already loaded.
-find_package(OpenMP REQUIRED COMPONENTS CXX)
-target_link_libraries(hsr_torch_cpu INTERFACE OpenMP::OpenMP_CXX)
+find_package(OpenMP COMPONENTS CXX)
+if(OpenMP_CXX_FOUND)
+  target_link_libraries(hsr_torch_cpu INTERFACE OpenMP::OpenMP_CXX)
+else()
+  message(WARNING "hsr: no OpenMP for the C++ compiler: the CPU ops will run on one thread.")
+endif()
 
 add_library(hsr_torch_cuda INTERFACE)
 if(TORCH_CUDA_VERSION)

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -295,6 +296,21 @@ void check_launch(const char* what) {
                              " failed: " + cudaGetErrorString(err));
 }
 
+// Opts a kernel into more than 48 KiB of dynamic shared memory, once per device (the
+// attribute is per device; doing it once keeps CUDA-graph capture free of extra API calls).
+template <typename Kernel>
+void allow_large_shared_memory(Kernel* kernel, size_t bytes) {
+  static std::atomic<uint64_t> done_devices{0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) check_launch("cudaGetDevice");
+  const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
+  if (bit != 0 && (done_devices.load() & bit)) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
+      cudaSuccess)
+    check_launch("cudaFuncSetAttribute");
+  done_devices.fetch_or(bit);
+}
+
 template <typename T, int D, int RPW>
 void launch_tile_and_combine(const DenseAttentionCudaArgs& args, const DenseAttentionCudaPlan& plan,
                              cudaStream_t stream) {
@@ -307,11 +323,7 @@ void launch_tile_and_combine(const DenseAttentionCudaArgs& args, const DenseAtte
                            size_t(kTile) * (D + row_pad<T>()) * sizeof(T) +
                            size_t(kTile) * D * sizeof(T);
   auto* tile_kernel = dense_attention_tile_kernel<T, D, RPW>;
-  if (kSmem > 48 * 1024) {
-    if (cudaFuncSetAttribute(tile_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(kSmem)) != cudaSuccess)
-      check_launch("cudaFuncSetAttribute");
-  }
+  if (kSmem > 48 * 1024) allow_large_shared_memory(tile_kernel, kSmem);
   tile_kernel<<<unsigned(plan.num_blocks(p)), kThreads, kSmem, stream>>>(ta);
   check_launch("dense_attention_tile_kernel launch");
   if (plan.splits > 1) {

@@ -3,10 +3,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <string_view>
+#include <tuple>
 
 #include "hsr/types.h"
 
@@ -85,6 +87,13 @@ inline DenseAttentionProblem make_dense_problem(const at::Tensor& q, const at::T
     p.v_stride[i] = v.stride(i);
   }
   return p;
+}
+
+// out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, both contiguous.
+inline std::tuple<at::Tensor, at::Tensor> empty_attention_outputs(const DenseAttentionProblem& p,
+                                                                  const at::Tensor& q) {
+  return {at::empty({p.batch, p.heads_q, p.len_q, p.head_dim}, q.options()),
+          at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(at::kFloat))};
 }
 
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {

@@ -41,8 +41,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
   const at::Tensor v = last_dim_contiguous(v_in);
   const DenseAttentionProblem p = make_dense_problem(
       q, k, v, std::string_view(kind.data(), kind.size()), scale, alpha, bias, normalize, causal);
-  at::Tensor out = at::empty({p.batch, p.heads_q, p.len_q, p.head_dim}, q.options());
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(at::kFloat));
+  auto [out, lse] = empty_attention_outputs(p, q);
   if (out.numel() == 0) return {out, lse};
   switch (dtype_of(q, "q")) {
     case DType::kFloat32: run_dense_attention_cpu<float, float>(p, q, k, v, out, lse); break;

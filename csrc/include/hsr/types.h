@@ -1,6 +1,7 @@
 // Torch-free scalar types and problem descriptions shared by the CPU and CUDA kernels.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -119,5 +120,30 @@ struct DenseAttentionProblem {
     return causal ? qpos + len_k - len_q : len_k - 1;
   }
 };
+
+// How many splits of the keys, and how many keys each (whole tiles), so that `base_units`
+// independent units times the splits reach `want_units`, with at least `min_keys_per_split`
+// keys in a split. Shared by the CPU and CUDA plans (FlashDecoding-style split-KV).
+struct KeySplit {
+  int64_t splits = 1;
+  int64_t keys_per_split = 0;
+};
+
+inline KeySplit plan_key_split(int64_t len_k, int64_t base_units, int64_t want_units,
+                               int64_t min_keys_per_split, int64_t tile) {
+  int64_t splits = 1;
+  if (base_units > 0 && base_units < want_units) {
+    splits = (want_units + base_units - 1) / base_units;
+    const int64_t max_splits = len_k / min_keys_per_split;
+    splits = std::min(splits, max_splits > 1 ? max_splits : int64_t(1));
+  }
+  int64_t per_split = (len_k + splits - 1) / splits;
+  per_split = (per_split + tile - 1) / tile * tile;  // whole tiles
+  if (per_split < tile) per_split = tile;
+  KeySplit out;
+  out.keys_per_split = per_split;
+  out.splits = len_k > 0 ? (len_k + per_split - 1) / per_split : 1;  // no empty split
+  return out;
+}
 
 }  // namespace hsr

@@ -48,20 +48,12 @@ inline DenseAttentionPlan plan_dense_attention(const DenseAttentionProblem& p, i
   const int64_t rows = p.rows_per_kv_head();
   plan.rows_per_block = std::max<int64_t>(1, std::min(rows, kMaxRowsPerUnit));
   plan.row_blocks = rows == 0 ? 0 : (rows + plan.rows_per_block - 1) / plan.rows_per_block;
-  const int64_t base_units = p.batch * p.heads_kv * plan.row_blocks;
-  // Aim for several units per thread so uneven (causal) units balance out.
-  const int64_t want_units = 4 * int64_t(std::max(num_threads, 1));
-  int64_t splits = 1;
-  if (base_units > 0 && base_units < want_units) {
-    splits = (want_units + base_units - 1) / base_units;
-    splits = std::min(splits, std::max<int64_t>(1, p.len_k / kMinKeysPerSplit));
-  }
-  // Round the split length up to whole tiles, then drop splits that would be empty.
-  int64_t per_split = (p.len_k + splits - 1) / std::max<int64_t>(splits, 1);
-  per_split = (per_split + kKeyTile - 1) / kKeyTile * kKeyTile;
-  per_split = std::max<int64_t>(per_split, kKeyTile);
-  plan.splits = std::max<int64_t>(1, (p.len_k + per_split - 1) / per_split);
-  plan.keys_per_split = per_split;
+  // Several units per thread so that uneven (causal) units balance out.
+  const KeySplit split = plan_key_split(p.len_k, p.batch * p.heads_kv * plan.row_blocks,
+                                        4 * int64_t(std::max(num_threads, 1)), kMinKeysPerSplit,
+                                        kKeyTile);
+  plan.splits = split.splits;
+  plan.keys_per_split = split.keys_per_split;
   return plan;
 }
 

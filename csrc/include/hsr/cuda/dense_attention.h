@@ -43,19 +43,12 @@ inline DenseAttentionCudaPlan plan_dense_attention_cuda(const DenseAttentionProb
   plan.rows_per_warp = rows <= kWarpsPerBlock ? 1 : rows <= 4 * kWarpsPerBlock ? 4 : 16;
   plan.rows_per_block = int64_t(kWarpsPerBlock) * plan.rows_per_warp;
   plan.row_blocks = (rows + plan.rows_per_block - 1) / plan.rows_per_block;
-  const int64_t base_blocks = p.batch * p.heads_kv * plan.row_blocks;
   // Enough blocks for a few waves over the SMs; beyond that splitting only adds merge work.
-  const int64_t want_blocks = 4 * int64_t(std::max(num_sms, 1));
-  int64_t splits = 1;
-  if (base_blocks > 0 && base_blocks < want_blocks) {
-    splits = (want_blocks + base_blocks - 1) / base_blocks;
-    splits = std::min(splits, std::max<int64_t>(1, p.len_k / kMinKeysPerSplitCuda));
-  }
-  int64_t per_split = (p.len_k + splits - 1) / splits;
-  per_split = (per_split + kKeyTileCuda - 1) / kKeyTileCuda * kKeyTileCuda;
-  per_split = std::max<int64_t>(per_split, kKeyTileCuda);
-  plan.keys_per_split = per_split;
-  plan.splits = std::max<int64_t>(1, (p.len_k + per_split - 1) / per_split);
+  const KeySplit split = plan_key_split(p.len_k, p.batch * p.heads_kv * plan.row_blocks,
+                                        4 * int64_t(std::max(num_sms, 1)), kMinKeysPerSplitCuda,
+                                        kKeyTileCuda);
+  plan.splits = split.splits;
+  plan.keys_per_split = split.keys_per_split;
   return plan;
 }
 

@@ -3,6 +3,8 @@
 // the register_fake functions in hsr/ops.py.
 #include <torch/library.h>
 
+#include "index_holders.h"
+
 TORCH_LIBRARY(hsr, m) {
   // Dense attention in torch SDPA layout. Returns (out, lse): out (B, Hq, Lq, D) in q's
   // dtype and lse (B, Hq, Lq) float32, the natural log of each row's normaliser (softmax:
@@ -11,4 +13,31 @@ TORCH_LIBRARY(hsr, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, str kind=\"softmax\", float? scale=None, "
       "int alpha=1, float bias=0.0, bool normalize=True, bool causal=False) -> (Tensor, Tensor)");
+
+  // The half-space reporting index over float32 points (CPU). Python wraps these as
+  // hsr.HSRIndex / hsr.HSRIndexBatch (hsr/index.py). last_stats: [nodes_visited,
+  // points_scored, results, queries_that_scanned, queries] of the last query call.
+  m.class_<hsr::IndexHolder>("Index")
+      .def(torch::init<int64_t, int64_t>())
+      .def("add", &hsr::IndexHolder::add)
+      .def("range_search", &hsr::IndexHolder::range_search)
+      .def("search", &hsr::IndexHolder::search)
+      .def("remove_ids", &hsr::IndexHolder::remove_ids)
+      .def("reset", &hsr::IndexHolder::reset)
+      .def("ntotal", &hsr::IndexHolder::ntotal)
+      .def("next_id", &hsr::IndexHolder::next_id)
+      .def("d", &hsr::IndexHolder::d)
+      .def("leaf_size", &hsr::IndexHolder::leaf_size)
+      .def("num_nodes", &hsr::IndexHolder::num_nodes)
+      .def("depth", &hsr::IndexHolder::depth)
+      .def("to_bytes", &hsr::IndexHolder::to_bytes)
+      .def("load_bytes", &hsr::IndexHolder::load_bytes)
+      .def("last_stats", &hsr::IndexHolder::last_stats);
+  m.class_<hsr::IndexBatchHolder>("IndexBatch")
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t>())
+      .def("add", &hsr::IndexBatchHolder::add)
+      .def("range_search", &hsr::IndexBatchHolder::range_search)
+      .def("search", &hsr::IndexBatchHolder::search)
+      .def("ntotal", &hsr::IndexBatchHolder::ntotal)
+      .def("last_stats", &hsr::IndexBatchHolder::last_stats);
 }

@@ -4,10 +4,24 @@ from ._loader import TorchVersionMismatch, load_library
 
 _build_info = load_library()
 
+from .index import (  # noqa: E402
+    HSRIndex,
+    HSRIndexBatch,
+    IndexStats,
+    KeyStats,
+    expected_reported_fraction,
+    paper_threshold,
+    read_index,
+    write_index,
+)
 from .ops import attention  # noqa: E402
 
 __version__ = "0.1.0"
 built_with_torch = _build_info.TORCH_VERSION
 built_with_cuda = bool(_build_info.WITH_CUDA)
 
-__all__ = ["attention", "TorchVersionMismatch", "built_with_torch", "built_with_cuda", "__version__"]
+__all__ = [
+    "attention", "HSRIndex", "HSRIndexBatch", "IndexStats", "KeyStats", "paper_threshold",
+    "expected_reported_fraction", "read_index", "write_index", "TorchVersionMismatch",
+    "built_with_torch", "built_with_cuda", "__version__",
+]

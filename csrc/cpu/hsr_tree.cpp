@@ -1,0 +1,668 @@
+// The half-space reporting tree (see csrc/include/hsr/index/hsr_tree.h).
+#include "hsr/index/hsr_tree.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <queue>
+#include <stdexcept>
+#include <string>
+
+#include "hsr/cpu/vec_math.h"
+
+namespace hsr::index {
+namespace {
+
+// Relative inflation of radii and norms computed in double: far above double rounding, far
+// below anything that would loosen a bound measurably.
+constexpr double kInflate = 1.0 + 1e-9;
+// Unit roundoff of float: scores are float dot products of dim terms.
+constexpr double kFloatEps = 1.0 / 16777216.0;
+// Depth of the frontier inspected to decide whether pruning can pay for a range query.
+constexpr int kFrontierDepth = 4;
+// Scan instead when the frontier says more than this fraction of points must be scored.
+constexpr double kScanFraction = 0.9;
+// Rebuild when removed points exceed this fraction of what the tree was built with.
+constexpr double kRebuildTombstones = 0.5;
+constexpr int kPcaSample = 128;
+constexpr int kPcaIters = 4;
+
+bool better(const Hit& a, const Hit& b) {
+  return a.score > b.score || (a.score == b.score && a.id < b.id);
+}
+
+double norm(const float* x, int d) {
+  double s = 0.0;
+  for (int t = 0; t < d; ++t) s += double(x[t]) * x[t];
+  return std::sqrt(s);
+}
+
+double distance(const float* x, const float* c, int d) {
+  double s = 0.0;
+  for (int t = 0; t < d; ++t) {
+    const double e = double(x[t]) - c[t];
+    s += e * e;
+  }
+  return std::sqrt(s);
+}
+
+// Top principal direction of the points idx[0..count) around `center`, by power iteration on
+// an evenly strided sample, started from the direction of the point farthest from the center.
+// Returns a zero vector when all sampled points coincide with the center.
+std::vector<double> principal_direction(const float* pts, int d, const int32_t* idx, int64_t count,
+                                        const float* center) {
+  const int64_t step = std::max<int64_t>(1, count / kPcaSample);
+  std::vector<const float*> sample;
+  for (int64_t i = 0; i < count && int64_t(sample.size()) < kPcaSample; i += step)
+    sample.push_back(pts + int64_t(idx[i]) * d);
+  std::vector<double> v(d, 0.0), w(d);
+  double far = -1.0;
+  for (const float* x : sample) {
+    const double dist = distance(x, center, d);
+    if (dist > far) {
+      far = dist;
+      for (int t = 0; t < d; ++t) v[t] = double(x[t]) - center[t];
+    }
+  }
+  for (int it = 0; it < kPcaIters; ++it) {
+    std::fill(w.begin(), w.end(), 0.0);
+    for (const float* x : sample) {
+      double proj = 0.0;
+      for (int t = 0; t < d; ++t) proj += (double(x[t]) - center[t]) * v[t];
+      for (int t = 0; t < d; ++t) w[t] += proj * (double(x[t]) - center[t]);
+    }
+    double n2 = 0.0;
+    for (int t = 0; t < d; ++t) n2 += w[t] * w[t];
+    if (!(n2 > 0.0)) break;  // v is orthogonal to the spread (or there is none): keep it
+    const double inv = 1.0 / std::sqrt(n2);
+    for (int t = 0; t < d; ++t) v[t] = w[t] * inv;
+  }
+  return v;
+}
+
+// Little-endian byte writer/reader for serialize/deserialize.
+class Writer {
+ public:
+  template <typename T>
+  void put(const T& v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    buf.insert(buf.end(), p, p + sizeof(T));
+  }
+  template <typename T>
+  void put_vec(const std::vector<T>& v) {
+    put<int64_t>(int64_t(v.size()));
+    const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+    buf.insert(buf.end(), p, p + v.size() * sizeof(T));
+  }
+  std::vector<uint8_t> buf;
+};
+
+class Reader {
+ public:
+  Reader(const uint8_t* data, size_t size) : data_(data), size_(size) {}
+  template <typename T>
+  T get() {
+    need(sizeof(T));
+    T v;
+    std::memcpy(&v, data_ + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return v;
+  }
+  template <typename T>
+  std::vector<T> get_vec() {
+    const int64_t n = get<int64_t>();
+    if (n < 0 || uint64_t(n) > (size_ - pos_) / sizeof(T))
+      throw std::invalid_argument("hsr index: corrupted buffer (array length out of range)");
+    std::vector<T> v(static_cast<size_t>(n));
+    if (n > 0) std::memcpy(v.data(), data_ + pos_, size_t(n) * sizeof(T));
+    pos_ += size_t(n) * sizeof(T);
+    return v;
+  }
+  size_t pos() const { return pos_; }
+
+ private:
+  void need(size_t n) const {
+    if (size_ - pos_ < n) throw std::invalid_argument("hsr index: truncated buffer");
+  }
+  const uint8_t* data_;
+  size_t size_;
+  size_t pos_ = 0;
+};
+
+uint64_t fnv1a(const uint8_t* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+constexpr char kMagic[8] = {'H', 'S', 'R', 'T', 'R', 'E', 'E', '\0'};
+
+}  // namespace
+
+HSRTree::HSRTree(int dim, int leaf_size) : dim_(dim), leaf_size_(leaf_size) {
+  if (dim < 1 || dim > kMaxDim)
+    throw std::invalid_argument("hsr index: d must be in [1, " + std::to_string(kMaxDim) +
+                                "], got " + std::to_string(dim));
+  if (leaf_size < 1 || leaf_size > 65536)
+    throw std::invalid_argument("hsr index: leaf_size must be in [1, 65536], got " +
+                                std::to_string(leaf_size));
+}
+
+int64_t HSRTree::depth() const {
+  if (left_.empty()) return 0;
+  int64_t best = 0;
+  std::vector<std::pair<int32_t, int64_t>> stack = {{0, 1}};
+  while (!stack.empty()) {
+    auto [node, depth] = stack.back();
+    stack.pop_back();
+    best = std::max(best, depth);
+    if (block_[node] < 0) {
+      stack.push_back({left_[node], depth + 1});
+      stack.push_back({right_[node], depth + 1});
+    }
+  }
+  return best;
+}
+
+float HSRTree::score(const float* q, const float* x) const {
+  float s;
+  cpu::scores_rows<1>(q, dim_, x, dim_, 1, &s, 1);
+  return s;
+}
+
+int32_t HSRTree::new_node(int32_t parent) {
+  const int32_t id = int32_t(left_.size());
+  left_.push_back(-1);
+  right_.push_back(-1);
+  parent_.push_back(parent);
+  block_.push_back(-1);
+  count_.push_back(0);
+  centroid_.resize(centroid_.size() + dim_);
+  lo_.resize(lo_.size() + dim_);
+  hi_.resize(hi_.size() + dim_);
+  radius_.push_back(0.0);
+  max_norm_.push_back(0.0);
+  return id;
+}
+
+int32_t HSRTree::new_block() {
+  const int32_t b = int32_t(block_used_.size());
+  data_.resize(data_.size() + int64_t(leaf_size_) * dim_);
+  slot_id_.resize(slot_id_.size() + leaf_size_, -1);
+  block_used_.push_back(0);
+  block_leaf_.push_back(-1);
+  return b;
+}
+
+void HSRTree::set_bounds_from_points(int32_t node, const int32_t* idx, int64_t count,
+                                     const float* pts) {
+  const int d = dim_;
+  std::vector<double> sum(d, 0.0);
+  float* lo = lo_.data() + int64_t(node) * d;
+  float* hi = hi_.data() + int64_t(node) * d;
+  std::fill(lo, lo + d, std::numeric_limits<float>::infinity());
+  std::fill(hi, hi + d, -std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < count; ++i) {
+    const float* x = pts + int64_t(idx[i]) * d;
+    for (int t = 0; t < d; ++t) {
+      sum[t] += x[t];
+      lo[t] = std::min(lo[t], x[t]);
+      hi[t] = std::max(hi[t], x[t]);
+    }
+  }
+  float* c = centroid_.data() + int64_t(node) * d;
+  for (int t = 0; t < d; ++t) c[t] = float(sum[t] / double(std::max<int64_t>(count, 1)));
+  double radius = 0.0, max_norm = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    const float* x = pts + int64_t(idx[i]) * d;
+    radius = std::max(radius, distance(x, c, d));
+    max_norm = std::max(max_norm, norm(x, d));
+  }
+  radius_[node] = radius * kInflate;
+  max_norm_[node] = max_norm * kInflate;
+}
+
+void HSRTree::widen_bounds(int32_t node, const float* x) {
+  const int d = dim_;
+  float* lo = lo_.data() + int64_t(node) * d;
+  float* hi = hi_.data() + int64_t(node) * d;
+  for (int t = 0; t < d; ++t) {
+    lo[t] = std::min(lo[t], x[t]);
+    hi[t] = std::max(hi[t], x[t]);
+  }
+  radius_[node] = std::max(radius_[node], distance(x, centroid_.data() + int64_t(node) * d, d) * kInflate);
+  max_norm_[node] = std::max(max_norm_[node], norm(x, d) * kInflate);
+}
+
+void HSRTree::build_subtree(int32_t node, std::vector<int32_t>& order, int64_t begin, int64_t end,
+                            const float* pts, const int64_t* ids) {
+  const int64_t count = end - begin;
+  set_bounds_from_points(node, order.data() + begin, count, pts);
+  count_[node] = count;
+  if (count <= leaf_size_) {
+    int32_t b;
+    if (!free_blocks_.empty()) {
+      b = free_blocks_.back();
+      free_blocks_.pop_back();
+    } else {
+      b = new_block();
+    }
+    block_[node] = b;
+    block_leaf_[b] = node;
+    block_used_[b] = int32_t(count);
+    for (int64_t s = 0; s < count; ++s) {
+      const int32_t i = order[begin + s];
+      std::memcpy(data_.data() + (int64_t(b) * leaf_size_ + s) * dim_, pts + int64_t(i) * dim_,
+                  sizeof(float) * dim_);
+      slot_id_[int64_t(b) * leaf_size_ + s] = ids[i];
+      location_[ids[i]] = int64_t(b) * leaf_size_ + s;
+    }
+    return;
+  }
+  const std::vector<double> dir = principal_direction(
+      pts, dim_, order.data() + begin, count, centroid_.data() + int64_t(node) * dim_);
+  std::vector<std::pair<double, int32_t>> proj(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const int32_t p = order[begin + i];
+    const float* x = pts + int64_t(p) * dim_;
+    double s = 0.0;
+    for (int t = 0; t < dim_; ++t) s += x[t] * dir[t];
+    proj[i] = {s, p};
+  }
+  const int64_t half = count / 2;
+  std::nth_element(proj.begin(), proj.begin() + half, proj.end());
+  for (int64_t i = 0; i < count; ++i) order[begin + i] = proj[i].second;
+  proj = {};
+  const int32_t l = new_node(node);
+  const int32_t r = new_node(node);
+  left_[node] = l;
+  right_[node] = r;
+  build_subtree(l, order, begin, begin + half, pts, ids);
+  build_subtree(r, order, begin + half, end, pts, ids);
+}
+
+void HSRTree::collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const {
+  pts.clear();
+  ids.clear();
+  pts.reserve(size_t(live_) * dim_);
+  ids.reserve(size_t(live_));
+  for (int32_t b = 0; b < int32_t(block_used_.size()); ++b) {
+    if (block_leaf_[b] < 0) continue;  // on the free list
+    for (int32_t s = 0; s < block_used_[b]; ++s) {
+      const float* x = point(b, s);
+      pts.insert(pts.end(), x, x + dim_);
+      ids.push_back(slot_id_[int64_t(b) * leaf_size_ + s]);
+    }
+  }
+}
+
+void HSRTree::rebuild_with(const float* x, int64_t n) {
+  std::vector<float> pts;
+  std::vector<int64_t> ids;
+  collect_live(pts, ids);
+  pts.insert(pts.end(), x, x + n * dim_);
+  for (int64_t i = 0; i < n; ++i) ids.push_back(next_id_ + i);
+  next_id_ += n;
+  const int64_t total = int64_t(ids.size());
+
+  left_.clear(), right_.clear(), parent_.clear(), block_.clear(), count_.clear();
+  centroid_.clear(), lo_.clear(), hi_.clear(), radius_.clear(), max_norm_.clear();
+  data_.clear(), slot_id_.clear(), block_used_.clear(), block_leaf_.clear(), free_blocks_.clear();
+  location_.assign(size_t(next_id_), -1);
+  live_ = total;
+  removed_since_build_ = 0;
+  if (total == 0) return;
+  if (total > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("hsr index: at most 2^31-1 points per tree");
+  std::vector<int32_t> order(total);
+  for (int64_t i = 0; i < total; ++i) order[i] = int32_t(i);
+  new_node(-1);
+  build_subtree(0, order, 0, total, pts.data(), ids.data());
+}
+
+void HSRTree::add(const float* x, int64_t n) {
+  if (n <= 0) return;
+  if (live_ == 0 || n > live_) {
+    rebuild_with(x, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    location_.push_back(-1);
+    insert_one(x + i * dim_, next_id_++);
+  }
+}
+
+void HSRTree::insert_one(const float* x, int64_t id) {
+  int32_t node = 0;
+  for (;;) {
+    widen_bounds(node, x);
+    ++count_[node];
+    if (block_[node] >= 0) break;
+    const int32_t l = left_[node], r = right_[node];
+    const double dl = distance(x, centroid_.data() + int64_t(l) * dim_, dim_);
+    const double dr = distance(x, centroid_.data() + int64_t(r) * dim_, dim_);
+    node = dl <= dr ? l : r;
+  }
+  ++live_;
+  const int32_t b = block_[node];
+  if (block_used_[b] < leaf_size_) {
+    const int32_t s = block_used_[b]++;
+    std::memcpy(data_.data() + (int64_t(b) * leaf_size_ + s) * dim_, x, sizeof(float) * dim_);
+    slot_id_[int64_t(b) * leaf_size_ + s] = id;
+    location_[id] = int64_t(b) * leaf_size_ + s;
+    return;
+  }
+  // A full leaf: split its points and the new one into two new leaves below it.
+  std::vector<float> pts(size_t(leaf_size_ + 1) * dim_);
+  std::vector<int64_t> ids(leaf_size_ + 1);
+  std::memcpy(pts.data(), point(b, 0), sizeof(float) * leaf_size_ * dim_);
+  std::memcpy(pts.data() + int64_t(leaf_size_) * dim_, x, sizeof(float) * dim_);
+  for (int s = 0; s < leaf_size_; ++s) ids[s] = slot_id_[int64_t(b) * leaf_size_ + s];
+  ids[leaf_size_] = id;
+  block_used_[b] = 0;
+  block_leaf_[b] = -1;
+  free_blocks_.push_back(b);
+  block_[node] = -1;
+  std::vector<int32_t> order(leaf_size_ + 1);
+  for (int i = 0; i <= leaf_size_; ++i) order[i] = i;
+  build_subtree(node, order, 0, leaf_size_ + 1, pts.data(), ids.data());
+}
+
+int64_t HSRTree::remove(const int64_t* ids, int64_t n) {
+  int64_t removed = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = ids[i];
+    if (id < 0 || id >= next_id_ || location_[id] < 0) continue;
+    const int64_t loc = location_[id];
+    const int32_t b = int32_t(loc / leaf_size_), s = int32_t(loc % leaf_size_);
+    const int32_t last = block_used_[b] - 1;
+    if (s != last) {  // keep the block compact: move the last point into the hole
+      std::memcpy(data_.data() + loc * dim_, point(b, last), sizeof(float) * dim_);
+      const int64_t moved = slot_id_[int64_t(b) * leaf_size_ + last];
+      slot_id_[loc] = moved;
+      location_[moved] = loc;
+    }
+    slot_id_[int64_t(b) * leaf_size_ + last] = -1;
+    --block_used_[b];
+    location_[id] = -1;
+    for (int32_t node = block_leaf_[b]; node >= 0; node = parent_[node]) --count_[node];
+    --live_;
+    ++removed_since_build_;
+    ++removed;
+  }
+  if (removed_since_build_ > kRebuildTombstones * double(live_ + removed_since_build_))
+    rebuild_with(nullptr, 0);
+  return removed;
+}
+
+void HSRTree::reset() {
+  const int d = dim_, ls = leaf_size_;
+  *this = HSRTree(d, ls);
+}
+
+void HSRTree::bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
+                     double& slack) const {
+  const int d = dim_;
+  const float* c = centroid_.data() + int64_t(node) * d;
+  const float* lo = lo_.data() + int64_t(node) * d;
+  const float* hi = hi_.data() + int64_t(node) * d;
+  double qc = 0.0, box_hi = 0.0, box_lo = 0.0;
+  for (int t = 0; t < d; ++t) {
+    const double qt = q[t];
+    qc += qt * c[t];
+    const double a = qt * lo[t], b = qt * hi[t];
+    box_hi += std::max(a, b);
+    box_lo += std::min(a, b);
+  }
+  const double ball = qnorm * radius_[node];
+  upper = std::min(qc + ball, box_hi);
+  lower = std::max(qc - ball, box_lo);
+  // |float dot - exact| <= gamma_d * sum|q_t x_t| <= gamma_d * |q| * max|x|, with margin.
+  slack = 1.01 * (d + 2) * kFloatEps * qnorm * max_norm_[node] + 1e-30;
+}
+
+bool HSRTree::pruning_pays(const float* q, double qnorm, float thresh) const {
+  // Count the points in frontier nodes (depth kFrontierDepth, or leaves above it) whose
+  // upper bound reaches the threshold: if nearly all must be scored, a scan is cheaper.
+  std::vector<std::pair<int32_t, int>> stack = {{0, 0}};
+  int64_t must_score = 0;
+  while (!stack.empty()) {
+    auto [node, depth] = stack.back();
+    stack.pop_back();
+    if (count_[node] == 0) continue;
+    if (depth == kFrontierDepth || block_[node] >= 0) {
+      double upper, lower, slack;
+      bounds(node, q, qnorm, upper, lower, slack);
+      if (upper + slack >= thresh) must_score += count_[node];
+      continue;
+    }
+    stack.push_back({left_[node], depth + 1});
+    stack.push_back({right_[node], depth + 1});
+  }
+  return double(must_score) <= kScanFraction * double(live_);
+}
+
+void HSRTree::scan(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const {
+  std::vector<float> buf(leaf_size_);
+  for (int32_t b = 0; b < int32_t(block_used_.size()); ++b) {
+    const int32_t used = block_used_[b];
+    if (block_leaf_[b] < 0 || used == 0) continue;
+    cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
+    stats.points_scored += used;
+    for (int32_t s = 0; s < used; ++s)
+      if (buf[s] >= thresh) out.push_back({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
+  }
+}
+
+void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
+                           QueryStats& stats) const {
+  out.clear();
+  stats = QueryStats{};
+  if (live_ == 0) return;
+  const double qnorm = norm(q, dim_);
+  if (!pruning_pays(q, qnorm, thresh)) {
+    stats.fell_back_to_scan = true;
+    scan(q, thresh, out, stats);
+  } else {
+    std::vector<float> buf(leaf_size_);
+    // (node, inside): inside = every point below is known to pass, no bounds needed.
+    std::vector<std::pair<int32_t, bool>> stack = {{0, false}};
+    while (!stack.empty()) {
+      auto [node, inside] = stack.back();
+      stack.pop_back();
+      if (count_[node] == 0) continue;
+      ++stats.nodes_visited;
+      if (!inside) {
+        double upper, lower, slack;
+        bounds(node, q, qnorm, upper, lower, slack);
+        if (upper + slack < thresh) continue;
+        inside = lower - slack >= thresh;
+      }
+      const int32_t b = block_[node];
+      if (b < 0) {
+        stack.push_back({right_[node], inside});
+        stack.push_back({left_[node], inside});
+        continue;
+      }
+      const int32_t used = block_used_[b];
+      cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
+      stats.points_scored += used;
+      for (int32_t s = 0; s < used; ++s)
+        if (inside || buf[s] >= thresh) out.push_back({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
+  stats.results = int64_t(out.size());
+}
+
+void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats) const {
+  out.clear();
+  stats = QueryStats{};
+  if (live_ == 0 || k <= 0) return;
+  const double qnorm = norm(q, dim_);
+  // best: the k best so far, worst on top. frontier: nodes by upper bound, largest on top.
+  auto worse_on_top = [](const Hit& a, const Hit& b) { return better(a, b); };
+  std::priority_queue<Hit, std::vector<Hit>, decltype(worse_on_top)> best(worse_on_top);
+  std::priority_queue<std::pair<double, int32_t>> frontier;
+  auto offer = [&](int32_t node) {
+    if (count_[node] == 0) return;
+    double upper, lower, slack;
+    bounds(node, q, qnorm, upper, lower, slack);
+    const double reach = upper + slack;
+    if (int64_t(best.size()) == k && reach < best.top().score) return;
+    frontier.push({reach, node});
+  };
+  offer(0);
+  std::vector<float> buf(leaf_size_);
+  while (!frontier.empty()) {
+    const auto [reach, node] = frontier.top();
+    frontier.pop();
+    if (int64_t(best.size()) == k && reach < best.top().score) break;  // nothing left can enter
+    ++stats.nodes_visited;
+    const int32_t b = block_[node];
+    if (b < 0) {
+      offer(left_[node]);
+      offer(right_[node]);
+      continue;
+    }
+    const int32_t used = block_used_[b];
+    cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
+    stats.points_scored += used;
+    for (int32_t s = 0; s < used; ++s) {
+      const Hit h{buf[s], slot_id_[int64_t(b) * leaf_size_ + s]};
+      if (int64_t(best.size()) < k) {
+        best.push(h);
+      } else if (better(h, best.top())) {
+        best.pop();
+        best.push(h);
+      }
+    }
+  }
+  out.resize(best.size());
+  for (size_t i = out.size(); i-- > 0;) {
+    out[i] = best.top();
+    best.pop();
+  }
+  stats.results = int64_t(out.size());
+}
+
+std::vector<uint8_t> HSRTree::serialize() const {
+  Writer w;
+  w.buf.insert(w.buf.end(), kMagic, kMagic + sizeof kMagic);
+  w.put<uint32_t>(kFormatVersion);
+  w.put<int32_t>(dim_);
+  w.put<int32_t>(leaf_size_);
+  w.put<int64_t>(live_);
+  w.put<int64_t>(removed_since_build_);
+  w.put<int64_t>(next_id_);
+  w.put_vec(left_), w.put_vec(right_), w.put_vec(parent_), w.put_vec(block_), w.put_vec(count_);
+  w.put_vec(centroid_), w.put_vec(lo_), w.put_vec(hi_), w.put_vec(radius_), w.put_vec(max_norm_);
+  w.put_vec(data_), w.put_vec(slot_id_), w.put_vec(block_used_), w.put_vec(block_leaf_);
+  w.put_vec(free_blocks_), w.put_vec(location_);
+  const uint64_t checksum = fnv1a(w.buf.data(), w.buf.size());
+  w.put<uint64_t>(checksum);
+  return std::move(w.buf);
+}
+
+HSRTree HSRTree::deserialize(const uint8_t* data, size_t size) {
+  if (size < sizeof kMagic + sizeof(uint64_t) || std::memcmp(data, kMagic, sizeof kMagic) != 0)
+    throw std::invalid_argument("hsr index: not an hsr index buffer (bad magic or too short)");
+  uint64_t stored;
+  std::memcpy(&stored, data + size - sizeof stored, sizeof stored);
+  if (fnv1a(data, size - sizeof stored) != stored)
+    throw std::invalid_argument("hsr index: checksum mismatch (truncated or corrupted buffer)");
+  Reader r(data + sizeof kMagic, size - sizeof kMagic - sizeof stored);
+  const uint32_t version = r.get<uint32_t>();
+  if (version != kFormatVersion)
+    throw std::invalid_argument("hsr index: unsupported format version " + std::to_string(version));
+  const int32_t dim = r.get<int32_t>(), leaf_size = r.get<int32_t>();
+  HSRTree t(dim, leaf_size);  // validates dim and leaf_size
+  t.live_ = r.get<int64_t>();
+  t.removed_since_build_ = r.get<int64_t>();
+  t.next_id_ = r.get<int64_t>();
+  t.left_ = r.get_vec<int32_t>(), t.right_ = r.get_vec<int32_t>(), t.parent_ = r.get_vec<int32_t>();
+  t.block_ = r.get_vec<int32_t>(), t.count_ = r.get_vec<int64_t>();
+  t.centroid_ = r.get_vec<float>(), t.lo_ = r.get_vec<float>(), t.hi_ = r.get_vec<float>();
+  t.radius_ = r.get_vec<double>(), t.max_norm_ = r.get_vec<double>();
+  t.data_ = r.get_vec<float>(), t.slot_id_ = r.get_vec<int64_t>();
+  t.block_used_ = r.get_vec<int32_t>(), t.block_leaf_ = r.get_vec<int32_t>();
+  t.free_blocks_ = r.get_vec<int32_t>(), t.location_ = r.get_vec<int64_t>();
+  if (r.pos() != size - sizeof kMagic - sizeof stored)
+    throw std::invalid_argument("hsr index: corrupted buffer (trailing bytes)");
+  t.validate_structure();
+  return t;
+}
+
+// Checks every index a query or update follows, so that even a buffer with a valid checksum
+// but inconsistent content is rejected instead of crashing.
+void HSRTree::validate_structure() const {
+  auto fail = [](const char* what) {
+    throw std::invalid_argument(std::string("hsr index: corrupted buffer (") + what + ")");
+  };
+  const int64_t nodes = int64_t(left_.size()), blocks = int64_t(block_used_.size());
+  const int64_t d = dim_, ls = leaf_size_;
+  if (int64_t(right_.size()) != nodes || int64_t(parent_.size()) != nodes ||
+      int64_t(block_.size()) != nodes || int64_t(count_.size()) != nodes ||
+      int64_t(centroid_.size()) != nodes * d || int64_t(lo_.size()) != nodes * d ||
+      int64_t(hi_.size()) != nodes * d || int64_t(radius_.size()) != nodes ||
+      int64_t(max_norm_.size()) != nodes)
+    fail("node arrays disagree in length");
+  if (int64_t(data_.size()) != blocks * ls * d || int64_t(slot_id_.size()) != blocks * ls ||
+      int64_t(block_leaf_.size()) != blocks)
+    fail("block arrays disagree in length");
+  if (next_id_ < 0 || int64_t(location_.size()) != next_id_ || live_ < 0 || live_ > next_id_)
+    fail("id bookkeeping");
+  if (nodes > 0 && parent_[0] != -1) fail("root has a parent");
+  // Walk from the root: every node reached once (no cycles, no sharing), children point back.
+  std::vector<char> seen(size_t(nodes), 0);
+  std::vector<char> block_seen(size_t(blocks), 0);
+  int64_t reached = 0, live_in_leaves = 0;
+  std::vector<int32_t> stack;
+  if (nodes > 0) stack.push_back(0);
+  while (!stack.empty()) {
+    const int32_t n = stack.back();
+    stack.pop_back();
+    if (seen[n]) fail("cycle in the tree");
+    seen[n] = 1;
+    ++reached;
+    if (!(radius_[n] >= 0.0) || !(max_norm_[n] >= 0.0) || count_[n] < 0) fail("node bounds");
+    const int32_t b = block_[n];
+    if (b >= 0) {
+      if (b >= blocks || block_seen[b] || block_leaf_[b] != n) fail("leaf block");
+      if (block_used_[b] < 0 || block_used_[b] > ls || block_used_[b] != count_[n]) fail("leaf count");
+      block_seen[b] = 1;
+      live_in_leaves += block_used_[b];
+      if (left_[n] != -1 || right_[n] != -1) fail("leaf with children");
+      continue;
+    }
+    const int32_t l = left_[n], rr = right_[n];
+    if (l <= 0 || rr <= 0 || l >= nodes || rr >= nodes || parent_[l] != n || parent_[rr] != n)
+      fail("child links");
+    if (count_[l] + count_[rr] != count_[n]) fail("node count");
+    stack.push_back(l);
+    stack.push_back(rr);
+  }
+  if (reached != nodes) fail("unreachable nodes");
+  if (live_in_leaves != live_) fail("live count");
+  for (int32_t f : free_blocks_) {
+    if (f < 0 || f >= blocks || block_seen[f] || block_leaf_[f] != -1) fail("free block list");
+    block_seen[f] = 1;
+  }
+  for (int64_t b = 0; b < blocks; ++b)
+    if (!block_seen[b]) fail("orphan block");
+  int64_t located = 0;
+  for (int64_t id = 0; id < next_id_; ++id) {
+    const int64_t loc = location_[id];
+    if (loc == -1) continue;
+    ++located;
+    if (loc < 0 || loc >= blocks * ls || slot_id_[loc] != id || (loc % ls) >= block_used_[loc / ls])
+      fail("id locations");
+  }
+  if (located != live_) fail("id locations");
+}
+
+}  // namespace hsr::index

@@ -1,0 +1,119 @@
+// The half-space reporting tree: an exact, dynamic index over n points in d dimensions that
+// answers <q, x> >= t (range) and top-k by inner product. Torch-free.
+//
+// Points live in leaves of at most `leaf_size` points, each leaf in its own contiguous block
+// (a page, as in paged attention). Every node keeps a ball (centroid, radius), a per-dimension
+// box and the largest point norm below it; the upper bound of <q, x> in a node is the tighter
+// of the ball and box bounds, computed in double, plus a slack that covers the float rounding
+// of the scores we report. A node is skipped only when even that cannot reach the threshold,
+// so no point whose computed score passes is ever dropped.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace hsr::index {
+
+struct QueryStats {
+  int64_t nodes_visited = 0;
+  int64_t points_scored = 0;
+  int64_t results = 0;
+  bool fell_back_to_scan = false;
+
+  void add(const QueryStats& o) {
+    nodes_visited += o.nodes_visited;
+    points_scored += o.points_scored;
+    results += o.results;
+    fell_back_to_scan = fell_back_to_scan || o.fell_back_to_scan;
+  }
+};
+
+// One reported point: its score <q, x> (fp32, as the scan computes it) and id.
+struct Hit {
+  float score;
+  int64_t id;
+};
+
+class HSRTree {
+ public:
+  static constexpr int kMaxDim = 256;
+  static constexpr uint32_t kFormatVersion = 1;
+
+  HSRTree(int dim, int leaf_size);
+
+  int dim() const { return dim_; }
+  int leaf_size() const { return leaf_size_; }
+  int64_t size() const { return live_; }      // points currently stored
+  int64_t next_id() const { return next_id_; }  // the id the next added point receives
+  int64_t num_nodes() const { return int64_t(left_.size()); }
+  int64_t depth() const;
+
+  // Adds n points (row-major n x dim, finite) with ids next_id() .. next_id()+n-1. An empty
+  // tree, or a batch larger than what is stored, is (re)built by hierarchical PCA splits;
+  // otherwise each point is inserted (nearest-child descent, leaf split, bounds widened).
+  void add(const float* x, int64_t n);
+  // Bulk (re)build from the points given plus the live points already stored.
+  void rebuild_with(const float* x, int64_t n);
+  void insert_one(const float* x, int64_t id);
+  // Removes the points with these ids (unknown or already removed ids are ignored); returns
+  // how many were removed. Bounds stay valid (conservative); past half tombstones the tree
+  // is rebuilt.
+  int64_t remove(const int64_t* ids, int64_t n);
+  void reset();
+
+  // Every point with <q, x> >= thresh (scores as the fp32 scan computes them), sorted by id.
+  void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
+  // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than
+  // k when fewer points are stored.
+  void search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats) const;
+
+  std::vector<uint8_t> serialize() const;
+  // Throws std::invalid_argument on a truncated, corrupted or incompatible buffer.
+  static HSRTree deserialize(const uint8_t* data, size_t size);
+
+  // The score the index reports for a point: float dot product in a fixed order.
+  float score(const float* q, const float* x) const;
+  // Brute-force reference over the live points (tests and the scan fallback share it).
+  void scan(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
+
+ private:
+  int32_t new_node(int32_t parent);
+  int32_t new_block();
+  void build_subtree(int32_t node, std::vector<int32_t>& order, int64_t begin, int64_t end,
+                     const float* pts, const int64_t* ids);
+  void set_bounds_from_points(int32_t node, const int32_t* idx, int64_t count, const float* pts);
+  void widen_bounds(int32_t node, const float* x);
+  void split_leaf(int32_t leaf);
+  void collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const;
+  void bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
+              double& slack) const;
+  const float* point(int32_t block, int32_t slot) const {
+    return data_.data() + (int64_t(block) * leaf_size_ + slot) * dim_;
+  }
+  bool pruning_pays(const float* q, double qnorm, float thresh) const;
+  void validate_structure() const;
+
+  int dim_;
+  int leaf_size_;
+  int64_t live_ = 0;
+  int64_t removed_since_build_ = 0;
+  int64_t next_id_ = 0;
+
+  // Nodes (index 0 is the root when the tree is not empty).
+  std::vector<int32_t> left_, right_, parent_, block_;
+  std::vector<int64_t> count_;  // live points below
+  std::vector<float> centroid_, lo_, hi_;  // num_nodes x dim
+  std::vector<double> radius_, max_norm_;  // rounded up: never smaller than the truth
+
+  // Leaf blocks: leaf_size slots of dim floats each, slot ids, slots used.
+  std::vector<float> data_;
+  std::vector<int64_t> slot_id_;
+  std::vector<int32_t> block_used_, block_leaf_;  // block_leaf_ -1: on the free list
+  std::vector<int32_t> free_blocks_;
+  // id -> block * leaf_size + slot, or -1 once removed.
+  std::vector<int64_t> location_;
+};
+
+}  // namespace hsr::index

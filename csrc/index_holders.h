@@ -1,0 +1,67 @@
+// TorchScript custom classes wrapping HSRTree (registered in csrc/bindings.cpp as
+// torch.classes.hsr.Index and torch.classes.hsr.IndexBatch). Validation lives here so that
+// bad input raises before any tree is touched.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/custom_class.h>
+
+#include <tuple>
+#include <vector>
+
+#include "hsr/index/hsr_tree.h"
+
+namespace hsr {
+
+// Statistics of the last query call, summed over its queries.
+struct IndexCallStats {
+  index::QueryStats total;
+  int64_t queries = 0;
+  int64_t scans = 0;  // queries that fell back to a scan
+
+  std::vector<int64_t> as_vector() const {
+    return {total.nodes_visited, total.points_scored, total.results, scans, queries};
+  }
+};
+
+struct IndexHolder : torch::CustomClassHolder {
+  IndexHolder(int64_t d, int64_t leaf_size);
+
+  void add(const at::Tensor& x);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> range_search(const at::Tensor& q,
+                                                              const at::Tensor& thresh);
+  std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& q, int64_t k);
+  int64_t remove_ids(const at::Tensor& ids);
+  void reset();
+  int64_t ntotal() const { return tree.size(); }
+  int64_t next_id() const { return tree.next_id(); }
+  int64_t d() const { return tree.dim(); }
+  int64_t leaf_size() const { return tree.leaf_size(); }
+  int64_t num_nodes() const { return tree.num_nodes(); }
+  int64_t depth() const { return tree.depth(); }
+  at::Tensor to_bytes() const;
+  void load_bytes(const at::Tensor& bytes);
+  std::vector<int64_t> last_stats() const { return stats.as_vector(); }
+
+  index::HSRTree tree;
+  IndexCallStats stats;
+};
+
+// One tree per (batch, kv head) over keys (B, H, n, d); queries (B, Hq, d) with Hq a multiple
+// of H use the tree of kv head hq / (Hq / H).
+struct IndexBatchHolder : torch::CustomClassHolder {
+  IndexBatchHolder(int64_t batch, int64_t heads, int64_t d, int64_t leaf_size);
+
+  void add(const at::Tensor& keys);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> range_search(const at::Tensor& q,
+                                                              const at::Tensor& thresh);
+  std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& q, int64_t k);
+  at::Tensor ntotal() const;  // (B, H) int64
+  std::vector<int64_t> last_stats() const { return stats.as_vector(); }
+
+  int64_t batch, heads, dim;
+  std::vector<index::HSRTree> trees;
+  IndexCallStats stats;
+};
+
+}  // namespace hsr

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <queue>
 #include <stdexcept>
 #include <string>
@@ -20,65 +21,100 @@ constexpr double kInflate = 1.0 + 1e-9;
 // Unit roundoff of float: scores are float dot products of dim terms.
 constexpr double kFloatEps = 1.0 / 16777216.0;
 // Depth of the frontier inspected to decide whether pruning can pay for a range query.
-constexpr int kFrontierDepth = 4;
+constexpr int kFrontierDepth = 8;
 // Scan instead when the frontier says more than this fraction of points must be scored.
 constexpr double kScanFraction = 0.9;
 // Rebuild when removed points exceed this fraction of what the tree was built with.
 constexpr double kRebuildTombstones = 0.5;
-constexpr int kPcaSample = 128;
-constexpr int kPcaIters = 4;
+constexpr int kPcaSample = 64;
+constexpr int kPcaIters = 3;
+// A split may put between 35% and 65% of a node's points on one side (see choose_split).
+constexpr double kSplitLow = 0.35;
+constexpr double kSplitHigh = 0.65;
 
 bool better(const Hit& a, const Hit& b) {
   return a.score > b.score || (a.score == b.score && a.id < b.id);
 }
 
-double norm(const float* x, int d) {
-  double s = 0.0;
-  for (int t = 0; t < d; ++t) s += double(x[t]) * x[t];
-  return std::sqrt(s);
+// An upper bound of sqrt(exact sum of d squares) from its float evaluation: the float sum of
+// d non-negative rounded terms is within (d + 3) unit roundoffs of the exact sum.
+double upper_sqrt(float sum_sq, int d) {
+  return std::sqrt(double(sum_sq)) * (1.0 + (d + 8) * kFloatEps) * kInflate;
 }
 
-double distance(const float* x, const float* c, int d) {
+double upper_norm(const float* x, int d) { return upper_sqrt(cpu::dot(x, x, d), d); }
+
+// |q| in double, rounded up (queries are few; their norm enters every bound).
+double query_norm(const float* q, int d) {
   double s = 0.0;
-  for (int t = 0; t < d; ++t) {
-    const double e = double(x[t]) - c[t];
-    s += e * e;
-  }
-  return std::sqrt(s);
+  for (int t = 0; t < d; ++t) s += double(q[t]) * q[t];
+  return std::sqrt(s) * kInflate;
 }
 
-// Top principal direction of the points idx[0..count) around `center`, by power iteration on
-// an evenly strided sample, started from the direction of the point farthest from the center.
-// Returns a zero vector when all sampled points coincide with the center.
-std::vector<double> principal_direction(const float* pts, int d, const int32_t* idx, int64_t count,
-                                        const float* center) {
+// Top principal direction of `count` contiguous rows around `center`, by a few power
+// iterations on an evenly strided sample, started from the direction of the sampled row
+// farthest from the center. A zero vector when every sampled row is the center.
+std::vector<float> principal_direction(const float* rows, int d, int64_t count, const float* center) {
   const int64_t step = std::max<int64_t>(1, count / kPcaSample);
-  std::vector<const float*> sample;
-  for (int64_t i = 0; i < count && int64_t(sample.size()) < kPcaSample; i += step)
-    sample.push_back(pts + int64_t(idx[i]) * d);
-  std::vector<double> v(d, 0.0), w(d);
-  double far = -1.0;
-  for (const float* x : sample) {
-    const double dist = distance(x, center, d);
+  std::vector<float> sample;  // centred rows
+  sample.reserve(size_t(std::min<int64_t>(count, kPcaSample)) * d);
+  int64_t n = 0;
+  for (int64_t i = 0; i < count && n < kPcaSample; i += step, ++n) {
+    const float* x = rows + i * d;
+    for (int t = 0; t < d; ++t) sample.push_back(x[t] - center[t]);
+  }
+  std::vector<float> v(d, 0.0f), w(d);
+  float far = -1.0f;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = sample.data() + r * d;
+    const float dist = cpu::dot(x, x, d);
     if (dist > far) {
       far = dist;
-      for (int t = 0; t < d; ++t) v[t] = double(x[t]) - center[t];
+      std::copy(x, x + d, v.begin());
     }
   }
   for (int it = 0; it < kPcaIters; ++it) {
-    std::fill(w.begin(), w.end(), 0.0);
-    for (const float* x : sample) {
-      double proj = 0.0;
-      for (int t = 0; t < d; ++t) proj += (double(x[t]) - center[t]) * v[t];
-      for (int t = 0; t < d; ++t) w[t] += proj * (double(x[t]) - center[t]);
+    std::fill(w.begin(), w.end(), 0.0f);
+    for (int64_t r = 0; r < n; ++r) {
+      const float* x = sample.data() + r * d;
+      cpu::axpy(cpu::dot(x, v.data(), d), x, w.data(), d);
     }
-    double n2 = 0.0;
-    for (int t = 0; t < d; ++t) n2 += w[t] * w[t];
-    if (!(n2 > 0.0)) break;  // v is orthogonal to the spread (or there is none): keep it
-    const double inv = 1.0 / std::sqrt(n2);
-    for (int t = 0; t < d; ++t) v[t] = w[t] * inv;
+    const float n2 = cpu::dot(w.data(), w.data(), d);
+    if (!(n2 > 0.0f) || !std::isfinite(n2)) break;  // no spread along v: keep it
+    cpu::scale_in_place(1.0f / std::sqrt(n2), w.data(), d);
+    v.swap(w);
   }
   return v;
+}
+
+// Where to cut `count` projections: at the widest gap between consecutive values among the
+// middle quantiles [kSplitLow, kSplitHigh], so that a cut falls between clusters rather than
+// through one. Returns the number of rows that go left (those with projection < cut); with no
+// gap at all (all values equal) returns count / 2 and the caller splits by position.
+int64_t choose_split(const std::vector<float>& proj, float& cut) {
+  const int64_t count = int64_t(proj.size());
+  std::vector<float> sorted(proj);
+  const int64_t lo = std::max<int64_t>(1, int64_t(double(count) * kSplitLow));
+  const int64_t hi = std::min<int64_t>(count - 1, int64_t(double(count) * kSplitHigh));
+  std::nth_element(sorted.begin(), sorted.begin() + lo - 1, sorted.end());
+  std::nth_element(sorted.begin() + lo, sorted.begin() + hi, sorted.end());
+  std::sort(sorted.begin() + lo, sorted.begin() + hi + 1);
+  // Candidates: cut between sorted[i-1] and sorted[i] for i in [lo, hi]; left gets i rows.
+  float best_gap = 0.0f;
+  int64_t best = -1;
+  const float below = *std::max_element(sorted.begin(), sorted.begin() + lo);
+  for (int64_t i = lo; i <= hi; ++i) {
+    const float prev = i == lo ? below : sorted[i - 1];
+    const float gap = sorted[i] - prev;
+    if (gap > best_gap || (gap == best_gap && best >= 0 &&
+                           std::abs(i - count / 2) < std::abs(best - count / 2))) {
+      best_gap = gap;
+      best = i;
+    }
+  }
+  if (best < 0 || !(best_gap > 0.0f)) return -1;
+  cut = sorted[best];  // rows with projection < cut go left: exactly `best` of them
+  return best;
 }
 
 // Little-endian byte writer/reader for serialize/deserialize.
@@ -198,91 +234,105 @@ int32_t HSRTree::new_block() {
   return b;
 }
 
-void HSRTree::set_bounds_from_points(int32_t node, const int32_t* idx, int64_t count,
-                                     const float* pts) {
-  const int d = dim_;
-  std::vector<double> sum(d, 0.0);
-  float* lo = lo_.data() + int64_t(node) * d;
-  float* hi = hi_.data() + int64_t(node) * d;
-  std::fill(lo, lo + d, std::numeric_limits<float>::infinity());
-  std::fill(hi, hi + d, -std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < count; ++i) {
-    const float* x = pts + int64_t(idx[i]) * d;
-    for (int t = 0; t < d; ++t) {
-      sum[t] += x[t];
-      lo[t] = std::min(lo[t], x[t]);
-      hi[t] = std::max(hi[t], x[t]);
-    }
-  }
-  float* c = centroid_.data() + int64_t(node) * d;
-  for (int t = 0; t < d; ++t) c[t] = float(sum[t] / double(std::max<int64_t>(count, 1)));
-  double radius = 0.0, max_norm = 0.0;
-  for (int64_t i = 0; i < count; ++i) {
-    const float* x = pts + int64_t(idx[i]) * d;
-    radius = std::max(radius, distance(x, c, d));
-    max_norm = std::max(max_norm, norm(x, d));
-  }
-  radius_[node] = radius * kInflate;
-  max_norm_[node] = max_norm * kInflate;
+void HSRTree::set_centroid(int32_t node, const float* rows, int64_t count) {
+  std::vector<float> sum(dim_, 0.0f);
+  for (int64_t i = 0; i < count; ++i) cpu::axpy(1.0f, rows + i * dim_, sum.data(), dim_);
+  float* c = centroid_.data() + int64_t(node) * dim_;
+  const float inv = 1.0f / float(std::max<int64_t>(count, 1));
+  for (int t = 0; t < dim_; ++t) c[t] = sum[t] * inv;
 }
 
 void HSRTree::widen_bounds(int32_t node, const float* x) {
   const int d = dim_;
-  float* lo = lo_.data() + int64_t(node) * d;
-  float* hi = hi_.data() + int64_t(node) * d;
-  for (int t = 0; t < d; ++t) {
-    lo[t] = std::min(lo[t], x[t]);
-    hi[t] = std::max(hi[t], x[t]);
-  }
-  radius_[node] = std::max(radius_[node], distance(x, centroid_.data() + int64_t(node) * d, d) * kInflate);
-  max_norm_[node] = std::max(max_norm_[node], norm(x, d) * kInflate);
+  cpu::widen_box(x, lo_.data() + int64_t(node) * d, hi_.data() + int64_t(node) * d, d);
+  const float* c = centroid_.data() + int64_t(node) * d;
+  radius_[node] = std::max(radius_[node], upper_sqrt(cpu::squared_distance(x, c, d), d));
+  max_norm_[node] = std::max(max_norm_[node], upper_norm(x, d));
 }
 
-void HSRTree::build_subtree(int32_t node, std::vector<int32_t>& order, int64_t begin, int64_t end,
-                            const float* pts, const int64_t* ids) {
-  const int64_t count = end - begin;
-  set_bounds_from_points(node, order.data() + begin, count, pts);
+void HSRTree::make_leaf(int32_t node, const float* rows, const int64_t* ids, int64_t count) {
+  int32_t b;
+  if (!free_blocks_.empty()) {
+    b = free_blocks_.back();
+    free_blocks_.pop_back();
+  } else {
+    b = new_block();
+  }
+  block_[node] = b;
+  block_leaf_[b] = node;
+  block_used_[b] = int32_t(count);
+  float* lo = lo_.data() + int64_t(node) * dim_;
+  float* hi = hi_.data() + int64_t(node) * dim_;
+  std::fill(lo, lo + dim_, std::numeric_limits<float>::infinity());
+  std::fill(hi, hi + dim_, -std::numeric_limits<float>::infinity());
+  radius_[node] = 0.0;
+  max_norm_[node] = 0.0;
+  std::memcpy(data_.data() + int64_t(b) * leaf_size_ * dim_, rows, sizeof(float) * count * dim_);
+  for (int64_t s = 0; s < count; ++s) {
+    slot_id_[int64_t(b) * leaf_size_ + s] = ids[s];
+    location_[ids[s]] = int64_t(b) * leaf_size_ + s;
+    widen_bounds(node, rows + s * dim_);
+  }
+}
+
+// Builds the subtree of `node` over `count` contiguous rows (and their ids). The children's
+// rows are written contiguously into the spare buffers, which the recursion then uses with
+// the current buffers as its spare: every pass over points reads memory sequentially.
+void HSRTree::build_subtree(int32_t node, float* rows, int64_t* ids, int64_t count,
+                            float* spare_rows, int64_t* spare_ids, const float* row_sum) {
+  const int d = dim_;
   count_[node] = count;
+  if (row_sum != nullptr) {
+    float* c = centroid_.data() + int64_t(node) * d;
+    for (int t = 0; t < d; ++t) c[t] = row_sum[t] / float(count);
+  } else {
+    set_centroid(node, rows, count);
+  }
   if (count <= leaf_size_) {
-    int32_t b;
-    if (!free_blocks_.empty()) {
-      b = free_blocks_.back();
-      free_blocks_.pop_back();
-    } else {
-      b = new_block();
-    }
-    block_[node] = b;
-    block_leaf_[b] = node;
-    block_used_[b] = int32_t(count);
-    for (int64_t s = 0; s < count; ++s) {
-      const int32_t i = order[begin + s];
-      std::memcpy(data_.data() + (int64_t(b) * leaf_size_ + s) * dim_, pts + int64_t(i) * dim_,
-                  sizeof(float) * dim_);
-      slot_id_[int64_t(b) * leaf_size_ + s] = ids[i];
-      location_[ids[i]] = int64_t(b) * leaf_size_ + s;
-    }
+    make_leaf(node, rows, ids, count);
     return;
   }
-  const std::vector<double> dir = principal_direction(
-      pts, dim_, order.data() + begin, count, centroid_.data() + int64_t(node) * dim_);
-  std::vector<std::pair<double, int32_t>> proj(count);
+  const float* c = centroid_.data() + int64_t(node) * d;
+  const std::vector<float> dir = principal_direction(rows, d, count, c);
+  // One pass over the rows: the ball radius around the centroid and the split projections.
+  std::vector<float> proj(count);
+  float max_sq = 0.0f;
   for (int64_t i = 0; i < count; ++i) {
-    const int32_t p = order[begin + i];
-    const float* x = pts + int64_t(p) * dim_;
-    double s = 0.0;
-    for (int t = 0; t < dim_; ++t) s += x[t] * dir[t];
-    proj[i] = {s, p};
+    const float* x = rows + i * d;
+    max_sq = std::max(max_sq, cpu::squared_distance(x, c, d));
+    proj[i] = cpu::dot(x, dir.data(), d);
   }
-  const int64_t half = count / 2;
-  std::nth_element(proj.begin(), proj.begin() + half, proj.end());
-  for (int64_t i = 0; i < count; ++i) order[begin + i] = proj[i].second;
+  radius_[node] = upper_sqrt(max_sq, d);
+  float cut = 0.0f;
+  int64_t left_count = choose_split(proj, cut);
+  const bool by_position = left_count < 0;  // every projection equal: split by position
+  if (by_position) left_count = count / 2;
+  // Partition into the spare buffers, summing each side for the children's centroids.
+  std::vector<float> sums(2 * size_t(d), 0.0f);
+  int64_t li = 0, ri = left_count;
+  for (int64_t i = 0; i < count; ++i) {
+    const bool left = by_position ? i < left_count : proj[i] < cut;
+    const int64_t dst = left ? li++ : ri++;
+    std::memcpy(spare_rows + dst * d, rows + i * d, sizeof(float) * d);
+    cpu::axpy(1.0f, rows + i * d, sums.data() + (left ? 0 : d), d);
+    spare_ids[dst] = ids[i];
+  }
   proj = {};
   const int32_t l = new_node(node);
   const int32_t r = new_node(node);
   left_[node] = l;
   right_[node] = r;
-  build_subtree(l, order, begin, begin + half, pts, ids);
-  build_subtree(r, order, begin + half, end, pts, ids);
+  build_subtree(l, spare_rows, spare_ids, left_count, rows, ids, sums.data());
+  build_subtree(r, spare_rows + left_count * d, spare_ids + left_count, count - left_count,
+                rows + left_count * d, ids + left_count, sums.data() + d);
+  // Box and largest norm of a node are exactly those of its two children together.
+  float* lo = lo_.data() + int64_t(node) * d;
+  float* hi = hi_.data() + int64_t(node) * d;
+  for (int t = 0; t < d; ++t) {
+    lo[t] = std::min(lo_[int64_t(l) * d + t], lo_[int64_t(r) * d + t]);
+    hi[t] = std::max(hi_[int64_t(l) * d + t], hi_[int64_t(r) * d + t]);
+  }
+  max_norm_[node] = std::max(max_norm_[l], max_norm_[r]);
 }
 
 void HSRTree::collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const {
@@ -318,10 +368,11 @@ void HSRTree::rebuild_with(const float* x, int64_t n) {
   if (total == 0) return;
   if (total > std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("hsr index: at most 2^31-1 points per tree");
-  std::vector<int32_t> order(total);
-  for (int64_t i = 0; i < total; ++i) order[i] = int32_t(i);
+  // Uninitialised: every row is written before it is read.
+  std::unique_ptr<float[]> spare_rows(new float[pts.size()]);
+  std::unique_ptr<int64_t[]> spare_ids(new int64_t[ids.size()]);
   new_node(-1);
-  build_subtree(0, order, 0, total, pts.data(), ids.data());
+  build_subtree(0, pts.data(), ids.data(), total, spare_rows.get(), spare_ids.get(), nullptr);
 }
 
 void HSRTree::add(const float* x, int64_t n) {
@@ -343,8 +394,8 @@ void HSRTree::insert_one(const float* x, int64_t id) {
     ++count_[node];
     if (block_[node] >= 0) break;
     const int32_t l = left_[node], r = right_[node];
-    const double dl = distance(x, centroid_.data() + int64_t(l) * dim_, dim_);
-    const double dr = distance(x, centroid_.data() + int64_t(r) * dim_, dim_);
+    const float dl = cpu::squared_distance(x, centroid_.data() + int64_t(l) * dim_, dim_);
+    const float dr = cpu::squared_distance(x, centroid_.data() + int64_t(r) * dim_, dim_);
     node = dl <= dr ? l : r;
   }
   ++live_;
@@ -367,9 +418,10 @@ void HSRTree::insert_one(const float* x, int64_t id) {
   block_leaf_[b] = -1;
   free_blocks_.push_back(b);
   block_[node] = -1;
-  std::vector<int32_t> order(leaf_size_ + 1);
-  for (int i = 0; i <= leaf_size_; ++i) order[i] = i;
-  build_subtree(node, order, 0, leaf_size_ + 1, pts.data(), ids.data());
+  std::vector<float> spare_rows(pts.size());
+  std::vector<int64_t> spare_ids(ids.size());
+  build_subtree(node, pts.data(), ids.data(), leaf_size_ + 1, spare_rows.data(), spare_ids.data(),
+                nullptr);
 }
 
 int64_t HSRTree::remove(const int64_t* ids, int64_t n) {
@@ -463,7 +515,7 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
   out.clear();
   stats = QueryStats{};
   if (live_ == 0) return;
-  const double qnorm = norm(q, dim_);
+  const double qnorm = query_norm(q, dim_);
   if (!pruning_pays(q, qnorm, thresh)) {
     stats.fell_back_to_scan = true;
     scan(q, thresh, out, stats);
@@ -503,7 +555,7 @@ void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   out.clear();
   stats = QueryStats{};
   if (live_ == 0 || k <= 0) return;
-  const double qnorm = norm(q, dim_);
+  const double qnorm = query_norm(q, dim_);
   // best: the k best so far, worst on top. frontier: nodes by upper bound, largest on top.
   auto worse_on_top = [](const Hit& a, const Hit& b) { return better(a, b); };
   std::priority_queue<Hit, std::vector<Hit>, decltype(worse_on_top)> best(worse_on_top);

@@ -202,3 +202,36 @@ inline void convert_row(const T* src, float* dst, int64_t n) {
 }
 
 }  // namespace hsr::cpu
+
+namespace hsr::cpu {
+
+// <a, b> over n floats with two 4-lane accumulators (the same summation order as scores_rows).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s;
+  scores_rows<1>(a, n, b, n, 1, &s, 1);
+  return s;
+}
+
+// sum_t (a_t - b_t)^2 over n floats.
+inline float squared_distance(const float* a, const float* b, int64_t n) {
+  f32x4 s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f32x4 e0 = load4(a + i) - load4(b + i), e1 = load4(a + i + 4) - load4(b + i + 4);
+    s0 += e0 * e0;
+    s1 += e1 * e1;
+  }
+  float s = hsum(s0 + s1);
+  for (; i < n; ++i) s += (a[i] - b[i]) * (a[i] - b[i]);
+  return s;
+}
+
+// lo = min(lo, x), hi = max(hi, x) elementwise over n floats (x finite).
+inline void widen_box(const float* x, float* lo, float* hi, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    lo[i] = x[i] < lo[i] ? x[i] : lo[i];
+    hi[i] = x[i] > hi[i] ? x[i] : hi[i];
+  }
+}
+
+}  // namespace hsr::cpu

@@ -81,9 +81,10 @@ class HSRTree {
  private:
   int32_t new_node(int32_t parent);
   int32_t new_block();
-  void build_subtree(int32_t node, std::vector<int32_t>& order, int64_t begin, int64_t end,
-                     const float* pts, const int64_t* ids);
-  void set_bounds_from_points(int32_t node, const int32_t* idx, int64_t count, const float* pts);
+  void build_subtree(int32_t node, float* rows, int64_t* ids, int64_t count, float* spare_rows,
+                     int64_t* spare_ids, const float* row_sum);
+  void set_centroid(int32_t node, const float* rows, int64_t count);
+  void make_leaf(int32_t node, const float* rows, const int64_t* ids, int64_t count);
   void widen_bounds(int32_t node, const float* x);
   void split_leaf(int32_t leaf);
   void collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const;

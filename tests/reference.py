@@ -56,3 +56,37 @@ def attention_ref(
         lse = torch.log(z.squeeze(-1).to(torch.float64))
         return out, lse
     raise ValueError(kind)
+
+
+def inner_products_ref(x, q):
+    """(m, n) float64 inner products <q_i, x_j>."""
+    return torch.as_tensor(q, dtype=torch.float64) @ torch.as_tensor(x, dtype=torch.float64).T
+
+
+def score_tolerance(x, q):
+    """Largest |float32 dot - exact| the index may show, per query: d * 2^-23 * |q| * max|x|."""
+    x64 = torch.as_tensor(x, dtype=torch.float64)
+    q64 = torch.as_tensor(q, dtype=torch.float64)
+    d = q64.shape[-1]
+    max_norm = x64.norm(dim=-1).max() if x64.shape[0] else torch.tensor(0.0, dtype=torch.float64)
+    return (d + 8) * 2.0**-23 * q64.norm(dim=-1) * max_norm + 1e-30
+
+
+def gap_threshold(scores, quantile, tol):
+    """A threshold near the given quantile of `scores` (1-D float64) that lies in a gap wider
+    than 2 * tol, so that which points pass does not depend on rounding. None if no such gap."""
+    s = torch.sort(scores).values
+    n = s.numel()
+    if n == 0:
+        return 0.0
+    if quantile <= 0:
+        return float(s[0] - 1.0 - 4 * tol)
+    if quantile >= 1:
+        return float(s[-1] + 1.0 + 4 * tol)
+    gaps = s[1:] - s[:-1]
+    ok = torch.nonzero(gaps > 2 * tol).flatten()
+    if ok.numel() == 0:
+        return None
+    target = quantile * (n - 1)
+    i = int(ok[torch.argmin((ok.to(torch.float64) - target).abs())])
+    return float((s[i] + s[i + 1]) / 2)

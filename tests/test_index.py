@@ -1,0 +1,369 @@
+"""hsr.HSRIndex and hsr.HSRIndexBatch against brute force."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hsr
+from reference import gap_threshold, inner_products_ref, score_tolerance
+
+
+def make_points(kind, n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(n, d, generator=g)
+    if kind == "clustered":  # Gaussian mixture: 20 tight clusters
+        centers = torch.randn(20, d, generator=g) * 4
+        return centers[torch.randint(0, 20, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    if kind == "duplicated":  # a handful of distinct points, each repeated many times
+        base = torch.randn(5, d, generator=g)
+        return base[torch.randint(0, 5, (n,), generator=g)]
+    if kind == "zero":
+        return torch.zeros(n, d)
+    if kind == "huge":  # norms around 1e8: squares near float's range limit of precision
+        return torch.randn(n, d, generator=g) * 1e8
+    if kind == "lowrank":  # rank-3 points embedded in d dimensions
+        return torch.randn(n, 3, generator=g) @ torch.randn(3, d, generator=g)
+    raise ValueError(kind)
+
+
+def make_queries(x, m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    d = x.shape[1]
+    q = torch.randn(m, d, generator=g)
+    if x.shape[0]:  # half of the queries point at stored points, as attention queries do
+        q[: m // 2] += x[torch.randint(0, x.shape[0], (m // 2,), generator=g)] / (x.norm(dim=1).max() + 1e-30) * 3
+    return q
+
+
+def assert_range_exact(index, x, q, quantiles):
+    """For thresholds in score gaps, the reported sets equal brute force exactly."""
+    s64 = inner_products_ref(x, q)
+    tol = score_tolerance(x, q)
+    for quantile in quantiles:
+        thresh = []
+        for i in range(q.shape[0]):
+            t = gap_threshold(s64[i], quantile, float(tol[i]))
+            thresh.append(float("inf") if t is None else t)
+        th = torch.tensor(thresh, dtype=torch.float64)
+        lims, D, I = index.range_search(q, th.to(torch.float32))
+        assert lims.shape == (q.shape[0] + 1,) and lims[0] == 0 and lims[-1] == I.numel() == D.numel()
+        for i in range(q.shape[0]):
+            if math.isinf(thresh[i]):
+                continue
+            # The float32 threshold must sit in the same gap as the float64 one.
+            t32 = float(torch.tensor(thresh[i], dtype=torch.float32))
+            expect = torch.nonzero(s64[i] >= t32).flatten()
+            got = I[lims[i]:lims[i + 1]]
+            assert torch.equal(torch.sort(got).values, expect), f"query {i}, quantile {quantile}"
+            assert torch.equal(got, torch.sort(got).values), "results are sorted by id"
+            if got.numel():
+                assert (D[lims[i]:lims[i + 1]].double() - s64[i, got]).abs().max() <= tol[i]
+
+
+def assert_topk_exact(index, x, q, k, ids=None):
+    s64 = inner_products_ref(x, q)
+    tol = score_tolerance(x, q)
+    D, I = index.search(q, k)
+    n = x.shape[0]
+    assert D.shape == (q.shape[0], k) and I.shape == (q.shape[0], k)
+    kk = min(k, n)
+    assert (I[:, kk:] == -1).all() and torch.isinf(D[:, kk:]).all()
+    ids = torch.arange(n) if ids is None else ids
+    for i in range(q.shape[0]):
+        if kk == 0:
+            continue
+        ref = torch.sort(s64[i], descending=True).values
+        assert (D[i, :kk].double() - ref[:kk]).abs().max() <= 2 * tol[i], f"query {i}"
+        assert (D[i, 1:kk] <= D[i, : kk - 1]).all(), "descending"
+        pos = {int(v): j for j, v in enumerate(ids)}
+        got_scores = s64[i, [pos[int(v)] for v in I[i, :kk]]]
+        assert (got_scores - D[i, :kk].double()).abs().max() <= tol[i]
+        # Where the k-th and (k+1)-th scores are separated, the id sets are unique and equal.
+        if kk < n and ref[kk - 1] - ref[kk] > 2 * tol[i]:
+            expect = set(ids[torch.nonzero(s64[i] >= ref[kk - 1] - tol[i]).flatten()].tolist())
+            assert set(I[i, :kk].tolist()) == expect
+
+
+KINDS = ["random", "clustered", "duplicated", "zero", "huge", "lowrank"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 10_000])
+def test_range_and_topk_match_brute_force(kind, n):
+    d = 24
+    x = make_points(kind, n, d)
+    index = hsr.HSRIndex(d, leaf_size=16 if n <= 65 else 64)
+    index.add(x)
+    assert index.ntotal == n
+    q = make_queries(x, 8)
+    assert_range_exact(index, x, q, [0.0, 0.5, 0.9, 0.99, 1.0])
+    assert_topk_exact(index, x, q, 10)
+
+
+@pytest.mark.parametrize("d", [1, 3, 64, 128, 256])
+def test_dimensions(d):
+    x = make_points("clustered", 3000, d, seed=d)
+    index = hsr.HSRIndex(d)
+    index.add(x)
+    q = make_queries(x, 6)
+    assert_range_exact(index, x, q, [0.5, 0.999])
+    assert_topk_exact(index, x, q, 5)
+
+
+def test_thresholds_above_max_and_below_min():
+    x = make_points("random", 5000, 16)
+    index = hsr.HSRIndex(16)
+    index.add(x)
+    q = make_queries(x, 4)
+    s = inner_products_ref(x, q)
+    lims, _, _ = index.range_search(q, (s.max(dim=1).values + 1).float())
+    assert lims[-1] == 0
+    lims, _, I = index.range_search(q, (s.min(dim=1).values - 1).float())
+    assert torch.equal(lims, torch.arange(5) * 5000)
+    assert torch.equal(I[:5000], torch.arange(5000))
+    lims, _, _ = index.range_search(q, float("inf"))
+    assert lims[-1] == 0
+    lims, _, _ = index.range_search(q, float("-inf"))
+    assert lims[-1] == 4 * 5000
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_inserts_and_removals(kind):
+    d = 32
+    x = make_points(kind, 6000, d, seed=3)
+    index = hsr.HSRIndex(d, leaf_size=32)
+    index.add(x[:2000])          # bulk build
+    for start in range(2000, 3000, 100):
+        index.add(x[start:start + 100])  # inserts into the existing tree (leaf splits)
+    for i in range(3000, 3050):
+        index.add(x[i])          # one at a time
+    assert index.ntotal == 3050 and index.next_id == 3050
+    g = torch.Generator().manual_seed(4)
+    removed = torch.randperm(3050, generator=g)[:700]
+    assert index.remove_ids(removed) == 700
+    assert index.remove_ids(removed[:10]) == 0  # already gone
+    assert index.remove_ids(torch.tensor([-1, 10**9])) == 0
+    keep = torch.ones(3050, dtype=torch.bool)
+    keep[removed] = False
+    ids = torch.nonzero(keep).flatten()
+    assert index.ntotal == ids.numel()
+    q = make_queries(x[ids], 8)
+    s64 = inner_products_ref(x[ids], q)
+    tol = score_tolerance(x[ids], q)
+    for quantile in [0.3, 0.95]:
+        th = torch.tensor([gap_threshold(s64[i], quantile, float(tol[i])) for i in range(8)], dtype=torch.float32)
+        lims, _, I = index.range_search(q, th)
+        for i in range(8):
+            expect = ids[torch.nonzero(s64[i] >= float(th[i])).flatten()]
+            assert torch.equal(I[lims[i]:lims[i + 1]], expect)
+    assert_topk_exact(index, x[ids], q, 7, ids=ids)
+    # Removing most points triggers a rebuild; ids stay stable.
+    index.remove_ids(ids[: ids.numel() - 100])
+    rest = ids[-100:]
+    lims, _, I = index.range_search(q, float("-inf"))
+    assert torch.equal(I[:100], rest)
+    index.add(x[5000:5010])
+    assert index.ntotal == 110 and index.next_id == 3060
+
+
+def test_serialize_round_trip(tmp_path):
+    x = make_points("clustered", 4000, 40)
+    index = hsr.HSRIndex(40, leaf_size=32)
+    index.add(x)
+    index.remove_ids(torch.arange(0, 4000, 7))
+    index.add(x[:50])
+    path = tmp_path / "idx.hsr"
+    hsr.write_index(index, path)
+    loaded = hsr.read_index(path)
+    assert (loaded.d, loaded.ntotal, loaded.next_id, loaded.leaf_size) == (40, index.ntotal, index.next_id, 32)
+    q = make_queries(x, 6)
+    for a, b in zip(index.range_search(q, 10.0), loaded.range_search(q, 10.0)):
+        assert torch.equal(a, b)
+    for a, b in zip(index.search(q, 9), loaded.search(q, 9)):
+        assert torch.equal(a, b)
+    loaded.add(x[100:200])  # a loaded index stays dynamic
+    assert loaded.ntotal == index.ntotal + 100
+
+
+def test_corrupted_or_truncated_files_are_rejected(tmp_path):
+    x = make_points("random", 500, 8)
+    index = hsr.HSRIndex(8, leaf_size=16)
+    index.add(x)
+    path = tmp_path / "idx.hsr"
+    hsr.write_index(index, path)
+    data = path.read_bytes()
+    cases = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "one byte short": data[:-1],
+        "flipped": data[:100] + bytes([data[100] ^ 0x40]) + data[101:],
+        "not an index": b"hello world" * 20,
+    }
+    for name, blob in cases.items():
+        bad = tmp_path / f"{name}.hsr"
+        bad.write_bytes(blob)
+        with pytest.raises(ValueError, match="hsr index"):
+            hsr.read_index(bad)
+
+
+def test_numpy_in_numpy_out():
+    x = make_points("random", 300, 8).numpy().astype(np.float64)
+    index = hsr.HSRIndex(8)
+    index.add(x)
+    lims, D, I = index.range_search(x[:3], 0.0)
+    assert isinstance(lims, np.ndarray) and isinstance(D, np.ndarray) and I.dtype == np.int64
+    D, I = index.search(x[:3], 4)
+    assert D.shape == (3, 4) and isinstance(I, np.ndarray)
+
+
+def _index_state(index, q):
+    return index.ntotal, index.next_id, index.search(q, 5)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda ix: ix.add(torch.randn(5, 7)), "shape"),
+        (lambda ix: ix.add(torch.randn(5)), "shape"),
+        (lambda ix: ix.add(torch.tensor([[float("nan")] * 8])), "NaN or Inf"),
+        (lambda ix: ix.add(torch.tensor([[float("inf")] * 8])), "NaN or Inf"),
+        (lambda ix: ix.add(torch.ones(3, 8, dtype=torch.int32)), "floating-point"),
+        (lambda ix: ix.add("points"), "torch.Tensor or numpy"),
+        (lambda ix: ix.search(torch.randn(2, 8), -1), "non-negative"),
+        (lambda ix: ix.search(torch.randn(2, 9), 3), "shape"),
+        (lambda ix: ix.range_search(torch.randn(2, 8), torch.zeros(3)), "one value per query"),
+        (lambda ix: ix.range_search(torch.randn(2, 8), float("nan")), "NaN"),
+        (lambda ix: ix.range_search(torch.full((2, 8), float("nan")), 0.0), "NaN or Inf"),
+        (lambda ix: ix.remove_ids(torch.tensor([1.5])), "integers"),
+    ],
+)
+def test_bad_input_raises_and_leaves_the_index_unchanged(call, message):
+    x = make_points("random", 200, 8)
+    index = hsr.HSRIndex(8, leaf_size=16)
+    index.add(x)
+    q = make_queries(x, 3)
+    before = _index_state(index, q)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(index)
+    after = _index_state(index, q)
+    assert before[:2] == after[:2]
+    assert torch.equal(before[2][0], after[2][0]) and torch.equal(before[2][1], after[2][1])
+
+
+@pytest.mark.parametrize("d,leaf_size", [(0, 64), (257, 64), (8, 0), (8, -3)])
+def test_bad_construction(d, leaf_size):
+    with pytest.raises(ValueError):
+        hsr.HSRIndex(d, leaf_size=leaf_size)
+
+
+def test_the_op_level_class_validates_too():
+    impl = torch.classes.hsr.Index(8, 16)
+    with pytest.raises((ValueError, RuntimeError), match="float32"):
+        impl.add(torch.zeros(3, 8, dtype=torch.float64))
+    with pytest.raises((ValueError, RuntimeError), match="NaN or Inf"):
+        impl.add(torch.full((3, 8), float("nan")))
+    with pytest.raises((ValueError, RuntimeError), match="k must be >= 0"):
+        impl.search(torch.zeros(1, 8), -2)
+    assert impl.ntotal() == 0
+
+
+def test_reset():
+    index = hsr.HSRIndex(4)
+    index.add(torch.randn(100, 4))
+    index.reset()
+    assert index.ntotal == 0 and index.next_id == 0
+    lims, _, _ = index.range_search(torch.randn(2, 4), -1e9)
+    assert lims[-1] == 0
+    index.add(torch.randn(10, 4))
+    assert index.ntotal == 10
+
+
+def test_stats_report_pruning_and_scan_fallback():
+    # Clustered points: a selective query scores a small part of the points.
+    x = make_points("clustered", 20_000, 32)
+    index = hsr.HSRIndex(32)
+    index.add(x)
+    q = x[:4] * 1.0
+    s = inner_products_ref(x, q)
+    th = torch.quantile(s, 0.999, dim=1).float()
+    index.range_search(q, th)
+    stats = index.last_stats
+    assert stats.queries == 4 and not stats.fell_back_to_scan
+    assert 0 < stats.points_scored < 0.2 * 4 * 20_000
+    # A threshold that every point passes: pruning cannot pay, the index scans.
+    index.range_search(q, float("-inf"))
+    stats = index.last_stats
+    assert stats.queries_scanned == 4 and stats.points_scored == 4 * 20_000
+
+
+def test_batch_index_matches_single_indexes_with_gqa():
+    B, H, n, d, group = 2, 3, 700, 16, 4
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(B, H, n, d, generator=g)
+    batch = hsr.HSRIndexBatch(keys, leaf_size=32)
+    assert torch.equal(batch.ntotal, torch.full((B, H), n))
+    q = torch.randn(B, H * group, d, generator=g)
+    lims, D, I = batch.range_search(q, 2.0)
+    Dk, Ik = batch.search(q, 6)
+    assert Dk.shape == (B, H * group, 6)
+    for b in range(B):
+        for hq in range(H * group):
+            single = hsr.HSRIndex(d, leaf_size=32)
+            single.add(keys[b, hq // group])
+            i = b * H * group + hq
+            sl, sd, si = single.range_search(q[b, hq:hq + 1], 2.0)
+            assert torch.equal(I[lims[i]:lims[i + 1]], si)
+            assert torch.equal(D[lims[i]:lims[i + 1]], sd)
+            td, ti = single.search(q[b, hq:hq + 1], 6)
+            assert torch.equal(Ik[b, hq], ti[0]) and torch.equal(Dk[b, hq], td[0])
+    more = torch.randn(B, H, 50, d, generator=g)
+    batch.add(more)
+    assert torch.equal(batch.ntotal, torch.full((B, H), n + 50))
+    with pytest.raises(ValueError, match="multiple"):
+        batch.search(torch.randn(B, 5, d), 3)
+    with pytest.raises(ValueError):
+        batch.add(torch.randn(B, H + 1, 3, d))
+
+
+def test_paper_threshold_reports_about_n_to_the_four_fifths():
+    n, d = 200_000, 64
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(n, d, generator=g) * 0.7 + 0.2
+    stats = hsr.KeyStats.from_keys(keys)
+    q = torch.randn(16, d, generator=g)
+    b = hsr.paper_threshold(q, stats, n)
+    counts = ((q.double() @ keys.double().T) >= b.unsqueeze(1)).sum(1).double()
+    expected = n * hsr.expected_reported_fraction(n)
+    # Gaussian scores: the count matches the exact tail, and stays below n^(4/5).
+    assert (counts.mean() - expected).abs() < 0.1 * expected
+    assert counts.max() < n ** 0.8
+    with pytest.raises(ValueError):
+        hsr.paper_threshold(q, stats, 1)
+    centred = hsr.paper_threshold(q, 0.7, n)
+    assert torch.allclose(centred, 0.7 * q.double().norm(dim=1) * math.sqrt(0.4 * math.log(n)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    d=st.integers(1, 40),
+    n=st.integers(0, 400),
+    leaf_size=st.integers(1, 70),
+    quantile=st.floats(0.0, 1.0),
+    kind=st.sampled_from(KINDS),
+    inserts=st.integers(0, 60),
+    seed=st.integers(0, 2**16),
+)
+def test_property_exact_against_brute_force(d, n, leaf_size, quantile, kind, inserts, seed):
+    x = make_points(kind, n + inserts, d, seed=seed)
+    index = hsr.HSRIndex(d, leaf_size=leaf_size)
+    index.add(x[:n])
+    for i in range(n, n + inserts):
+        index.add(x[i:i + 1])
+    q = make_queries(x, 3, seed=seed + 1)
+    assert_range_exact(index, x, q, [quantile])
+    assert_topk_exact(index, x, q, 1 + seed % 12)

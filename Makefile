@@ -38,12 +38,13 @@ test: install
 	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider
 	$(MAKE) wheel-smoke
 
-# The wheel installs into a fresh venv holding only the same torch and runs one op there.
+# The wheel installs (with its declared dependencies) into a fresh venv holding only the same
+# torch and runs one op there.
 wheel-smoke:
 	rm -rf $(SMOKE_VENV)
 	$(PYTHON) -m venv $(SMOKE_VENV)
 	$(SMOKE_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(SMOKE_VENV)/bin/python -m pip install -q --no-deps $(DIST)/hsr-*.whl
+	$(SMOKE_VENV)/bin/python -m pip install -q $(DIST)/hsr-*.whl
 	cd / && $(CURDIR)/$(SMOKE_VENV)/bin/python $(CURDIR)/tests/wheel_smoke.py
 	rm -rf $(SMOKE_VENV)
 

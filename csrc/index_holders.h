@@ -24,6 +24,17 @@ struct IndexCallStats {
   }
 };
 
+// A compact copy of a tree's live points (and ids) for queries answered by a scan as one
+// matrix product; refreshed lazily after the tree changes.
+struct ScanCache {
+  at::Tensor points, ids;
+  at::Tensor sample;  // up to 1024 evenly spread live points, to guess top-k thresholds
+  bool fresh = false, sample_fresh = false;
+  void refresh(const index::HSRTree& tree);
+  void refresh_sample(const index::HSRTree& tree);
+  void invalidate() { fresh = sample_fresh = false; }
+};
+
 struct IndexHolder : torch::CustomClassHolder {
   IndexHolder(int64_t d, int64_t leaf_size);
 
@@ -44,6 +55,7 @@ struct IndexHolder : torch::CustomClassHolder {
   std::vector<int64_t> last_stats() const { return stats.as_vector(); }
 
   index::HSRTree tree;
+  ScanCache scan_cache;
   IndexCallStats stats;
 };
 
@@ -61,6 +73,7 @@ struct IndexBatchHolder : torch::CustomClassHolder {
 
   int64_t batch, heads, dim;
   std::vector<index::HSRTree> trees;
+  std::vector<ScanCache> scan_caches;
   IndexCallStats stats;
 };
 

@@ -316,11 +316,14 @@ def test_batch_index_matches_single_indexes_with_gqa():
             single = hsr.HSRIndex(d, leaf_size=32)
             single.add(keys[b, hq // group])
             i = b * H * group + hq
+            # Same answers; scores may differ in the last bits when one side scanned with a
+            # matrix product over several queries and the other over one.
             sl, sd, si = single.range_search(q[b, hq:hq + 1], 2.0)
             assert torch.equal(I[lims[i]:lims[i + 1]], si)
-            assert torch.equal(D[lims[i]:lims[i + 1]], sd)
+            torch.testing.assert_close(D[lims[i]:lims[i + 1]], sd, rtol=1e-5, atol=1e-5)
             td, ti = single.search(q[b, hq:hq + 1], 6)
-            assert torch.equal(Ik[b, hq], ti[0]) and torch.equal(Dk[b, hq], td[0])
+            assert torch.equal(Ik[b, hq], ti[0])
+            torch.testing.assert_close(Dk[b, hq], td[0], rtol=1e-5, atol=1e-5)
     more = torch.randn(B, H, 50, d, generator=g)
     batch.add(more)
     assert torch.equal(batch.ntotal, torch.full((B, H), n + 50))

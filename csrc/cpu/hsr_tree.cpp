@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <functional>
 #include <queue>
 #include <stdexcept>
 #include <string>
@@ -20,8 +21,8 @@ namespace {
 constexpr double kInflate = 1.0 + 1e-9;
 // Unit roundoff of float: scores are float dot products of dim terms.
 constexpr double kFloatEps = 1.0 / 16777216.0;
-// Depth of the frontier inspected to decide whether pruning can pay for a range query.
-constexpr int kFrontierDepth = 8;
+// The scan-or-traverse estimate stops at nodes of at most this many leaves' worth of points.
+constexpr int kFrontierLeaves = 4;
 // Scan instead when the frontier says more than this fraction of points must be scored.
 constexpr double kScanFraction = 0.9;
 // Rebuild when removed points exceed this fraction of what the tree was built with.
@@ -416,6 +417,8 @@ void HSRTree::insert_one(const float* x, int64_t id) {
   ids[leaf_size_] = id;
   block_used_[b] = 0;
   block_leaf_[b] = -1;
+  std::fill(slot_id_.begin() + int64_t(b) * leaf_size_, slot_id_.begin() + int64_t(b + 1) * leaf_size_,
+            int64_t(-1));
   free_blocks_.push_back(b);
   block_[node] = -1;
   std::vector<float> spare_rows(pts.size());
@@ -477,25 +480,53 @@ void HSRTree::bounds(int32_t node, const float* q, double qnorm, double& upper, 
   slack = 1.01 * (d + 2) * kFloatEps * qnorm * max_norm_[node] + 1e-30;
 }
 
-bool HSRTree::pruning_pays(const float* q, double qnorm, float thresh) const {
-  // Count the points in frontier nodes (depth kFrontierDepth, or leaves above it) whose
-  // upper bound reaches the threshold: if nearly all must be scored, a scan is cheaper.
-  std::vector<std::pair<int32_t, int>> stack = {{0, 0}};
+double HSRTree::estimated_scored_fraction(const float* q, float thresh) const {
+  // Walk the tree as a range query would, but stop at nodes of at most kFrontierLeaves
+  // leaves' worth of points: the points in such nodes whose upper bound reaches the
+  // threshold over-estimate what the traversal scores, at a small fraction of its cost.
+  if (live_ == 0) return 0.0;
+  const double qnorm = query_norm(q, dim_);
+  const int64_t frontier_size = int64_t(kFrontierLeaves) * leaf_size_;
+  std::vector<int32_t> stack = {0};
   int64_t must_score = 0;
   while (!stack.empty()) {
-    auto [node, depth] = stack.back();
+    const int32_t node = stack.back();
     stack.pop_back();
     if (count_[node] == 0) continue;
-    if (depth == kFrontierDepth || block_[node] >= 0) {
-      double upper, lower, slack;
-      bounds(node, q, qnorm, upper, lower, slack);
-      if (upper + slack >= thresh) must_score += count_[node];
+    double upper, lower, slack;
+    bounds(node, q, qnorm, upper, lower, slack);
+    if (upper + slack < thresh) continue;
+    if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
+      must_score += count_[node];
       continue;
     }
-    stack.push_back({left_[node], depth + 1});
-    stack.push_back({right_[node], depth + 1});
+    stack.push_back(left_[node]);
+    stack.push_back(right_[node]);
   }
-  return double(must_score) <= kScanFraction * double(live_);
+  return double(must_score) / double(live_);
+}
+
+float HSRTree::greedy_kth_score(const float* q, int64_t k) const {
+  // Descend towards the larger upper bound and score the leaf reached: its k-th best score
+  // is a lower bound of the true k-th best, hence a valid threshold for the estimate above.
+  if (live_ == 0 || k <= 0) return -std::numeric_limits<float>::infinity();
+  const double qnorm = query_norm(q, dim_);
+  int32_t node = 0;
+  while (block_[node] < 0) {
+    double ul, ur, lower, slack;
+    const int32_t l = left_[node], r = right_[node];
+    bounds(l, q, qnorm, ul, lower, slack);
+    bounds(r, q, qnorm, ur, lower, slack);
+    if (count_[l] == 0) ul = -std::numeric_limits<double>::infinity();
+    if (count_[r] == 0) ur = -std::numeric_limits<double>::infinity();
+    node = ul >= ur ? l : r;
+  }
+  const int32_t b = block_[node], used = block_used_[b];
+  if (used < k) return -std::numeric_limits<float>::infinity();
+  std::vector<float> buf(used);
+  cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
+  std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<float>());
+  return buf[k - 1];
 }
 
 void HSRTree::scan(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const {
@@ -511,12 +542,12 @@ void HSRTree::scan(const float* q, float thresh, std::vector<Hit>& out, QuerySta
 }
 
 void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
-                           QueryStats& stats) const {
+                           QueryStats& stats, bool allow_scan) const {
   out.clear();
   stats = QueryStats{};
   if (live_ == 0) return;
   const double qnorm = query_norm(q, dim_);
-  if (!pruning_pays(q, qnorm, thresh)) {
+  if (allow_scan && estimated_scored_fraction(q, thresh) > kScanFraction) {
     stats.fell_back_to_scan = true;
     scan(q, thresh, out, stats);
   } else {

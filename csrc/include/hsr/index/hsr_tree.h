@@ -64,7 +64,10 @@ class HSRTree {
   void reset();
 
   // Every point with <q, x> >= thresh (scores as the fp32 scan computes them), sorted by id.
-  void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
+  // With allow_scan, a query for which the frontier estimate says nearly every point must be
+  // scored is answered by a plain scan instead (stats say so).
+  void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats,
+                    bool allow_scan = true) const;
   // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than
   // k when fewer points are stored.
   void search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats) const;
@@ -75,8 +78,21 @@ class HSRTree {
 
   // The score the index reports for a point: float dot product in a fixed order.
   float score(const float* q, const float* x) const;
-  // Brute-force reference over the live points (tests and the scan fallback share it).
+  // Brute-force scan over the live points, in storage order (the scan fallback).
   void scan(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
+
+  // Cost model for choosing between the tree and a scan: the fraction of points in frontier
+  // nodes (a few levels down) whose upper bound reaches `thresh`, which over-estimates what a
+  // traversal scores; and a lower bound of the k-th best score from one greedy descent.
+  double estimated_scored_fraction(const float* q, float thresh) const;
+  float greedy_kth_score(const float* q, int64_t k) const;
+
+  // Raw leaf storage for scans done elsewhere (e.g. as one matrix product over many queries):
+  // storage_slots() rows of dim floats; slot_ids()[i] is the id of row i, or -1 for an
+  // empty slot (whose row holds no meaningful data).
+  const float* storage() const { return data_.data(); }
+  const int64_t* slot_ids() const { return slot_id_.data(); }
+  int64_t storage_slots() const { return int64_t(slot_id_.size()); }
 
  private:
   int32_t new_node(int32_t parent);
@@ -93,7 +109,6 @@ class HSRTree {
   const float* point(int32_t block, int32_t slot) const {
     return data_.data() + (int64_t(block) * leaf_size_ + slot) * dim_;
   }
-  bool pruning_pays(const float* q, double qnorm, float thresh) const;
   void validate_structure() const;
 
   int dim_;

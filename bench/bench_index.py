@@ -84,7 +84,8 @@ def bench_one(kind, n, d, selectivities, k, queries, iters):
     rows.append(dict(dataset=kind, n=n, d=d, query=f"top-{k}", selectivity=None, tree_ms=t_tree,
                      brute_ms=t_brute, speedup=t_brute / t_tree,
                      points_scored_per_query=stats.points_scored / queries,
-                     scanned_fraction=stats.points_scored / (queries * n), fell_back=0, build_s=build_s))
+                     scanned_fraction=stats.points_scored / (queries * n),
+                     fell_back=stats.queries_scanned, build_s=build_s))
     insert = measure_inserts(index, x, d)
     for r in rows:
         r.update(insert)

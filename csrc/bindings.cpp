@@ -32,12 +32,16 @@ TORCH_LIBRARY(hsr, m) {
       .def("depth", &hsr::IndexHolder::depth)
       .def("to_bytes", &hsr::IndexHolder::to_bytes)
       .def("load_bytes", &hsr::IndexHolder::load_bytes)
-      .def("last_stats", &hsr::IndexHolder::last_stats);
+      .def("last_stats", &hsr::IndexHolder::last_stats)
+      .def("scan_fraction", &hsr::IndexHolder::scan_fraction)
+      .def("set_scan_fraction", &hsr::IndexHolder::set_scan_fraction);
   m.class_<hsr::IndexBatchHolder>("IndexBatch")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t>())
       .def("add", &hsr::IndexBatchHolder::add)
       .def("range_search", &hsr::IndexBatchHolder::range_search)
       .def("search", &hsr::IndexBatchHolder::search)
       .def("ntotal", &hsr::IndexBatchHolder::ntotal)
-      .def("last_stats", &hsr::IndexBatchHolder::last_stats);
+      .def("last_stats", &hsr::IndexBatchHolder::last_stats)
+      .def("scan_fraction", &hsr::IndexBatchHolder::scan_fraction)
+      .def("set_scan_fraction", &hsr::IndexBatchHolder::set_scan_fraction);
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "hsr/index/hsr_tree.h"
+#include "hsr/index/scan.h"
 
 namespace hsr {
 
@@ -24,15 +25,19 @@ struct IndexCallStats {
   }
 };
 
-// A compact copy of a tree's live points (and ids) for queries answered by a scan as one
-// matrix product; refreshed lazily after the tree changes.
+// Id-ordered copies of a tree's points for the scan path, made lazily on the first query
+// that needs them and dropped whenever the tree changes.
 struct ScanCache {
-  at::Tensor points, ids;
-  at::Tensor sample;  // up to 1024 evenly spread live points, to guess top-k thresholds
+  index::IdOrderedPoints points;
+  index::IdOrderedPoints sample;  // about kSampleSize evenly spread points: top-k guesses
   bool fresh = false, sample_fresh = false;
   void refresh(const index::HSRTree& tree);
   void refresh_sample(const index::HSRTree& tree);
-  void invalidate() { fresh = sample_fresh = false; }
+  void invalidate() {
+    points = {};
+    sample = {};
+    fresh = sample_fresh = false;
+  }
 };
 
 struct IndexHolder : torch::CustomClassHolder {
@@ -49,6 +54,8 @@ struct IndexHolder : torch::CustomClassHolder {
   int64_t d() const { return tree.dim(); }
   int64_t leaf_size() const { return tree.leaf_size(); }
   int64_t num_nodes() const { return tree.num_nodes(); }
+  double scan_fraction() const { return scan_above; }
+  void set_scan_fraction(double f);
   int64_t depth() const { return tree.depth(); }
   at::Tensor to_bytes() const;
   void load_bytes(const at::Tensor& bytes);
@@ -57,6 +64,7 @@ struct IndexHolder : torch::CustomClassHolder {
   index::HSRTree tree;
   ScanCache scan_cache;
   IndexCallStats stats;
+  double scan_above;
 };
 
 // One tree per (batch, kv head) over keys (B, H, n, d); queries (B, Hq, d) with Hq a multiple
@@ -70,11 +78,14 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& q, int64_t k);
   at::Tensor ntotal() const;  // (B, H) int64
   std::vector<int64_t> last_stats() const { return stats.as_vector(); }
+  double scan_fraction() const { return scan_above; }
+  void set_scan_fraction(double f);
 
   int64_t batch, heads, dim;
   std::vector<index::HSRTree> trees;
   std::vector<ScanCache> scan_caches;
   IndexCallStats stats;
+  double scan_above;
 };
 
 }  // namespace hsr

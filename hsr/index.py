@@ -103,6 +103,17 @@ class HSRIndex:
     def last_stats(self) -> IndexStats:
         return IndexStats._from(self._impl.last_stats())
 
+    @property
+    def scan_fraction(self) -> float:
+        """Queries the tree's frontier estimate says would score more than this fraction of
+        the points are answered by an exact scan instead (same results, same scores). 0 scans
+        every query, 1 never scans. A runtime setting: not saved by write_index."""
+        return self._impl.scan_fraction()
+
+    @scan_fraction.setter
+    def scan_fraction(self, value: float) -> None:
+        self._impl.set_scan_fraction(_scan_fraction(value, "HSRIndex.scan_fraction"))
+
     def _points(self, x, name, what):
         t, was_numpy = _as_float32_tensor(x, name, what)
         if t.dim() == 1 and t.shape[0] == self.d:
@@ -224,6 +235,24 @@ class HSRIndexBatch:
     @property
     def last_stats(self) -> IndexStats:
         return IndexStats._from(self._impl.last_stats())
+
+    @property
+    def scan_fraction(self) -> float:
+        """Queries the tree's frontier estimate says would score more than this fraction of
+        the points are answered by an exact scan instead (same results, same scores). 0 scans
+        every query, 1 never scans. A runtime setting: not saved by write_index."""
+        return self._impl.scan_fraction()
+
+    @scan_fraction.setter
+    def scan_fraction(self, value: float) -> None:
+        self._impl.set_scan_fraction(_scan_fraction(value, "HSRIndexBatch.scan_fraction"))
+
+
+def _scan_fraction(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _thresholds(thresh, m: int, what: str) -> torch.Tensor:

@@ -35,106 +35,35 @@ void check_finite(const at::Tensor& x, const char* what, const char* name) {
                     " contains NaN or Inf");
 }
 
-// A query is answered by a scan when the tree would score more than this fraction of the
-// points: a blocked matrix product over many queries (BLAS) scores a point several times
-// faster than a single-query traversal does.
-constexpr double kMatmulScanFraction = 0.3;
+// Default of scan_fraction: a query is answered by a scan when the frontier estimate says
+// the tree would score more than this fraction of the points. A scan scores a point several
+// times faster than a traversal (sequential reads, each point loaded once for kScanRows
+// queries), and the estimate over-states what the traversal scores.
+constexpr double kDefaultScanFraction = 0.3;
 // Points sampled per tree to guess the k-th best score of a top-k query.
 constexpr int64_t kSampleSize = 1024;
-// Bound the score matrix of one scan chunk to this many floats.
-constexpr int64_t kScanChunkFloats = int64_t(1) << 24;
+// A scan is split across threads in pieces of at least this many points.
+constexpr int64_t kMinScanPiece = 4096;
+
+void check_scan_fraction(double f) {
+  TORCH_CHECK_VALUE(f >= 0.0 && f <= 1.0, "scan_fraction must be in [0, 1], got ", f);
+}
 
 }  // namespace
 
 void ScanCache::refresh_sample(const HSRTree& tree) {
   if (sample_fresh) return;
-  const at::Tensor all = at::from_blob(const_cast<float*>(tree.storage()),
-                                       {tree.storage_slots(), tree.dim()}, at::kFloat);
-  const at::Tensor slot_ids =
-      at::from_blob(const_cast<int64_t*>(tree.slot_ids()), {tree.storage_slots()}, at::kLong);
-  at::Tensor rows = slot_ids.ge(0).nonzero().reshape({-1});
-  if (rows.numel() > kSampleSize)
-    rows = rows.index_select(0, at::linspace(0, double(rows.numel() - 1), kSampleSize).to(at::kLong));
-  sample = all.index_select(0, rows).contiguous();
+  sample = index::IdOrderedPoints::from_tree(tree, std::max<int64_t>(1, tree.size() / kSampleSize));
   sample_fresh = true;
 }
 
 void ScanCache::refresh(const HSRTree& tree) {
   if (fresh) return;
-  const at::Tensor all = at::from_blob(const_cast<float*>(tree.storage()),
-                                       {tree.storage_slots(), tree.dim()}, at::kFloat);
-  const at::Tensor slot_ids =
-      at::from_blob(const_cast<int64_t*>(tree.slot_ids()), {tree.storage_slots()}, at::kLong);
-  const at::Tensor rows = slot_ids.ge(0).nonzero().reshape({-1});
-  points = all.index_select(0, rows);
-  ids = slot_ids.index_select(0, rows);
+  points = index::IdOrderedPoints::from_tree(tree);
   fresh = true;
 }
 
 namespace {
-
-// Hits of one row of scores over the storage slots that pass `keep`, sorted by id.
-void hits_from_scores(const at::Tensor& row, const at::Tensor& keep, const at::Tensor& ids,
-                      std::vector<Hit>& out) {
-  const at::Tensor idx = keep.nonzero().reshape({-1});
-  const at::Tensor sel_ids = ids.index_select(0, idx);
-  const at::Tensor sel_scores = row.index_select(0, idx);
-  const int64_t n = idx.numel();
-  out.resize(n);
-  const int64_t* ip = sel_ids.data_ptr<int64_t>();
-  const float* sp = sel_scores.data_ptr<float>();
-  for (int64_t j = 0; j < n; ++j) out[j] = {sp[j], ip[j]};
-  std::sort(out.begin(), out.end(), [](const Hit& x, const Hit& y) { return x.id < y.id; });
-}
-
-// Range queries rows `which` of q (m, d) answered by a scan of the cached points as matrix
-// products.
-void scan_range_with_matmul(const ScanCache& cache, const at::Tensor& q, const float* thresh,
-                            const std::vector<int64_t>& which, std::vector<std::vector<Hit>>& hits,
-                            std::vector<QueryStats>& stats) {
-  if (which.empty()) return;
-  const at::Tensor& x = cache.points;
-  const at::Tensor& ids = cache.ids;
-  const int64_t chunk = std::max<int64_t>(1, kScanChunkFloats / std::max<int64_t>(1, x.size(0)));
-  for (size_t c0 = 0; c0 < which.size(); c0 += size_t(chunk)) {
-    const size_t c1 = std::min(which.size(), c0 + size_t(chunk));
-    const at::Tensor rows = at::tensor(std::vector<int64_t>(which.begin() + c0, which.begin() + c1));
-    const at::Tensor scores = at::matmul(q.index_select(0, rows), x.t());
-    for (size_t j = c0; j < c1; ++j) {
-      const int64_t i = which[j];
-      const at::Tensor row = scores[int64_t(j - c0)];
-      hits_from_scores(row, row.ge(thresh[i]), ids, hits[i]);
-      stats[i] = QueryStats{0, x.size(0), int64_t(hits[i].size()), true};
-    }
-  }
-}
-
-// Top-k queries rows `which` of q answered by a scan of `tree` as matrix products. Ties at
-// the k-th score are resolved by ascending id, as the tree does.
-void scan_topk_with_matmul(const ScanCache& cache, const at::Tensor& q, int64_t k,
-                           const std::vector<int64_t>& which, std::vector<std::vector<Hit>>& hits,
-                           std::vector<QueryStats>& stats) {
-  const at::Tensor& x = cache.points;
-  const at::Tensor& ids = cache.ids;
-  if (which.empty() || k == 0 || x.size(0) == 0) return;
-  const int64_t kk = std::min(k, x.size(0));
-  const int64_t chunk = std::max<int64_t>(1, kScanChunkFloats / std::max<int64_t>(1, x.size(0)));
-  for (size_t c0 = 0; c0 < which.size(); c0 += size_t(chunk)) {
-    const size_t c1 = std::min(which.size(), c0 + size_t(chunk));
-    const at::Tensor rows = at::tensor(std::vector<int64_t>(which.begin() + c0, which.begin() + c1));
-    const at::Tensor scores = at::matmul(q.index_select(0, rows), x.t());
-    const at::Tensor kth = std::get<0>(at::topk(scores, kk, 1)).select(1, kk - 1);
-    for (size_t j = c0; j < c1; ++j) {
-      const int64_t i = which[j];
-      const at::Tensor row = scores[int64_t(j - c0)];
-      hits_from_scores(row, row.ge(kth[int64_t(j - c0)]), ids, hits[i]);
-      std::stable_sort(hits[i].begin(), hits[i].end(),
-                       [](const Hit& a, const Hit& b) { return a.score > b.score; });
-      hits[i].resize(size_t(std::min<int64_t>(kk, int64_t(hits[i].size()))));
-      stats[i] = QueryStats{0, x.size(0), int64_t(hits[i].size()), true};
-    }
-  }
-}
 
 // Packs faiss-style range results: lims (m + 1), scores (lims[m]) and ids (lims[m]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_range_results(
@@ -187,66 +116,141 @@ std::tuple<at::Tensor, at::Tensor> pack_topk_results(const std::vector<std::vect
   return {scores, ids};
 }
 
-// A guess of the k-th best score of q over the tree, from the tree's point sample: the
-// ceil(k * sample / n)-th best sampled score. Only steers the scan-or-traverse choice.
-float guess_kth_score(const HSRTree& tree, const ScanCache& cache, const float* q, int64_t k,
-                      std::vector<float>& scores) {
-  const int64_t s = cache.sample.size(0), n = tree.size();
-  if (s == 0 || k >= n) return -std::numeric_limits<float>::infinity();
-  scores.resize(size_t(s));
-  cpu::scores_rows<1>(q, tree.dim(), cache.sample.data_ptr<float>(), tree.dim(), s, scores.data(), 1);
-  const int64_t r = std::clamp<int64_t>((k * s + n - 1) / n, 1, s);
-  std::nth_element(scores.begin(), scores.begin() + (r - 1), scores.end(), std::greater<float>());
-  return scores[size_t(r - 1)];
+// One piece of scan work: up to kScanRows queries (routed to the same tree) against the
+// points [begin, end) of that tree's id-ordered copy; piece `part` of `parts`.
+struct ScanWork {
+  int64_t tree;
+  std::vector<int64_t> queries;
+  int64_t begin, end;
+  int part;
+};
+
+// Cuts the scan queries of every tree into blocks of kScanRows and, when there are fewer
+// blocks than twice the threads, each block's points into pieces, so every thread has work.
+std::vector<ScanWork> plan_scans(const std::vector<std::vector<int64_t>>& by_tree,
+                                 const ScanCache* caches, int& parts) {
+  int64_t blocks = 0;
+  for (const auto& qs : by_tree) blocks += (int64_t(qs.size()) + index::kScanRows - 1) / index::kScanRows;
+  const int64_t want = 2 * int64_t(at::get_num_threads());
+  parts = int(std::max<int64_t>(1, (want + blocks - 1) / std::max<int64_t>(1, blocks)));
+  std::vector<ScanWork> work;
+  for (int64_t t = 0; t < int64_t(by_tree.size()); ++t) {
+    const auto& qs = by_tree[t];
+    const int64_t n = caches[t].points.size();
+    const int64_t pieces = std::clamp<int64_t>(n / kMinScanPiece, 1, parts);
+    for (size_t b = 0; b < qs.size(); b += index::kScanRows) {
+      std::vector<int64_t> block(qs.begin() + b, qs.begin() + std::min(qs.size(), b + index::kScanRows));
+      for (int64_t p = 0; p < pieces; ++p)
+        work.push_back({t, block, n * p / pieces, n * (p + 1) / pieces, int(p)});
+    }
+  }
+  return work;
+}
+
+// Answers the scan-routed queries (by_tree[t]: the queries of tree t) exactly: range queries
+// when k < 0, top-k otherwise. Pieces of one query are joined in id order.
+void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
+               const std::vector<std::vector<int64_t>>& by_tree, const float* thresh, int64_t k,
+               std::vector<std::vector<Hit>>& hits, std::vector<QueryStats>& stats) {
+  const int64_t d = q.size(1);
+  const float* qp = q.data_ptr<float>();
+  at::parallel_for(0, int64_t(by_tree.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      if (!by_tree[t].empty()) caches[t].refresh(trees[t]);
+  });
+  int parts = 1;
+  const std::vector<ScanWork> work = plan_scans(by_tree, caches, parts);
+  // Per query and piece: range hits, or the piece's top-k.
+  const int64_t m = q.size(0);
+  std::vector<std::vector<std::vector<Hit>>> range_parts(k < 0 ? m : 0);
+  std::vector<std::vector<index::TopK>> topk_parts(k < 0 ? 0 : m);
+  for (const ScanWork& w : work)
+    for (int64_t i : w.queries) {
+      if (k < 0) range_parts[i].resize(parts);
+      else topk_parts[i].assign(parts, index::TopK(k));
+    }
+  at::parallel_for(0, int64_t(work.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf(size_t(index::kScanRows) * d);
+    for (int64_t wi = begin; wi < end; ++wi) {
+      const ScanWork& w = work[wi];
+      const int rows = int(w.queries.size());
+      float th[index::kScanRows];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t i = w.queries[r];
+        std::memcpy(qbuf.data() + r * d, qp + i * d, sizeof(float) * d);
+        if (k < 0) th[r] = thresh[i];
+      }
+      const index::IdOrderedPoints& pts = caches[w.tree].points;
+      if (k < 0) {
+        std::vector<Hit> out[index::kScanRows];
+        index::scan_range(pts, w.begin, w.end, qbuf.data(), rows, th, out);
+        for (int r = 0; r < rows; ++r) range_parts[w.queries[r]][w.part] = std::move(out[r]);
+      } else {
+        std::vector<index::TopK> best(rows, index::TopK(k));
+        index::scan_topk(pts, w.begin, w.end, qbuf.data(), rows, best.data());
+        for (int r = 0; r < rows; ++r) topk_parts[w.queries[r]][w.part] = std::move(best[r]);
+      }
+    }
+  });
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (k < 0 && !range_parts[i].empty()) {
+        size_t total = 0;
+        for (const auto& p : range_parts[i]) total += p.size();
+        hits[i].reserve(total);
+        for (const auto& p : range_parts[i]) hits[i].insert(hits[i].end(), p.begin(), p.end());
+      } else if (k > 0 && !topk_parts[i].empty()) {
+        for (size_t p = 1; p < topk_parts[i].size(); ++p) topk_parts[i][0].merge(topk_parts[i][p]);
+        hits[i] = topk_parts[i][0].sorted();
+      }
+    }
+  });
+  for (int64_t t = 0; t < int64_t(by_tree.size()); ++t)
+    for (int64_t i : by_tree[t])
+      stats[i] = QueryStats{0, caches[t].points.size(), int64_t(hits[i].size()), true};
 }
 
 // Answers m queries, query i against trees[tree_of(i)]: a range query when k < 0 (with
-// thresh[i]), a top-k query otherwise. Queries the cost model sends to a scan go through
-// matrix products, grouped by tree; the others through the tree. Both in parallel.
+// thresh[i]), a top-k query otherwise. Each query goes through its tree, or through a scan
+// when the tree's frontier estimate says it would score more than scan_above of the points.
 template <typename TreeOf>
 void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches, int64_t num_trees,
-                   const TreeOf& tree_of, const float* thresh, int64_t k,
+                   const TreeOf& tree_of, const float* thresh, int64_t k, double scan_above,
                    std::vector<std::vector<Hit>>& hits, std::vector<QueryStats>& stats) {
   const int64_t m = q.size(0), d = q.size(1);
   const float* qp = q.data_ptr<float>();
   hits.assign(m, {});
   stats.assign(m, {});
   std::vector<char> scan(m, 0);
-  if (k > 0) {
+  if (k > 0 && scan_above > 0.0 && scan_above < 1.0) {
     at::parallel_for(0, num_trees, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) caches[t].refresh_sample(trees[t]);
     });
   }
   at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sample_scores;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t ti = tree_of(i);
       const HSRTree& tree = trees[ti];
       if (tree.size() == 0 || k == 0) continue;
       const float* qi = qp + i * d;
-      const float t = k > 0 ? guess_kth_score(tree, caches[ti], qi, k, sample_scores) : thresh[i];
-      if (tree.estimated_scored_fraction(qi, t) > kMatmulScanFraction) {
+      bool use_scan = scan_above <= 0.0;
+      if (scan_above > 0.0 && scan_above < 1.0) {
+        const float t = k > 0 ? index::guess_kth_score(caches[ti].sample, qi, k, tree.size()) : thresh[i];
+        use_scan = tree.estimated_scored_fraction(qi, t, scan_above) > scan_above;
+      }
+      if (use_scan) {
         scan[i] = 1;
       } else if (k > 0) {
         tree.search(qi, k, hits[i], stats[i]);
       } else {
-        tree.range_search(qi, thresh[i], hits[i], stats[i], /*allow_scan=*/false);
+        tree.range_search(qi, thresh[i], hits[i], stats[i]);
       }
     }
   });
   std::vector<std::vector<int64_t>> by_tree(num_trees);
   for (int64_t i = 0; i < m; ++i)
     if (scan[i]) by_tree[tree_of(i)].push_back(i);
-  at::parallel_for(0, num_trees, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (by_tree[t].empty()) continue;
-      caches[t].refresh(trees[t]);
-      if (k > 0)
-        scan_topk_with_matmul(caches[t], q, k, by_tree[t], hits, stats);
-      else
-        scan_range_with_matmul(caches[t], q, thresh, by_tree[t], hits, stats);
-    }
-  });
+  run_scans(q, trees, caches, by_tree, thresh, k, hits, stats);
 }
 
 at::Tensor thresholds_for(const at::Tensor& thresh, int64_t m, const char* what) {
@@ -270,7 +274,18 @@ HSRTree make_tree(int64_t d, int64_t leaf_size) {
 
 }  // namespace
 
-IndexHolder::IndexHolder(int64_t d, int64_t leaf_size) : tree(make_tree(d, leaf_size)) {}
+IndexHolder::IndexHolder(int64_t d, int64_t leaf_size)
+    : tree(make_tree(d, leaf_size)), scan_above(kDefaultScanFraction) {}
+
+void IndexHolder::set_scan_fraction(double f) {
+  check_scan_fraction(f);
+  scan_above = f;
+}
+
+void IndexBatchHolder::set_scan_fraction(double f) {
+  check_scan_fraction(f);
+  scan_above = f;
+}
 
 void IndexHolder::add(const at::Tensor& x_in) {
   check_points(x_in, tree.dim(), "HSRIndex.add", "x", 2);
@@ -289,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> IndexHolder::range_search(const a
   std::vector<std::vector<Hit>> hits;
   std::vector<QueryStats> st;
   route_queries(q, &tree, &scan_cache, 1, [](int64_t) { return int64_t(0); }, t.data_ptr<float>(),
-                -1, hits, st);
+                -1, scan_above, hits, st);
   return pack_range_results(hits, st, stats);
 }
 
@@ -300,8 +315,8 @@ std::tuple<at::Tensor, at::Tensor> IndexHolder::search(const at::Tensor& q_in, i
   check_finite(q, "HSRIndex.search", "q");
   std::vector<std::vector<Hit>> hits;
   std::vector<QueryStats> st;
-  route_queries(q, &tree, &scan_cache, 1, [](int64_t) { return int64_t(0); }, nullptr, k, hits,
-                st);
+  route_queries(q, &tree, &scan_cache, 1, [](int64_t) { return int64_t(0); }, nullptr, k,
+                scan_above, hits, st);
   return pack_topk_results(hits, st, k, stats);
 }
 
@@ -340,7 +355,7 @@ void IndexHolder::load_bytes(const at::Tensor& bytes_in) {
 }
 
 IndexBatchHolder::IndexBatchHolder(int64_t batch_, int64_t heads_, int64_t d, int64_t leaf_size)
-    : batch(batch_), heads(heads_), dim(d) {
+    : batch(batch_), heads(heads_), dim(d), scan_above(kDefaultScanFraction) {
   TORCH_CHECK_VALUE(batch >= 1 && heads >= 1, "HSRIndexBatch: batch and heads must be >= 1, got ",
                     batch, " and ", heads);
   trees.reserve(batch * heads);
@@ -385,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::range_search(
   const int64_t kv_heads = heads;
   route_queries(q, trees.data(), scan_caches.data(), int64_t(trees.size()),
                 [=](int64_t i) { return (i / hq) * kv_heads + (i % hq) / group; },
-                t.data_ptr<float>(), -1, hits, st);
+                t.data_ptr<float>(), -1, scan_above, hits, st);
   return pack_range_results(hits, st, stats);
 }
 
@@ -400,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor> IndexBatchHolder::search(const at::Tensor& q_
   const int64_t kv_heads = heads;
   route_queries(q, trees.data(), scan_caches.data(), int64_t(trees.size()),
                 [=](int64_t i) { return (i / hq) * kv_heads + (i % hq) / group; }, nullptr, k,
-                hits, st);
+                scan_above, hits, st);
   auto [scores, ids] = pack_topk_results(hits, st, k, stats);
   return {scores.view({batch, hq, k}), ids.view({batch, hq, k})};
 }

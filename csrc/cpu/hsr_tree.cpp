@@ -12,6 +12,7 @@
 #include <string>
 
 #include "hsr/cpu/vec_math.h"
+#include "hsr/index/scan.h"
 
 namespace hsr::index {
 namespace {
@@ -23,8 +24,6 @@ constexpr double kInflate = 1.0 + 1e-9;
 constexpr double kFloatEps = 1.0 / 16777216.0;
 // The scan-or-traverse estimate stops at nodes of at most this many leaves' worth of points.
 constexpr int kFrontierLeaves = 4;
-// Scan instead when the frontier says more than this fraction of points must be scored.
-constexpr double kScanFraction = 0.9;
 // Rebuild when removed points exceed this fraction of what the tree was built with.
 constexpr double kRebuildTombstones = 0.5;
 constexpr int kPcaSample = 64;
@@ -32,10 +31,6 @@ constexpr int kPcaIters = 3;
 // A split may put between 35% and 65% of a node's points on one side (see choose_split).
 constexpr double kSplitLow = 0.35;
 constexpr double kSplitHigh = 0.65;
-
-bool better(const Hit& a, const Hit& b) {
-  return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
 
 // An upper bound of sqrt(exact sum of d squares) from its float evaluation: the float sum of
 // d non-negative rounded terms is within (d + 3) unit roundoffs of the exact sum.
@@ -205,10 +200,9 @@ int64_t HSRTree::depth() const {
   return best;
 }
 
-float HSRTree::score(const float* q, const float* x) const {
-  float s;
-  cpu::scores_rows<1>(q, dim_, x, dim_, 1, &s, 1);
-  return s;
+const float* HSRTree::find(int64_t id) const {
+  if (id < 0 || id >= next_id_ || location_[id] < 0) return nullptr;
+  return data_.data() + location_[id] * dim_;
 }
 
 int32_t HSRTree::new_node(int32_t parent) {
@@ -480,7 +474,7 @@ void HSRTree::bounds(int32_t node, const float* q, double qnorm, double& upper, 
   slack = 1.01 * (d + 2) * kFloatEps * qnorm * max_norm_[node] + 1e-30;
 }
 
-double HSRTree::estimated_scored_fraction(const float* q, float thresh) const {
+double HSRTree::estimated_scored_fraction(const float* q, float thresh, double stop_above) const {
   // Walk the tree as a range query would, but stop at nodes of at most kFrontierLeaves
   // leaves' worth of points: the points in such nodes whose upper bound reaches the
   // threshold over-estimate what the traversal scores, at a small fraction of its cost.
@@ -498,6 +492,7 @@ double HSRTree::estimated_scored_fraction(const float* q, float thresh) const {
     if (upper + slack < thresh) continue;
     if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
       must_score += count_[node];
+      if (double(must_score) > stop_above * double(live_)) break;
       continue;
     }
     stack.push_back(left_[node]);
@@ -506,77 +501,37 @@ double HSRTree::estimated_scored_fraction(const float* q, float thresh) const {
   return double(must_score) / double(live_);
 }
 
-float HSRTree::greedy_kth_score(const float* q, int64_t k) const {
-  // Descend towards the larger upper bound and score the leaf reached: its k-th best score
-  // is a lower bound of the true k-th best, hence a valid threshold for the estimate above.
-  if (live_ == 0 || k <= 0) return -std::numeric_limits<float>::infinity();
-  const double qnorm = query_norm(q, dim_);
-  int32_t node = 0;
-  while (block_[node] < 0) {
-    double ul, ur, lower, slack;
-    const int32_t l = left_[node], r = right_[node];
-    bounds(l, q, qnorm, ul, lower, slack);
-    bounds(r, q, qnorm, ur, lower, slack);
-    if (count_[l] == 0) ul = -std::numeric_limits<double>::infinity();
-    if (count_[r] == 0) ur = -std::numeric_limits<double>::infinity();
-    node = ul >= ur ? l : r;
-  }
-  const int32_t b = block_[node], used = block_used_[b];
-  if (used < k) return -std::numeric_limits<float>::infinity();
-  std::vector<float> buf(used);
-  cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
-  std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<float>());
-  return buf[k - 1];
-}
-
-void HSRTree::scan(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const {
-  std::vector<float> buf(leaf_size_);
-  for (int32_t b = 0; b < int32_t(block_used_.size()); ++b) {
-    const int32_t used = block_used_[b];
-    if (block_leaf_[b] < 0 || used == 0) continue;
-    cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
-    stats.points_scored += used;
-    for (int32_t s = 0; s < used; ++s)
-      if (buf[s] >= thresh) out.push_back({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
-  }
-}
-
 void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
-                           QueryStats& stats, bool allow_scan) const {
+                           QueryStats& stats) const {
   out.clear();
   stats = QueryStats{};
   if (live_ == 0) return;
   const double qnorm = query_norm(q, dim_);
-  if (allow_scan && estimated_scored_fraction(q, thresh) > kScanFraction) {
-    stats.fell_back_to_scan = true;
-    scan(q, thresh, out, stats);
-  } else {
-    std::vector<float> buf(leaf_size_);
-    // (node, inside): inside = every point below is known to pass, no bounds needed.
-    std::vector<std::pair<int32_t, bool>> stack = {{0, false}};
-    while (!stack.empty()) {
-      auto [node, inside] = stack.back();
-      stack.pop_back();
-      if (count_[node] == 0) continue;
-      ++stats.nodes_visited;
-      if (!inside) {
-        double upper, lower, slack;
-        bounds(node, q, qnorm, upper, lower, slack);
-        if (upper + slack < thresh) continue;
-        inside = lower - slack >= thresh;
-      }
-      const int32_t b = block_[node];
-      if (b < 0) {
-        stack.push_back({right_[node], inside});
-        stack.push_back({left_[node], inside});
-        continue;
-      }
-      const int32_t used = block_used_[b];
-      cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
-      stats.points_scored += used;
-      for (int32_t s = 0; s < used; ++s)
-        if (inside || buf[s] >= thresh) out.push_back({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
+  std::vector<float> buf(leaf_size_);
+  // (node, inside): inside = every point below is known to pass, no bounds needed.
+  std::vector<std::pair<int32_t, bool>> stack = {{0, false}};
+  while (!stack.empty()) {
+    auto [node, inside] = stack.back();
+    stack.pop_back();
+    if (count_[node] == 0) continue;
+    ++stats.nodes_visited;
+    if (!inside) {
+      double upper, lower, slack;
+      bounds(node, q, qnorm, upper, lower, slack);
+      if (upper + slack < thresh) continue;
+      inside = lower - slack >= thresh;
     }
+    const int32_t b = block_[node];
+    if (b < 0) {
+      stack.push_back({right_[node], inside});
+      stack.push_back({left_[node], inside});
+      continue;
+    }
+    const int32_t used = block_used_[b];
+    score_points(q, 1, dim_, point(b, 0), used, buf.data(), 1);
+    stats.points_scored += used;
+    for (int32_t s = 0; s < used; ++s)
+      if (inside || buf[s] >= thresh) out.push_back({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
   }
   std::sort(out.begin(), out.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
   stats.results = int64_t(out.size());
@@ -587,16 +542,15 @@ void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   stats = QueryStats{};
   if (live_ == 0 || k <= 0) return;
   const double qnorm = query_norm(q, dim_);
-  // best: the k best so far, worst on top. frontier: nodes by upper bound, largest on top.
-  auto worse_on_top = [](const Hit& a, const Hit& b) { return better(a, b); };
-  std::priority_queue<Hit, std::vector<Hit>, decltype(worse_on_top)> best(worse_on_top);
+  // frontier: nodes by the largest score they can reach, largest on top.
+  TopK best(k);
   std::priority_queue<std::pair<double, int32_t>> frontier;
   auto offer = [&](int32_t node) {
     if (count_[node] == 0) return;
     double upper, lower, slack;
     bounds(node, q, qnorm, upper, lower, slack);
     const double reach = upper + slack;
-    if (int64_t(best.size()) == k && reach < best.top().score) return;
+    if (best.full() && reach < best.worst().score) return;
     frontier.push({reach, node});
   };
   offer(0);
@@ -604,7 +558,7 @@ void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   while (!frontier.empty()) {
     const auto [reach, node] = frontier.top();
     frontier.pop();
-    if (int64_t(best.size()) == k && reach < best.top().score) break;  // nothing left can enter
+    if (best.full() && reach < best.worst().score) break;  // nothing left can enter
     ++stats.nodes_visited;
     const int32_t b = block_[node];
     if (b < 0) {
@@ -613,23 +567,12 @@ void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
       continue;
     }
     const int32_t used = block_used_[b];
-    cpu::scores_rows<1>(q, dim_, point(b, 0), dim_, used, buf.data(), 1);
+    score_points(q, 1, dim_, point(b, 0), used, buf.data(), 1);
     stats.points_scored += used;
-    for (int32_t s = 0; s < used; ++s) {
-      const Hit h{buf[s], slot_id_[int64_t(b) * leaf_size_ + s]};
-      if (int64_t(best.size()) < k) {
-        best.push(h);
-      } else if (better(h, best.top())) {
-        best.pop();
-        best.push(h);
-      }
-    }
+    for (int32_t s = 0; s < used; ++s)
+      if (best.may_enter(buf[s])) best.offer({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
   }
-  out.resize(best.size());
-  for (size_t i = out.size(); i-- > 0;) {
-    out[i] = best.top();
-    best.pop();
-  }
+  out = best.sorted();
   stats.results = int64_t(out.size());
 }
 

@@ -33,23 +33,45 @@ inline f32x4 load4(const float* p) {
 inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof v); }
 inline float hsum(f32x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
+// 8 floats: one AVX register. Only used inside functions compiled for AVX (and chosen at
+// run time), so the wheel still runs on the x86-64 baseline.
+typedef float f32x8 __attribute__((vector_size(32)));
+
+// f32x8 values never cross a call boundary (these helpers are always inlined into an
+// AVX-compiled caller), so GCC's note about the AVX argument-passing ABI does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename V>
+__attribute__((always_inline)) inline V loadv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline float hsum(f32x8 v) {
+  return hsum(f32x4{v[0], v[1], v[2], v[3]} + f32x4{v[4], v[5], v[6], v[7]});
+}
+
 // s[r * lds + t] = <q_r, k_t> for r < RB, t < n; q holds RB rows of d floats, key t starts
-// at k + t * ldk.
-template <int RB>
-inline void scores_rows(const float* q, int64_t d, const float* k, int64_t ldk, int64_t n,
-                        float* s, int64_t lds) {
+// at k + t * ldk. V is the vector type (f32x4, or f32x8 inside an AVX-compiled caller, which
+// this is always inlined into). Each row's sum is formed in the same order whatever RB is.
+template <int RB, typename V = f32x4>
+__attribute__((always_inline)) inline void scores_rows(const float* q, int64_t d, const float* k,
+                                                       int64_t ldk, int64_t n, float* s,
+                                                       int64_t lds) {
+  constexpr int W = int(sizeof(V) / sizeof(float));
   for (int64_t t = 0; t < n; ++t) {
     const float* kr = k + t * ldk;
-    f32x4 a[RB], b[RB];
+    V a[RB], b[RB];
 #pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) a[r] = b[r] = f32x4{};
+    for (int r = 0; r < RB; ++r) a[r] = b[r] = V{};
     int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-      const f32x4 k0 = load4(kr + i), k1 = load4(kr + i + 4);
+    for (; i + 2 * W <= d; i += 2 * W) {
+      const V k0 = loadv<V>(kr + i), k1 = loadv<V>(kr + i + W);
 #pragma GCC unroll 8
       for (int r = 0; r < RB; ++r) {
-        a[r] += load4(q + r * d + i) * k0;
-        b[r] += load4(q + r * d + i + 4) * k1;
+        a[r] += loadv<V>(q + r * d + i) * k0;
+        b[r] += loadv<V>(q + r * d + i + W) * k1;
       }
     }
 #pragma GCC unroll 8
@@ -60,6 +82,8 @@ inline void scores_rows(const float* q, int64_t d, const float* k, int64_t ldk, 
     }
   }
 }
+
+#pragma GCC diagnostic pop
 
 // acc[r * d + c] += sum_t p[r * ldp + t] * v[t * ldv + c] for r < RB, t < n, c < d.
 template <int RB>

@@ -64,10 +64,7 @@ class HSRTree {
   void reset();
 
   // Every point with <q, x> >= thresh (scores as the fp32 scan computes them), sorted by id.
-  // With allow_scan, a query for which the frontier estimate says nearly every point must be
-  // scored is answered by a plain scan instead (stats say so).
-  void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats,
-                    bool allow_scan = true) const;
+  void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
   // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than
   // k when fewer points are stored.
   void search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats) const;
@@ -76,23 +73,13 @@ class HSRTree {
   // Throws std::invalid_argument on a truncated, corrupted or incompatible buffer.
   static HSRTree deserialize(const uint8_t* data, size_t size);
 
-  // The score the index reports for a point: float dot product in a fixed order.
-  float score(const float* q, const float* x) const;
-  // Brute-force scan over the live points, in storage order (the scan fallback).
-  void scan(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
-
   // Cost model for choosing between the tree and a scan: the fraction of points in frontier
   // nodes (a few levels down) whose upper bound reaches `thresh`, which over-estimates what a
-  // traversal scores; and a lower bound of the k-th best score from one greedy descent.
-  double estimated_scored_fraction(const float* q, float thresh) const;
-  float greedy_kth_score(const float* q, int64_t k) const;
+  // traversal scores. Stops early (returning a value above stop_above) once it exceeds it.
+  double estimated_scored_fraction(const float* q, float thresh, double stop_above = 1.0) const;
 
-  // Raw leaf storage for scans done elsewhere (e.g. as one matrix product over many queries):
-  // storage_slots() rows of dim floats; slot_ids()[i] is the id of row i, or -1 for an
-  // empty slot (whose row holds no meaningful data).
-  const float* storage() const { return data_.data(); }
-  const int64_t* slot_ids() const { return slot_id_.data(); }
-  int64_t storage_slots() const { return int64_t(slot_id_.size()); }
+  // The stored point with this id, or nullptr when the id was removed or never added.
+  const float* find(int64_t id) const;
 
  private:
   int32_t new_node(int32_t parent);

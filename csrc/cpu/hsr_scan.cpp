@@ -1,0 +1,146 @@
+// Exact scans over an id-ordered copy of an index (see csrc/include/hsr/index/scan.h).
+#include "hsr/index/scan.h"
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+
+#include "hsr/cpu/vec_math.h"
+
+namespace hsr::index {
+namespace {
+
+// Points scored per pass of the micro-kernel: the score tile stays in L1.
+constexpr int64_t kScanTile = 256;
+
+template <typename V>
+__attribute__((always_inline)) inline void score_rows_as(const float* q, int rows, int dim,
+                                                         const float* x, int64_t n, float* s,
+                                                         int64_t lds) {
+  static_assert(kScanRows == 4, "the switch covers 1..kScanRows rows");
+  switch (rows) {
+    case 1: return cpu::scores_rows<1, V>(q, dim, x, dim, n, s, lds);
+    case 2: return cpu::scores_rows<2, V>(q, dim, x, dim, n, s, lds);
+    case 3: return cpu::scores_rows<3, V>(q, dim, x, dim, n, s, lds);
+    case 4: return cpu::scores_rows<4, V>(q, dim, x, dim, n, s, lds);
+    default: throw std::invalid_argument("hsr index: score_points takes 1 to kScanRows rows");
+  }
+}
+
+void score_points_sse(const float* q, int rows, int dim, const float* x, int64_t n, float* s,
+                      int64_t lds) {
+  score_rows_as<cpu::f32x4>(q, rows, dim, x, n, s, lds);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HSR_HAVE_AVX_KERNEL 1
+__attribute__((target("avx"))) void score_points_avx(const float* q, int rows, int dim,
+                                                     const float* x, int64_t n, float* s,
+                                                     int64_t lds) {
+  score_rows_as<cpu::f32x8>(q, rows, dim, x, n, s, lds);
+}
+#endif
+
+using ScoreFn = void (*)(const float*, int, int, const float*, int64_t, float*, int64_t);
+
+ScoreFn pick_score_kernel() {
+#ifdef HSR_HAVE_AVX_KERNEL
+  if (__builtin_cpu_supports("avx")) return score_points_avx;
+#endif
+  return score_points_sse;
+}
+
+const ScoreFn kScoreKernel = pick_score_kernel();
+
+// Calls visit(r, score, id) for every query r and point of [begin, end).
+template <typename Visit>
+void for_each_score(const IdOrderedPoints& pts, int64_t begin, int64_t end, const float* q,
+                    int rows, const Visit& visit) {
+  float s[kScanRows * kScanTile];
+  for (int64_t t0 = begin; t0 < end; t0 += kScanTile) {
+    const int64_t n = std::min(kScanTile, end - t0);
+    score_points(q, rows, pts.dim, pts.points.data() + t0 * pts.dim, n, s, kScanTile);
+    for (int r = 0; r < rows; ++r) visit(r, s + r * kScanTile, pts.ids.data() + t0, n);
+  }
+}
+
+}  // namespace
+
+void score_points(const float* q, int rows, int dim, const float* x, int64_t n, float* s,
+                  int64_t lds) {
+  kScoreKernel(q, rows, dim, x, n, s, lds);
+}
+
+bool better(const Hit& a, const Hit& b) {
+  return a.score > b.score || (a.score == b.score && a.id < b.id);
+}
+
+void TopK::offer(const Hit& h) {
+  if (k_ <= 0) return;
+  if (!full()) {
+    heap_.push_back(h);
+    std::push_heap(heap_.begin(), heap_.end(), better);
+  } else if (better(h, heap_.front())) {
+    std::pop_heap(heap_.begin(), heap_.end(), better);
+    heap_.back() = h;
+    std::push_heap(heap_.begin(), heap_.end(), better);
+  }
+}
+
+void TopK::merge(const TopK& other) {
+  for (const Hit& h : other.heap_) offer(h);
+}
+
+std::vector<Hit> TopK::sorted() const {
+  std::vector<Hit> out = heap_;
+  std::sort(out.begin(), out.end(), better);
+  return out;
+}
+
+IdOrderedPoints IdOrderedPoints::from_tree(const HSRTree& tree, int64_t stride) {
+  IdOrderedPoints out;
+  out.dim = tree.dim();
+  const int64_t expected = tree.size() / std::max<int64_t>(1, stride) + 1;
+  out.points.reserve(size_t(expected) * out.dim);
+  out.ids.reserve(size_t(expected));
+  int64_t live = 0;
+  for (int64_t id = 0; id < tree.next_id(); ++id) {
+    const float* x = tree.find(id);
+    if (x == nullptr || live++ % stride != 0) continue;
+    out.points.insert(out.points.end(), x, x + out.dim);
+    out.ids.push_back(id);
+  }
+  return out;
+}
+
+void scan_range(const IdOrderedPoints& pts, int64_t begin, int64_t end, const float* q, int rows,
+                const float* thresh, std::vector<Hit>* out) {
+  for_each_score(pts, begin, end, q, rows,
+                 [&](int r, const float* s, const int64_t* ids, int64_t n) {
+                   const float t = thresh[r];
+                   for (int64_t j = 0; j < n; ++j)
+                     if (s[j] >= t) out[r].push_back({s[j], ids[j]});
+                 });
+}
+
+void scan_topk(const IdOrderedPoints& pts, int64_t begin, int64_t end, const float* q, int rows,
+               TopK* best) {
+  for_each_score(pts, begin, end, q, rows,
+                 [&](int r, const float* s, const int64_t* ids, int64_t n) {
+                   for (int64_t j = 0; j < n; ++j)
+                     if (best[r].may_enter(s[j])) best[r].offer({s[j], ids[j]});
+                 });
+}
+
+float guess_kth_score(const IdOrderedPoints& sample, const float* q, int64_t k, int64_t n) {
+  const int64_t s = sample.size();
+  if (s == 0 || k >= n) return -std::numeric_limits<float>::infinity();
+  std::vector<float> scores(static_cast<size_t>(s));
+  score_points(q, 1, sample.dim, sample.points.data(), s, scores.data(), 1);
+  const int64_t r = std::clamp<int64_t>((k * s + n - 1) / n, 1, s);
+  std::nth_element(scores.begin(), scores.begin() + (r - 1), scores.end(), std::greater<float>());
+  return scores[size_t(r - 1)];
+}
+
+}  // namespace hsr::index

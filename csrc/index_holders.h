@@ -29,14 +29,11 @@ struct IndexCallStats {
 // that needs them and dropped whenever the tree changes.
 struct ScanCache {
   index::IdOrderedPoints points;
-  index::IdOrderedPoints sample;  // about kSampleSize evenly spread points: top-k guesses
-  bool fresh = false, sample_fresh = false;
+  bool fresh = false;
   void refresh(const index::HSRTree& tree);
-  void refresh_sample(const index::HSRTree& tree);
   void invalidate() {
     points = {};
-    sample = {};
-    fresh = sample_fresh = false;
+    fresh = false;
   }
 };
 

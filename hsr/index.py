@@ -105,9 +105,11 @@ class HSRIndex:
 
     @property
     def scan_fraction(self) -> float:
-        """Queries the tree's frontier estimate says would score more than this fraction of
-        the points are answered by an exact scan instead (same results, same scores). 0 scans
-        every query, 1 never scans. A runtime setting: not saved by write_index."""
+        """When a query is answered by an exact scan instead of the tree (same results, same
+        scores): a range query when the tree's frontier estimate says it would score more than
+        this fraction of the points; a top-k search when it has scored a tenth of this
+        fraction without finishing. 0 scans every query, 1 never scans; default 0.3. A
+        runtime setting: not saved by write_index."""
         return self._impl.scan_fraction()
 
     @scan_fraction.setter
@@ -238,9 +240,11 @@ class HSRIndexBatch:
 
     @property
     def scan_fraction(self) -> float:
-        """Queries the tree's frontier estimate says would score more than this fraction of
-        the points are answered by an exact scan instead (same results, same scores). 0 scans
-        every query, 1 never scans. A runtime setting: not saved by write_index."""
+        """When a query is answered by an exact scan instead of the tree (same results, same
+        scores): a range query when the tree's frontier estimate says it would score more than
+        this fraction of the points; a top-k search when it has scored a tenth of this
+        fraction without finishing. 0 scans every query, 1 never scans; default 0.3. A
+        runtime setting: not saved by write_index."""
         return self._impl.scan_fraction()
 
     @scan_fraction.setter

@@ -35,13 +35,15 @@ void check_finite(const at::Tensor& x, const char* what, const char* name) {
                     " contains NaN or Inf");
 }
 
-// Default of scan_fraction: a query is answered by a scan when the frontier estimate says
-// the tree would score more than this fraction of the points. A scan scores a point several
-// times faster than a traversal (sequential reads, each point loaded once for kScanRows
-// queries), and the estimate over-states what the traversal scores.
+// Default of scan_fraction: a range query is answered by a scan when the frontier estimate
+// says the tree would score more than this fraction of the points. A scan scores a point
+// several times faster than a traversal (sequential reads, each point loaded once for
+// kScanRows queries), and the estimate over-states what the traversal scores.
 constexpr double kDefaultScanFraction = 0.3;
-// Points sampled per tree to guess the k-th best score of a top-k query.
-constexpr int64_t kSampleSize = 1024;
+// A top-k search (whose k-th score is unknown beforehand, so nothing cheap predicts its
+// cost) gives up and scans once it has scored scan_fraction / kTopkBudgetDivisor of the
+// points: what a query that could not prune wastes stays a small part of its scan.
+constexpr double kTopkBudgetDivisor = 10.0;
 // A scan is split across threads in pieces of at least this many points.
 constexpr int64_t kMinScanPiece = 4096;
 
@@ -50,12 +52,6 @@ void check_scan_fraction(double f) {
 }
 
 }  // namespace
-
-void ScanCache::refresh_sample(const HSRTree& tree) {
-  if (sample_fresh) return;
-  sample = index::IdOrderedPoints::from_tree(tree, std::max<int64_t>(1, tree.size() / kSampleSize));
-  sample_fresh = true;
-}
 
 void ScanCache::refresh(const HSRTree& tree) {
   if (fresh) return;
@@ -205,9 +201,13 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
       }
     }
   });
+  // Work a traversal did before giving up stays counted.
   for (int64_t t = 0; t < int64_t(by_tree.size()); ++t)
-    for (int64_t i : by_tree[t])
-      stats[i] = QueryStats{0, caches[t].points.size(), int64_t(hits[i].size()), true};
+    for (int64_t i : by_tree[t]) {
+      stats[i].points_scored += caches[t].points.size();
+      stats[i].results = int64_t(hits[i].size());
+      stats[i].fell_back_to_scan = true;
+    }
 }
 
 // Answers m queries, query i against trees[tree_of(i)]: a range query when k < 0 (with
@@ -222,26 +222,20 @@ void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
   hits.assign(m, {});
   stats.assign(m, {});
   std::vector<char> scan(m, 0);
-  if (k > 0 && scan_above > 0.0 && scan_above < 1.0) {
-    at::parallel_for(0, num_trees, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) caches[t].refresh_sample(trees[t]);
-    });
-  }
   at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t ti = tree_of(i);
-      const HSRTree& tree = trees[ti];
+      const HSRTree& tree = trees[tree_of(i)];
       if (tree.size() == 0 || k == 0) continue;
       const float* qi = qp + i * d;
-      bool use_scan = scan_above <= 0.0;
-      if (scan_above > 0.0 && scan_above < 1.0) {
-        const float t = k > 0 ? index::guess_kth_score(caches[ti].sample, qi, k, tree.size()) : thresh[i];
-        use_scan = tree.estimated_scored_fraction(qi, t, scan_above) > scan_above;
-      }
-      if (use_scan) {
+      if (scan_above <= 0.0) {
         scan[i] = 1;
       } else if (k > 0) {
-        tree.search(qi, k, hits[i], stats[i]);
+        const int64_t budget = scan_above >= 1.0
+                                   ? std::numeric_limits<int64_t>::max()
+                                   : int64_t(scan_above / kTopkBudgetDivisor * double(tree.size()));
+        scan[i] = !tree.search(qi, k, hits[i], stats[i], budget);
+      } else if (scan_above < 1.0 && tree.estimated_scored_fraction(qi, thresh[i], scan_above) > scan_above) {
+        scan[i] = 1;
       } else {
         tree.range_search(qi, thresh[i], hits[i], stats[i]);
       }

@@ -98,16 +98,14 @@ std::vector<Hit> TopK::sorted() const {
   return out;
 }
 
-IdOrderedPoints IdOrderedPoints::from_tree(const HSRTree& tree, int64_t stride) {
+IdOrderedPoints IdOrderedPoints::from_tree(const HSRTree& tree) {
   IdOrderedPoints out;
   out.dim = tree.dim();
-  const int64_t expected = tree.size() / std::max<int64_t>(1, stride) + 1;
-  out.points.reserve(size_t(expected) * out.dim);
-  out.ids.reserve(size_t(expected));
-  int64_t live = 0;
+  out.points.reserve(size_t(tree.size()) * out.dim);
+  out.ids.reserve(size_t(tree.size()));
   for (int64_t id = 0; id < tree.next_id(); ++id) {
     const float* x = tree.find(id);
-    if (x == nullptr || live++ % stride != 0) continue;
+    if (x == nullptr) continue;
     out.points.insert(out.points.end(), x, x + out.dim);
     out.ids.push_back(id);
   }
@@ -131,16 +129,6 @@ void scan_topk(const IdOrderedPoints& pts, int64_t begin, int64_t end, const flo
                    for (int64_t j = 0; j < n; ++j)
                      if (best[r].may_enter(s[j])) best[r].offer({s[j], ids[j]});
                  });
-}
-
-float guess_kth_score(const IdOrderedPoints& sample, const float* q, int64_t k, int64_t n) {
-  const int64_t s = sample.size();
-  if (s == 0 || k >= n) return -std::numeric_limits<float>::infinity();
-  std::vector<float> scores(static_cast<size_t>(s));
-  score_points(q, 1, sample.dim, sample.points.data(), s, scores.data(), 1);
-  const int64_t r = std::clamp<int64_t>((k * s + n - 1) / n, 1, s);
-  std::nth_element(scores.begin(), scores.begin() + (r - 1), scores.end(), std::greater<float>());
-  return scores[size_t(r - 1)];
 }
 
 }  // namespace hsr::index

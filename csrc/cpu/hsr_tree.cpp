@@ -537,10 +537,11 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
   stats.results = int64_t(out.size());
 }
 
-void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats) const {
+bool HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats,
+                     int64_t max_scored) const {
   out.clear();
   stats = QueryStats{};
-  if (live_ == 0 || k <= 0) return;
+  if (live_ == 0 || k <= 0) return true;
   const double qnorm = query_norm(q, dim_);
   // frontier: nodes by the largest score they can reach, largest on top.
   TopK best(k);
@@ -567,6 +568,10 @@ void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
       continue;
     }
     const int32_t used = block_used_[b];
+    if (stats.points_scored + used > max_scored) {
+      out.clear();
+      return false;
+    }
     score_points(q, 1, dim_, point(b, 0), used, buf.data(), 1);
     stats.points_scored += used;
     for (int32_t s = 0; s < used; ++s)
@@ -574,6 +579,7 @@ void HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   }
   out = best.sorted();
   stats.results = int64_t(out.size());
+  return true;
 }
 
 std::vector<uint8_t> HSRTree::serialize() const {

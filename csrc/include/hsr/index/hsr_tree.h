@@ -66,8 +66,10 @@ class HSRTree {
   // Every point with <q, x> >= thresh (scores as the fp32 scan computes them), sorted by id.
   void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
   // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than
-  // k when fewer points are stored.
-  void search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats) const;
+  // k when fewer points are stored. Gives up (returns false, out empty) rather than score
+  // more than max_scored points.
+  bool search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats,
+              int64_t max_scored = INT64_MAX) const;
 
   std::vector<uint8_t> serialize() const;
   // Throws std::invalid_argument on a truncated, corrupted or incompatible buffer.

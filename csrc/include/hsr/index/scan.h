@@ -42,8 +42,7 @@ struct IdOrderedPoints {
   std::vector<int64_t> ids;   // ascending
 
   int64_t size() const { return int64_t(ids.size()); }
-  // Every live point, or (with stride > 1) every stride-th live point in id order.
-  static IdOrderedPoints from_tree(const HSRTree& tree, int64_t stride = 1);
+  static IdOrderedPoints from_tree(const HSRTree& tree);
 };
 
 // Most queries one scan pass scores together: each point loaded feeds this many queries.
@@ -63,9 +62,5 @@ void scan_range(const IdOrderedPoints& pts, int64_t begin, int64_t end, const fl
 // Same for top-k: offers every point of [begin, end) to best[r].
 void scan_topk(const IdOrderedPoints& pts, int64_t begin, int64_t end, const float* q, int rows,
                TopK* best);
-
-// The r-th best score of q over `sample`, with r = ceil(k * |sample| / n): a guess of the k-th
-// best score over all n points, used only to choose between the tree and a scan.
-float guess_kth_score(const IdOrderedPoints& sample, const float* q, int64_t k, int64_t n);
 
 }  // namespace hsr::index

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import numpy as np
@@ -183,7 +184,8 @@ def main():
     print("\ninserts (n, d, mean us in a C++ batch, median us per Python add call):", ins)
     if args.json:
         write_json(args.json, {"benchmark": "HSR index vs brute force, CPU", "environment": environment("cpu"),
-                               "command": "python bench/bench_index.py", "queries_per_batch": args.queries,
+                               "command": " ".join(["python", "bench/bench_index.py"] + sys.argv[1:]),
+                               "queries_per_batch": args.queries,
                                "rows": rows, "slopes": slope_rows})
     if args.plot:
         plot(rows, args.plot)

@@ -122,8 +122,6 @@ class HSRIndex:
             t = t.unsqueeze(0)
         if t.dim() != 2 or t.shape[1] != self.d:
             raise ValueError(f"{what}: {name} must have shape (n, {self.d}), got {tuple(t.shape)}")
-        if t.numel() and not torch.isfinite(t).all():
-            raise ValueError(f"{what}: {name} contains NaN or Inf")
         return t, was_numpy
 
     def add(self, x) -> None:
@@ -202,8 +200,6 @@ class HSRIndexBatch:
         if t.dim() != 4 or tuple(t.shape[:2]) != (self.batch, self.heads) or t.shape[3] != self.d:
             raise ValueError(f"HSRIndexBatch.add: keys must be ({self.batch}, {self.heads}, n, {self.d}), "
                              f"got {tuple(t.shape)}")
-        if t.numel() and not torch.isfinite(t).all():
-            raise ValueError("HSRIndexBatch.add: keys contains NaN or Inf")
         self._impl.add(t)
 
     def _queries(self, q, what):
@@ -213,8 +209,6 @@ class HSRIndexBatch:
         if t.shape[1] % self.heads:
             raise ValueError(f"{what}: the number of q heads ({t.shape[1]}) must be a multiple of "
                              f"the number of kv heads ({self.heads})")
-        if t.numel() and not torch.isfinite(t).all():
-            raise ValueError(f"{what}: q contains NaN or Inf")
         return t
 
     def range_search(self, q, thresh):

@@ -202,7 +202,7 @@ int64_t HSRTree::depth() const {
 
 const float* HSRTree::find(int64_t id) const {
   if (id < 0 || id >= next_id_ || location_[id] < 0) return nullptr;
-  return data_.data() + location_[id] * dim_;
+  return point(int32_t(location_[id] / leaf_size_), int32_t(location_[id] % leaf_size_));
 }
 
 int32_t HSRTree::new_node(int32_t parent) {
@@ -222,7 +222,8 @@ int32_t HSRTree::new_node(int32_t parent) {
 
 int32_t HSRTree::new_block() {
   const int32_t b = int32_t(block_used_.size());
-  data_.resize(data_.size() + int64_t(leaf_size_) * dim_);
+  if (b % kChunkBlocks == 0)  // zeroed, so that serialized bytes never depend on old memory
+    chunks_.push_back(std::make_unique<float[]>(size_t(kChunkBlocks) * leaf_size_ * dim_));
   slot_id_.resize(slot_id_.size() + leaf_size_, -1);
   block_used_.push_back(0);
   block_leaf_.push_back(-1);
@@ -262,7 +263,7 @@ void HSRTree::make_leaf(int32_t node, const float* rows, const int64_t* ids, int
   std::fill(hi, hi + dim_, -std::numeric_limits<float>::infinity());
   radius_[node] = 0.0;
   max_norm_[node] = 0.0;
-  std::memcpy(data_.data() + int64_t(b) * leaf_size_ * dim_, rows, sizeof(float) * count * dim_);
+  std::memcpy(point(b, 0), rows, sizeof(float) * count * dim_);
   for (int64_t s = 0; s < count; ++s) {
     slot_id_[int64_t(b) * leaf_size_ + s] = ids[s];
     location_[ids[s]] = int64_t(b) * leaf_size_ + s;
@@ -356,7 +357,7 @@ void HSRTree::rebuild_with(const float* x, int64_t n) {
 
   left_.clear(), right_.clear(), parent_.clear(), block_.clear(), count_.clear();
   centroid_.clear(), lo_.clear(), hi_.clear(), radius_.clear(), max_norm_.clear();
-  data_.clear(), slot_id_.clear(), block_used_.clear(), block_leaf_.clear(), free_blocks_.clear();
+  chunks_.clear(), slot_id_.clear(), block_used_.clear(), block_leaf_.clear(), free_blocks_.clear();
   location_.assign(size_t(next_id_), -1);
   live_ = total;
   removed_since_build_ = 0;
@@ -397,7 +398,7 @@ void HSRTree::insert_one(const float* x, int64_t id) {
   const int32_t b = block_[node];
   if (block_used_[b] < leaf_size_) {
     const int32_t s = block_used_[b]++;
-    std::memcpy(data_.data() + (int64_t(b) * leaf_size_ + s) * dim_, x, sizeof(float) * dim_);
+    std::memcpy(point(b, s), x, sizeof(float) * dim_);
     slot_id_[int64_t(b) * leaf_size_ + s] = id;
     location_[id] = int64_t(b) * leaf_size_ + s;
     return;
@@ -430,7 +431,7 @@ int64_t HSRTree::remove(const int64_t* ids, int64_t n) {
     const int32_t b = int32_t(loc / leaf_size_), s = int32_t(loc % leaf_size_);
     const int32_t last = block_used_[b] - 1;
     if (s != last) {  // keep the block compact: move the last point into the hole
-      std::memcpy(data_.data() + loc * dim_, point(b, last), sizeof(float) * dim_);
+      std::memcpy(point(b, s), point(b, last), sizeof(float) * dim_);
       const int64_t moved = slot_id_[int64_t(b) * leaf_size_ + last];
       slot_id_[loc] = moved;
       location_[moved] = loc;
@@ -593,7 +594,14 @@ std::vector<uint8_t> HSRTree::serialize() const {
   w.put<int64_t>(next_id_);
   w.put_vec(left_), w.put_vec(right_), w.put_vec(parent_), w.put_vec(block_), w.put_vec(count_);
   w.put_vec(centroid_), w.put_vec(lo_), w.put_vec(hi_), w.put_vec(radius_), w.put_vec(max_norm_);
-  w.put_vec(data_), w.put_vec(slot_id_), w.put_vec(block_used_), w.put_vec(block_leaf_);
+  // The blocks as one array (the format does not depend on the chunking).
+  const int64_t blocks = int64_t(block_used_.size());
+  w.put<int64_t>(blocks * leaf_size_ * dim_);
+  for (int32_t b = 0; b < blocks; ++b) {
+    const auto* p = reinterpret_cast<const uint8_t*>(point(b, 0));
+    w.buf.insert(w.buf.end(), p, p + sizeof(float) * leaf_size_ * dim_);
+  }
+  w.put_vec(slot_id_), w.put_vec(block_used_), w.put_vec(block_leaf_);
   w.put_vec(free_blocks_), w.put_vec(location_);
   const uint64_t checksum = fnv1a(w.buf.data(), w.buf.size());
   w.put<uint64_t>(checksum);
@@ -620,8 +628,17 @@ HSRTree HSRTree::deserialize(const uint8_t* data, size_t size) {
   t.block_ = r.get_vec<int32_t>(), t.count_ = r.get_vec<int64_t>();
   t.centroid_ = r.get_vec<float>(), t.lo_ = r.get_vec<float>(), t.hi_ = r.get_vec<float>();
   t.radius_ = r.get_vec<double>(), t.max_norm_ = r.get_vec<double>();
-  t.data_ = r.get_vec<float>(), t.slot_id_ = r.get_vec<int64_t>();
+  const std::vector<float> points = r.get_vec<float>();
+  t.slot_id_ = r.get_vec<int64_t>();
   t.block_used_ = r.get_vec<int32_t>(), t.block_leaf_ = r.get_vec<int32_t>();
+  const int64_t blocks = int64_t(t.block_used_.size()), block_floats = int64_t(leaf_size) * dim;
+  if (int64_t(points.size()) != blocks * block_floats)
+    throw std::invalid_argument("hsr index: corrupted buffer (block arrays disagree in length)");
+  for (int32_t b = 0; b < blocks; ++b) {
+    if (b % kChunkBlocks == 0)
+      t.chunks_.push_back(std::make_unique<float[]>(size_t(kChunkBlocks) * block_floats));
+    std::memcpy(t.point(b, 0), points.data() + b * block_floats, sizeof(float) * block_floats);
+  }
   t.free_blocks_ = r.get_vec<int32_t>(), t.location_ = r.get_vec<int64_t>();
   if (r.pos() != size - sizeof kMagic - sizeof stored)
     throw std::invalid_argument("hsr index: corrupted buffer (trailing bytes)");
@@ -643,7 +660,8 @@ void HSRTree::validate_structure() const {
       int64_t(hi_.size()) != nodes * d || int64_t(radius_.size()) != nodes ||
       int64_t(max_norm_.size()) != nodes)
     fail("node arrays disagree in length");
-  if (int64_t(data_.size()) != blocks * ls * d || int64_t(slot_id_.size()) != blocks * ls ||
+  if (int64_t(chunks_.size()) != (blocks + kChunkBlocks - 1) / kChunkBlocks ||
+      int64_t(slot_id_.size()) != blocks * ls ||
       int64_t(block_leaf_.size()) != blocks)
     fail("block arrays disagree in length");
   if (next_id_ < 0 || int64_t(location_.size()) != next_id_ || live_ < 0 || live_ > next_id_)

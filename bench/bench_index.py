@@ -94,20 +94,23 @@ def bench_one(kind, n, d, selectivities, k, queries, iters):
 
 
 def measure_inserts(index, x, d, count=1000):
-    """Inserting into a built tree: mean over a batch of `count` single-point inserts (the C++
-    path, one add call), and the median of single add() calls from Python (with its checks)."""
+    """Inserting into a built tree: per single-point add() call from Python (checks and
+    dispatch included), the median and the 99th percentile; and the mean per point of one
+    add() of `count` points (inserted one by one in C++)."""
     g = torch.Generator().manual_seed(7)
-    new = x[torch.randint(0, x.shape[0], (count,), generator=g)] + 0.01 * torch.randn(count, d, generator=g)
-    t = time.perf_counter()
-    index.add(new)  # count <= ntotal: inserted one by one in C++
-    batch_us = (time.perf_counter() - t) / count * 1e6
+    new = x[torch.randint(0, x.shape[0], (2 * count,), generator=g)] + 0.01 * torch.randn(2 * count, d, generator=g)
     singles = []
-    for i in range(200):
+    for i in range(count):
         p = new[i:i + 1]
         t = time.perf_counter()
         index.add(p)
         singles.append((time.perf_counter() - t) * 1e6)
-    return {"insert_mean_us_in_batch": batch_us, "insert_median_us_python_call": float(np.median(singles))}
+    t = time.perf_counter()
+    index.add(new[count:])  # count <= ntotal: inserted one by one
+    batch_us = (time.perf_counter() - t) / count * 1e6
+    return {"insert_median_us_python_call": float(np.median(singles)),
+            "insert_p99_us_python_call": float(np.percentile(singles, 99)),
+            "insert_mean_us_in_batch": batch_us}
 
 
 def slopes(rows):
@@ -179,9 +182,13 @@ def main():
     print()
     print(format_table(slope_rows, [("dataset", "data", ""), ("d", "d", "d"), ("query", "query", ""),
                                     ("slope", "d log t / d log n", ".2f")]))
-    ins = [(r["n"], r["d"], r["insert_mean_us_in_batch"], r["insert_median_us_python_call"])
-           for r in rows if r["query"].startswith("top")]
-    print("\ninserts (n, d, mean us in a C++ batch, median us per Python add call):", ins)
+    ins = [r for r in rows if r["query"].startswith("top")]
+    print()
+    print(format_table(ins, [("dataset", "data", ""), ("n", "n", "d"), ("d", "d", "d"),
+                             ("build_s", "build s", ".2f"),
+                             ("insert_median_us_python_call", "insert median us", ".1f"),
+                             ("insert_p99_us_python_call", "insert p99 us", ".1f"),
+                             ("insert_mean_us_in_batch", "batch mean us", ".1f")]))
     if args.json:
         write_json(args.json, {"benchmark": "HSR index vs brute force, CPU", "environment": environment("cpu"),
                                "command": " ".join(["python", "bench/bench_index.py"] + sys.argv[1:]),

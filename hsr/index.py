@@ -60,7 +60,9 @@ def _as_float32_tensor(x, name: str, what: str) -> tuple[torch.Tensor, bool]:
         raise ValueError(f"{what}: {name} must hold floating-point values, got dtype {x.dtype}")
     if x.device.type != "cpu":
         raise ValueError(f"{what}: {name} must be on the CPU (the index is a CPU structure), got {x.device}")
-    return x.to(torch.float32).contiguous(), was_numpy
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return (x if x.is_contiguous() else x.contiguous()), was_numpy
 
 
 def _out(t: torch.Tensor, as_numpy: bool):
@@ -117,11 +119,13 @@ class HSRIndex:
         self._impl.set_scan_fraction(_scan_fraction(value, "HSRIndex.scan_fraction"))
 
     def _points(self, x, name, what):
+        # NaN/Inf are rejected by the C++ side, in one pass before anything changes.
         t, was_numpy = _as_float32_tensor(x, name, what)
-        if t.dim() == 1 and t.shape[0] == self.d:
+        d = self._impl.d()
+        if t.dim() == 1 and t.shape[0] == d:
             t = t.unsqueeze(0)
-        if t.dim() != 2 or t.shape[1] != self.d:
-            raise ValueError(f"{what}: {name} must have shape (n, {self.d}), got {tuple(t.shape)}")
+        if t.dim() != 2 or t.shape[1] != d:
+            raise ValueError(f"{what}: {name} must have shape (n, {d}), got {tuple(t.shape)}")
         return t, was_numpy
 
     def add(self, x) -> None:

@@ -83,6 +83,54 @@ std::vector<float> principal_direction(const float* rows, int d, int64_t count, 
   return v;
 }
 
+// The build's passes over all points, compiled twice (AVX and the x86-64 baseline) and chosen
+// at load time: building is bound by these loops. Their results only choose splits and feed
+// bounds whose rounding slack holds for any summation order.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HSR_AVX_CLONES __attribute__((target_clones("avx", "default")))
+#else
+#define HSR_AVX_CLONES
+#endif
+
+// proj[i] = <x_i, dir> for the count rows; returns max_i |x_i - c|^2.
+HSR_AVX_CLONES float project_rows(const float* rows, int d, int64_t count, const float* c,
+                                  const float* dir, float* proj) {
+  float max_sq = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float* x = rows + i * d;
+    float along = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : along, sq)
+    for (int t = 0; t < d; ++t) {
+      along += x[t] * dir[t];
+      const float e = x[t] - c[t];
+      sq += e * e;
+    }
+    proj[i] = along;
+    max_sq = std::max(max_sq, sq);
+  }
+  return max_sq;
+}
+
+// Copies the rows (and ids) with goes_left[i] to the front of the spare buffers and the
+// others after the first left_count rows, summing each side into sums[0:d] / sums[d:2d].
+HSR_AVX_CLONES void partition_rows(const float* rows, const int64_t* ids, int d, int64_t count,
+                                   const char* goes_left, int64_t left_count, float* spare_rows,
+                                   int64_t* spare_ids, float* sums) {
+  int64_t li = 0, ri = left_count;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t dst = goes_left[i] ? li++ : ri++;
+    const float* x = rows + i * d;
+    float* out = spare_rows + dst * d;
+    float* sum = sums + (goes_left[i] ? 0 : d);
+#pragma omp simd
+    for (int t = 0; t < d; ++t) {
+      out[t] = x[t];
+      sum[t] += x[t];
+    }
+    spare_ids[dst] = ids[i];
+  }
+}
+
 // Where to cut `count` projections: at the widest gap between consecutive values among the
 // middle quantiles [kSplitLow, kSplitHigh], so that a cut falls between clusters rather than
 // through one. Returns the number of rows that go left (those with projection < cut); with no
@@ -292,28 +340,18 @@ void HSRTree::build_subtree(int32_t node, float* rows, int64_t* ids, int64_t cou
   const std::vector<float> dir = principal_direction(rows, d, count, c);
   // One pass over the rows: the ball radius around the centroid and the split projections.
   std::vector<float> proj(count);
-  float max_sq = 0.0f;
-  for (int64_t i = 0; i < count; ++i) {
-    const float* x = rows + i * d;
-    max_sq = std::max(max_sq, cpu::squared_distance(x, c, d));
-    proj[i] = cpu::dot(x, dir.data(), d);
-  }
-  radius_[node] = upper_sqrt(max_sq, d);
+  radius_[node] = upper_sqrt(project_rows(rows, d, count, c, dir.data(), proj.data()), d);
   float cut = 0.0f;
   int64_t left_count = choose_split(proj, cut);
   const bool by_position = left_count < 0;  // every projection equal: split by position
   if (by_position) left_count = count / 2;
+  std::vector<char> goes_left(count);
+  for (int64_t i = 0; i < count; ++i) goes_left[i] = by_position ? i < left_count : proj[i] < cut;
   // Partition into the spare buffers, summing each side for the children's centroids.
   std::vector<float> sums(2 * size_t(d), 0.0f);
-  int64_t li = 0, ri = left_count;
-  for (int64_t i = 0; i < count; ++i) {
-    const bool left = by_position ? i < left_count : proj[i] < cut;
-    const int64_t dst = left ? li++ : ri++;
-    std::memcpy(spare_rows + dst * d, rows + i * d, sizeof(float) * d);
-    cpu::axpy(1.0f, rows + i * d, sums.data() + (left ? 0 : d), d);
-    spare_ids[dst] = ids[i];
-  }
+  partition_rows(rows, ids, d, count, goes_left.data(), left_count, spare_rows, spare_ids, sums.data());
   proj = {};
+  goes_left = {};
   const int32_t l = new_node(node);
   const int32_t r = new_node(node);
   left_[node] = l;

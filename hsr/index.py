@@ -78,10 +78,11 @@ class HSRIndex:
         if isinstance(leaf_size, bool) or not isinstance(leaf_size, int) or not 1 <= leaf_size <= 65536:
             raise ValueError(f"HSRIndex: leaf_size must be an integer in [1, 65536], got {leaf_size!r}")
         self._impl = torch.classes.hsr.Index(d, leaf_size)
+        self._d = d  # read on every call: cheaper than asking the C++ side
 
     @property
     def d(self) -> int:
-        return self._impl.d()
+        return self._d
 
     @property
     def ntotal(self) -> int:
@@ -110,7 +111,8 @@ class HSRIndex:
         """When a query is answered by an exact scan instead of the tree (same results, same
         scores): a range query when the tree's frontier estimate says it would score more than
         this fraction of the points; a top-k search when it has scored a tenth of this
-        fraction without finishing. 0 scans every query, 1 never scans; default 0.3. A
+        fraction without finishing, or at once below 32768 points. 0 scans every query, 1
+        never scans; default 0.3. A
         runtime setting: not saved by write_index."""
         return self._impl.scan_fraction()
 
@@ -121,7 +123,7 @@ class HSRIndex:
     def _points(self, x, name, what):
         # NaN/Inf are rejected by the C++ side, in one pass before anything changes.
         t, was_numpy = _as_float32_tensor(x, name, what)
-        d = self._impl.d()
+        d = self._d
         if t.dim() == 1 and t.shape[0] == d:
             t = t.unsqueeze(0)
         if t.dim() != 2 or t.shape[1] != d:
@@ -241,7 +243,8 @@ class HSRIndexBatch:
         """When a query is answered by an exact scan instead of the tree (same results, same
         scores): a range query when the tree's frontier estimate says it would score more than
         this fraction of the points; a top-k search when it has scored a tenth of this
-        fraction without finishing. 0 scans every query, 1 never scans; default 0.3. A
+        fraction without finishing, or at once below 32768 points. 0 scans every query, 1
+        never scans; default 0.3. A
         runtime setting: not saved by write_index."""
         return self._impl.scan_fraction()
 
@@ -288,6 +291,7 @@ def read_index(path: str | os.PathLike) -> HSRIndex:
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     impl.load_bytes(buf)
     index._impl = impl
+    index._d = impl.d()
     return index
 
 

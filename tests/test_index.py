@@ -307,22 +307,27 @@ def test_stats_report_pruning_and_scan_fallback():
     index.range_search(q, float("-inf"))
     stats = index.last_stats
     assert stats.queries_scanned == 4 and stats.points_scored == 4 * 20_000
-    # Top-k near stored points of small clusters (200 of 100 points) finishes in the tree...
+    # Top-k near stored points of small clusters (400 of 100 points) finishes in the tree...
     g = torch.Generator().manual_seed(3)
-    centers = torch.randn(200, 32, generator=g) * 4
-    small = centers.repeat_interleave(100, 0) + 0.3 * torch.randn(20_000, 32, generator=g)
+    centers = torch.randn(400, 32, generator=g) * 4
+    small = centers.repeat_interleave(100, 0) + 0.3 * torch.randn(40_000, 32, generator=g)
     fine = hsr.HSRIndex(32)
     fine.add(small)
-    fine.search(small[::5000] * 1.0, 10)
+    fine.search(small[::10_000] * 1.0, 10)
     stats = fine.last_stats
-    assert stats.queries_scanned == 0 and stats.points_scored < 0.03 * 4 * 20_000
+    assert stats.queries_scanned == 0 and stats.points_scored < 0.03 * 4 * 40_000
     # ...but on isotropic points it runs out of its budget and scans; the wasted tree work
     # stays counted.
     iso = hsr.HSRIndex(32)
-    iso.add(make_points("random", 20_000, 32))
+    iso.add(make_points("random", 40_000, 32))
     iso.search(torch.randn(4, 32), 10)
     stats = iso.last_stats
-    assert stats.queries_scanned == 4 and stats.points_scored > 4 * 20_000
+    assert stats.queries_scanned == 4 and stats.points_scored > 4 * 40_000
+    # Small indexes scan top-k queries outright.
+    fine.reset()
+    fine.add(small[:20_000])
+    fine.search(small[:4] * 1.0, 10)
+    assert fine.last_stats.queries_scanned == 4 and fine.last_stats.points_scored == 4 * 20_000
 
 
 @pytest.mark.parametrize("kind", ["random", "clustered", "duplicated"])

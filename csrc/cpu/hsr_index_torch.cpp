@@ -54,6 +54,9 @@ constexpr double kDefaultScanFraction = 0.3;
 // cost) gives up and scans once it has scored scan_fraction / kTopkBudgetDivisor of the
 // points: what a query that could not prune wastes stays a small part of its scan.
 constexpr double kTopkBudgetDivisor = 10.0;
+// Below this many points a top-k query is scanned outright: the scan takes well under a
+// millisecond and a budgeted traversal that gives up would only add to it.
+constexpr int64_t kTopkTreeMinPoints = 32768;
 // A scan is split across threads in pieces of at least this many points.
 constexpr int64_t kMinScanPiece = 4096;
 
@@ -238,6 +241,8 @@ void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
       if (tree.size() == 0 || k == 0) continue;
       const float* qi = qp + i * d;
       if (scan_above <= 0.0) {
+        scan[i] = 1;
+      } else if (k > 0 && scan_above < 1.0 && tree.size() < kTopkTreeMinPoints) {
         scan[i] = 1;
       } else if (k > 0) {
         const int64_t budget = scan_above >= 1.0

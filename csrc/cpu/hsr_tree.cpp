@@ -286,12 +286,12 @@ void HSRTree::set_centroid(int32_t node, const float* rows, int64_t count) {
   for (int t = 0; t < dim_; ++t) c[t] = sum[t] * inv;
 }
 
-void HSRTree::widen_bounds(int32_t node, const float* x) {
+void HSRTree::widen_bounds(int32_t node, const float* x, double x_norm) {
   const int d = dim_;
   cpu::widen_box(x, lo_.data() + int64_t(node) * d, hi_.data() + int64_t(node) * d, d);
   const float* c = centroid_.data() + int64_t(node) * d;
   radius_[node] = std::max(radius_[node], upper_sqrt(cpu::squared_distance(x, c, d), d));
-  max_norm_[node] = std::max(max_norm_[node], upper_norm(x, d));
+  max_norm_[node] = std::max(max_norm_[node], x_norm);
 }
 
 void HSRTree::make_leaf(int32_t node, const float* rows, const int64_t* ids, int64_t count) {
@@ -315,7 +315,7 @@ void HSRTree::make_leaf(int32_t node, const float* rows, const int64_t* ids, int
   for (int64_t s = 0; s < count; ++s) {
     slot_id_[int64_t(b) * leaf_size_ + s] = ids[s];
     location_[ids[s]] = int64_t(b) * leaf_size_ + s;
-    widen_bounds(node, rows + s * dim_);
+    widen_bounds(node, rows + s * dim_, upper_norm(rows + s * dim_, dim_));
   }
 }
 
@@ -422,9 +422,10 @@ void HSRTree::add(const float* x, int64_t n) {
 }
 
 void HSRTree::insert_one(const float* x, int64_t id) {
+  const double x_norm = upper_norm(x, dim_);
   int32_t node = 0;
   for (;;) {
-    widen_bounds(node, x);
+    widen_bounds(node, x, x_norm);
     ++count_[node];
     if (block_[node] >= 0) break;
     const int32_t l = left_[node], r = right_[node];

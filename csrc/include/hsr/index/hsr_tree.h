@@ -91,7 +91,8 @@ class HSRTree {
                      int64_t* spare_ids, const float* row_sum);
   void set_centroid(int32_t node, const float* rows, int64_t count);
   void make_leaf(int32_t node, const float* rows, const int64_t* ids, int64_t count);
-  void widen_bounds(int32_t node, const float* x);
+  // Grows node's box, radius and largest norm to cover x (x_norm: upper_norm of x).
+  void widen_bounds(int32_t node, const float* x, double x_norm);
   void split_leaf(int32_t leaf);
   void collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const;
   void bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,

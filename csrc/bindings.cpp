@@ -14,6 +14,16 @@ TORCH_LIBRARY(hsr, m) {
       "attention(Tensor q, Tensor k, Tensor v, str kind=\"softmax\", float? scale=None, "
       "int alpha=1, float bias=0.0, bool normalize=True, bool causal=False) -> (Tensor, Tensor)");
 
+  // The quantized key sketch (DESIGN 4a): k (..., D) float32/fp16/bf16 -> codes (..., D)
+  // uint8 (bits=8) or (..., ceil(D/2)) (bits=4, two channels per byte, even channel in the
+  // low nibble), lo and delta (..., ceil(D/group)) float32: k_hat = lo_g + code * delta_g.
+  m.def("sketch_keys(Tensor k, int bits=8, int group=32) -> (Tensor, Tensor, Tensor)");
+  // Score intervals of q (m, D) float32 against n sketched keys: (estimate, radius), each
+  // (m, n) float32, with the exact <q, k> in [estimate - radius, estimate + radius].
+  m.def(
+      "sketch_score_intervals(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits=8, "
+      "int group=32) -> (Tensor, Tensor)");
+
   // The half-space reporting index over float32 points (CPU). Python wraps these as
   // hsr.HSRIndex / hsr.HSRIndexBatch (hsr/index.py). last_stats: [nodes_visited,
   // points_scored, results, queries_that_scanned, queries] of the last query call.

@@ -1,0 +1,50 @@
+// The quantized key sketch (DESIGN 4a): every key is stored a second time as int8 (or int4)
+// codes with, per group of `group` channels, an offset lo_g and a step delta_g, so that
+//   k_hat_t = lo_g + c_t * delta_g,   |k_t - k_hat_t| <= delta_g / 2   (exactly, see below).
+// For a query q this gives every key a deterministic score interval
+//   |<q, k> - <q, k_hat>| <= sum_g delta_g / 2 * |q_g|_1
+// which, widened by the float rounding of computing <q, k_hat>, contains the exact
+// real-number inner product of q and the key as stored. Torch-free.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace hsr::sketch {
+
+struct SketchLayout {
+  int dim;    // channels per key
+  int group;  // channels per quantization group (the last group may be shorter)
+  int bits;   // 8 or 4
+
+  int groups() const { return (dim + group - 1) / group; }
+  // Bytes of codes per key: one per channel for int8, two channels per byte for int4 (the
+  // even channel in the low nibble).
+  int code_bytes() const { return bits == 8 ? dim : (dim + 1) / 2; }
+  int levels() const { return (1 << bits) - 1; }
+
+  void validate() const {
+    if (dim < 1) throw std::invalid_argument("key sketch: dim must be >= 1, got " + std::to_string(dim));
+    if (group < 1)
+      throw std::invalid_argument("key sketch: group must be >= 1, got " + std::to_string(group));
+    if (bits != 8 && bits != 4)
+      throw std::invalid_argument("key sketch: bits must be 8 or 4, got " + std::to_string(bits));
+  }
+};
+
+// Quantizes n keys (row-major n x dim, finite values; T is float, half_t or bfloat16_t) into
+// codes (n x code_bytes), lo and delta (n x groups, float). delta_g is rounded up so that
+// levels * delta_g covers the group's range exactly; codes are the nearest level.
+template <typename T>
+void quantize_keys(const SketchLayout& layout, const T* keys, int64_t n, uint8_t* codes,
+                   float* lo, float* delta);
+
+// Score intervals of m queries (row-major m x dim, float, finite) against n sketched keys:
+// estimate[i * n + j] = <q_i, k_hat_j> (float) and radius[i * n + j] such that the exact
+// <q_i, k_j> lies in [estimate - radius, estimate + radius].
+void score_intervals(const SketchLayout& layout, const float* q, int64_t m, const uint8_t* codes,
+                     const float* lo, const float* delta, int64_t n, float* estimate,
+                     float* radius);
+
+}  // namespace hsr::sketch

@@ -1,0 +1,103 @@
+"""The quantized key sketch (DESIGN 4a): int8 or int4 codes per key with, per group of
+channels, an offset and a step, giving every key a certified score interval for any query.
+
+    sk = hsr.KeySketch.from_keys(k, bits=8, group=32)    # k (..., n, D)
+    lower, upper = sk.score_bounds(q)                    # q (m, D), keys (n, D): (m, n) each
+
+For every query and key, lower <= <q, k> <= upper holds for the exact real-number inner
+product of q (float32) and the key as stored (its float32, float16 or bfloat16 value):
+quantization contributes sum_g delta_g / 2 * |q_g|_1 and the float rounding of the sketch
+score is bounded and added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _layout(d: int, bits: int, group: int, what: str) -> tuple[int, int]:
+    """(code bytes per key, groups per key); validates like the C++ op does."""
+    if isinstance(bits, bool) or bits not in (8, 4):
+        raise ValueError(f"{what}: bits must be 8 or 4, got {bits!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"{what}: group must be a positive integer, got {group!r}")
+    if d < 1:
+        raise ValueError(f"{what}: the key dimension must be >= 1, got {d}")
+    group = min(group, d)
+    return (d if bits == 8 else (d + 1) // 2), -(-d // group)
+
+
+@torch.library.register_fake("hsr::sketch_keys")
+def _sketch_keys_fake(k, bits=8, group=32):
+    if k.dim() < 1:
+        raise ValueError("hsr.sketch_keys: k must have at least one dimension (..., D)")
+    code_bytes, groups = _layout(k.shape[-1], bits, group, "hsr.sketch_keys")
+    lead = tuple(k.shape[:-1])
+    return (k.new_empty(lead + (code_bytes,), dtype=torch.uint8),
+            k.new_empty(lead + (groups,), dtype=torch.float32),
+            k.new_empty(lead + (groups,), dtype=torch.float32))
+
+
+@torch.library.register_fake("hsr::sketch_score_intervals")
+def _sketch_score_intervals_fake(q, codes, lo, delta, bits=8, group=32):
+    if q.dim() != 2 or codes.dim() != 2:
+        raise ValueError("hsr.sketch_score_intervals: q must be (m, D) and codes (n, code_bytes)")
+    _layout(q.shape[1], bits, group, "hsr.sketch_score_intervals")
+    shape = (q.shape[0], codes.shape[0])
+    return q.new_empty(shape), q.new_empty(shape)
+
+
+@dataclass(frozen=True)
+class KeySketch:
+    """Sketch of keys (..., D): codes (..., code_bytes) uint8, lo and delta (..., groups)."""
+
+    codes: torch.Tensor
+    lo: torch.Tensor
+    delta: torch.Tensor
+    dim: int
+    bits: int = 8
+    group: int = 32
+
+    @classmethod
+    def from_keys(cls, k: torch.Tensor, bits: int = 8, group: int = 32) -> "KeySketch":
+        if not isinstance(k, torch.Tensor):
+            raise TypeError(f"KeySketch.from_keys: k must be a torch.Tensor, got {type(k).__name__}")
+        if k.dim() < 1:
+            raise ValueError("KeySketch.from_keys: k must have at least one dimension (..., D)")
+        _layout(k.shape[-1], bits, group, "KeySketch.from_keys")
+        codes, lo, delta = torch.ops.hsr.sketch_keys(k, bits, group)
+        return cls(codes, lo, delta, int(k.shape[-1]), bits, min(group, int(k.shape[-1])))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the sketch occupies (codes, offsets and steps)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.lo, self.delta))
+
+    def score_intervals(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(estimate, radius), each (m, n), for q (m, D) against a sketch of keys (n, D):
+        the exact <q, k> lies in [estimate - radius, estimate + radius]."""
+        if self.codes.dim() != 2:
+            raise ValueError(f"KeySketch.score_intervals: the sketch must hold keys (n, D), got codes of "
+                             f"shape {tuple(self.codes.shape)}; index it first")
+        return torch.ops.hsr.sketch_score_intervals(q, self.codes, self.lo, self.delta, self.bits, self.group)
+
+    def score_bounds(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lower, upper), each (m, n): lower <= <q, k> <= upper for every query and key."""
+        estimate, radius = self.score_intervals(q)
+        # Subtracting/adding in float rounds; one ulp outward keeps the bounds certified.
+        inf = torch.tensor(float("inf"))
+        return (torch.nextafter(estimate - radius, -inf), torch.nextafter(estimate + radius, inf))
+
+    def dequantize(self) -> torch.Tensor:
+        """k_hat (..., D) float32: the keys as the sketch sees them (float32 arithmetic)."""
+        d, g = self.dim, self.group
+        if self.bits == 8:
+            codes = self.codes.to(torch.float32)
+        else:
+            lo_nib = (self.codes & 15).to(torch.float32)
+            hi_nib = (self.codes >> 4).to(torch.float32)
+            codes = torch.stack([lo_nib, hi_nib], dim=-1).flatten(-2)[..., :d]
+        group_of = torch.arange(d) // g
+        return self.lo[..., group_of] + codes * self.delta[..., group_of]

@@ -14,6 +14,15 @@ TORCH_LIBRARY(hsr, m) {
       "attention(Tensor q, Tensor k, Tensor v, str kind=\"softmax\", float? scale=None, "
       "int alpha=1, float bias=0.0, bool normalize=True, bool causal=False) -> (Tensor, Tensor)");
 
+  // The same attention over a selection of keys (CPU): pair bh = b * Hkv + kv_head attends to
+  // the keys ids[offsets[bh] .. offsets[bh + 1]) of k/v (positions along Lk); mask, when
+  // given, is (len(ids), Hq / Hkv) bool: which q heads of the GQA group use each selected key.
+  // Same outputs as attention (lse merges partial results exactly); no causal mask.
+  m.def(
+      "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor offsets, Tensor ids, Tensor? mask=None, "
+      "str kind=\"softmax\", float? scale=None, int alpha=1, float bias=0.0, bool normalize=True) "
+      "-> (Tensor, Tensor)");
+
   // The quantized key sketch (DESIGN 4a): k (..., D) float32/fp16/bf16 -> codes (..., D)
   // uint8 (bits=8) or (..., ceil(D/2)) (bits=4, two channels per byte, even channel in the
   // low nibble), lo and delta (..., ceil(D/group)) float32: k_hat = lo_g + code * delta_g.

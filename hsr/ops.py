@@ -105,3 +105,72 @@ def attention(
         bool(normalize), bool(causal),
     )
     return (out, lse) if return_lse else out
+
+
+def _check_selection_args(q, k, offsets, ids, mask):
+    pairs = k.shape[0] * k.shape[1]
+    for name, t in (("offsets", offsets), ("ids", ids)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int64:
+            raise ValueError(f"hsr.sparse_attention: {name} must be a 1-D int64 tensor")
+    if offsets.shape[0] != pairs + 1:
+        raise ValueError(f"hsr.sparse_attention: offsets must hold B * Hkv + 1 = {pairs + 1} entries, "
+                         f"got {offsets.shape[0]}")
+    if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (ids.shape[0], q.shape[1] // k.shape[1])):
+        raise ValueError(f"hsr.sparse_attention: mask must be (len(ids), Hq / Hkv) = "
+                         f"({ids.shape[0]}, {q.shape[1] // k.shape[1]}), got {tuple(mask.shape)}")
+
+
+@torch.library.register_fake("hsr::sparse_attention")
+def _sparse_attention_fake(q, k, v, offsets, ids, mask=None, kind="softmax", scale=None, alpha=1, bias=0.0,
+                           normalize=True):
+    _check_attention_args(q, k, v, kind, alpha, bias)
+    _check_selection_args(q, k, offsets, ids, mask)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    kind: str = "softmax",
+    scale: float | None = None,
+    alpha: int = 1,
+    bias: float = 0.0,
+    normalize: bool = True,
+    return_lse: bool = False,
+):
+    """Attention over a selection of keys (CPU), with hsr.attention's scores and outputs.
+
+    The (batch b, kv head h) pair bh = b * Hkv + h attends to the keys
+    ids[offsets[bh]:offsets[bh + 1]] of k and v (positions along Lk, any order; a repeated id
+    counts each time it is listed). ``mask`` (len(ids), Hq // Hkv) bool, when given, says
+    which q heads of the GQA group use each selected key: one walk serves the union of the
+    heads' selections. A row that selects nothing gives 0 and lse -inf. No causal mask.
+    With ``return_lse`` the log-normalisers let results over disjoint key sets (for example
+    the selection and a dense tail) merge exactly.
+    """
+    _check_attention_args(q, k, v, kind, alpha, bias)
+    _check_selection_args(q, k, offsets, ids, mask)
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"hsr.sparse_attention: scale must be finite, got {scale!r}")
+    out, lse = torch.ops.hsr.sparse_attention(
+        q, k, v, offsets, ids, mask, kind, None if scale is None else float(scale), int(alpha), float(bias),
+        bool(normalize),
+    )
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(outs, lses):
+    """Merges softmax attention outputs over disjoint key sets, each (out, lse) as returned
+    with ``return_lse=True``, into the output over their union (float32 arithmetic)."""
+    lse = torch.stack([l.float() for l in lses])
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total).nan_to_num(0.0)
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), total

@@ -57,6 +57,16 @@ inline DenseAttentionPlan plan_dense_attention(const DenseAttentionProblem& p, i
   return plan;
 }
 
+// An optional selection of keys (sparse attention): the pair bh = batch * heads_kv + kv_head
+// attends to the keys ids[offsets[bh] .. offsets[bh + 1]) (positions along Lk, any order,
+// a repeated id counts each time). mask, when set, holds one byte per selected key and q
+// head of the GQA group (row-major, nonzero: that head attends to the key). No causal mask.
+struct KeySelection {
+  const int64_t* offsets = nullptr;
+  const int64_t* ids = nullptr;
+  const uint8_t* mask = nullptr;
+};
+
 // Per-row running state of the online softmax. For ReLU, m stays 0 and l is the row sum of A.
 struct RowAccumulator {
   float m;
@@ -83,8 +93,10 @@ template <typename T>
 class DenseAttentionCpu {
  public:
   DenseAttentionCpu(const DenseAttentionProblem& p, const DenseAttentionPlan& plan, const T* q,
-                    const T* k, const T* v, T* out, float* lse, float* workspace)
-      : p_(p), plan_(plan), q_(q), k_(k), v_(v), out_(out), lse_(lse), ws_(workspace) {}
+                    const T* k, const T* v, T* out, float* lse, float* workspace,
+                    KeySelection selection = {})
+      : p_(p), plan_(plan), q_(q), k_(k), v_(v), out_(out), lse_(lse), ws_(workspace),
+        sel_(selection) {}
 
   // Runs one work unit (see DenseAttentionPlan). Thread-safe across distinct units.
   void run_unit(int64_t unit) const {
@@ -112,25 +124,39 @@ class DenseAttentionCpu {
     }
     std::fill(s.acc.begin(), s.acc.end(), 0.0f);
 
+    // Keys of this unit: positions [key_begin, key_end) along Lk, or entries of the selection.
+    const int64_t sel_begin = sel_.offsets ? sel_.offsets[bh] : 0;
+    const int64_t count = sel_.offsets ? sel_.offsets[bh + 1] - sel_begin : p_.len_k;
     const int64_t key_begin = split * plan_.keys_per_split;
-    int64_t key_end = std::min(p_.len_k, key_begin + plan_.keys_per_split);
+    int64_t key_end = std::min(count, key_begin + plan_.keys_per_split);
     // Rows are ordered by query position, so the last row sees the most keys.
-    key_end = std::min(key_end, s.last_key[nrows - 1] + 1);
+    if (!sel_.offsets) key_end = std::min(key_end, s.last_key[nrows - 1] + 1);
     const T* kbase = k_ + b * p_.k_stride[0] + hkv * p_.k_stride[1];
     const T* vbase = v_ + b * p_.v_stride[0] + hkv * p_.v_stride[1];
     for (int64_t t0 = key_begin; t0 < key_end; t0 += kKeyTile) {
       const int64_t tn = std::min(kKeyTile, key_end - t0);
-      const float* ktile = tile_rows(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, s.k);
-      const float* vtile = tile_rows(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, s.v);
-      const int64_t kld = tile_stride(p_.k_stride[2]), vld = tile_stride(p_.v_stride[2]);
+      const float *ktile, *vtile;
+      int64_t kld, vld;
+      if (sel_.offsets) {
+        const int64_t* ids = sel_.ids + sel_begin + t0;
+        gather_rows(kbase, p_.k_stride[2], ids, tn, s.k);
+        gather_rows(vbase, p_.v_stride[2], ids, tn, s.v);
+        ktile = s.k.data(), vtile = s.v.data(), kld = vld = d;
+      } else {
+        ktile = tile_rows(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, s.k);
+        vtile = tile_rows(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, s.v);
+        kld = tile_stride(p_.k_stride[2]), vld = tile_stride(p_.v_stride[2]);
+      }
       float* w = s.scores.data();
       int64_t r = 0;
       for (; r + 4 <= nrows; r += 4)
         scores_rows<4>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
       for (; r < nrows; ++r)
         scores_rows<1>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
+      if (sel_.mask) mask_scores(sel_begin + t0, tn, row0, nrows, w);
       for (r = 0; r < nrows; ++r) {
-        const int64_t visible = std::max<int64_t>(0, std::min(tn, s.last_key[r] - t0 + 1));
+        const int64_t visible =
+            sel_.offsets ? tn : std::max<int64_t>(0, std::min(tn, s.last_key[r] - t0 + 1));
         scores_to_weights(w + r * kKeyTile, tn, visible, s.state[r], s.acc.data() + r * d);
       }
       for (r = 0; r + 4 <= nrows; r += 4)
@@ -203,6 +229,24 @@ class DenseAttentionCpu {
     return std::is_same_v<T, float> ? stride : p_.head_dim;
   }
 
+  // The selected rows ids[0..n) of one (batch, kv head), converted into the scratch tile.
+  void gather_rows(const T* base, int64_t stride, const int64_t* ids, int64_t n,
+                   std::vector<float>& buf) const {
+    const int64_t d = p_.head_dim;
+    for (int64_t t = 0; t < n; ++t) convert_row(base + ids[t] * stride, buf.data() + t * d, d);
+  }
+
+  // Scores of keys a row's q head does not select become -inf (weight 0 for either kind).
+  void mask_scores(int64_t entry0, int64_t n, int64_t row0, int64_t nrows, float* w) const {
+    const int64_t group = p_.group();
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t head = (row0 + r) % group;
+      for (int64_t t = 0; t < n; ++t)
+        if (!sel_.mask[(entry0 + t) * group + head])
+          w[r * kKeyTile + t] = -std::numeric_limits<float>::infinity();
+    }
+  }
+
   // Turns one row of raw scores into the weights that multiply V, in place: softmax
   // probabilities relative to the updated running max (rescaling acc by the correction), or
   // ReLU^alpha weights. Keys at or past `visible` (causal) get weight 0.
@@ -265,6 +309,7 @@ class DenseAttentionCpu {
   T* out_;
   float* lse_;
   float* ws_;
+  KeySelection sel_;
 };
 
 }  // namespace hsr::cpu

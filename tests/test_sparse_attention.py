@@ -1,0 +1,125 @@
+"""hsr.sparse_attention (CPU) against the reference over the gathered keys."""
+
+import itertools
+
+import pytest
+import torch
+
+import hsr
+from attention_cases import DTYPES, check_against_reference, make_qkv
+
+KINDS = [
+    dict(kind="softmax"),
+    dict(kind="relu", alpha=2, bias=0.3, normalize=True),
+    dict(kind="relu", alpha=1, bias=0.0, normalize=False),
+]
+
+
+def random_selection(batch, heads_kv, group, len_k, seed, masked, empty_pair=True):
+    """offsets, ids (unsorted, with repeats) and an optional per-head mask."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 2 * len_k, (batch * heads_kv,), generator=g)
+    if empty_pair:
+        counts[0] = 0
+    offsets = torch.zeros(batch * heads_kv + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    ids = torch.randint(0, len_k, (int(offsets[-1]),), generator=g)
+    mask = torch.rand(ids.shape[0], group, generator=g) < 0.7 if masked else None
+    return offsets, ids, mask
+
+
+def check_rows(out, lse, q, k, v, offsets, ids, mask, kw):
+    batch, heads_q = q.shape[:2]
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    for b, hq in itertools.product(range(batch), range(heads_q)):
+        h = hq // group
+        bh = b * heads_kv + h
+        sel = ids[offsets[bh]:offsets[bh + 1]]
+        if mask is not None:
+            sel = sel[mask[offsets[bh]:offsets[bh + 1], hq % group]]
+        o, l = out[b:b + 1, hq:hq + 1], lse[b:b + 1, hq:hq + 1]
+        if sel.numel() == 0:
+            assert (o == 0).all() and (l == float("-inf")).all()
+            continue
+        kk, vv = k[b, h, sel][None, None], v[b, h, sel][None, None]
+        check_against_reference(o, l, q[b:b + 1, hq:hq + 1], kk, vv, **kw)
+
+
+CASES = []
+for n, (dtype, kw, masked) in enumerate(itertools.product(DTYPES, KINDS, [False, True])):
+    CASES.append((dtype, kw, masked, [1, 4, 8][n % 3], [64, 72, 128][n % 3], [1, 3][n % 2]))
+
+
+@pytest.mark.parametrize("dtype,kw,masked,ratio,d,len_q", CASES)
+def test_matches_reference_over_the_selected_keys(dtype, kw, masked, ratio, d, len_q):
+    batch, heads_kv, len_k = 2, 2, 300
+    q, k, v = make_qkv(batch, heads_kv, ratio, len_q, len_k, d, dtype, "cpu", seed=len(CASES))
+    offsets, ids, mask = random_selection(batch, heads_kv, ratio, len_k, seed=d + ratio, masked=masked)
+    out, lse = hsr.sparse_attention(q, k, v, offsets, ids, mask, return_lse=True, **kw)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    check_rows(out, lse, q, k, v, offsets, ids, mask, kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selecting_every_key_in_order_is_dense_attention(dtype):
+    q, k, v = make_qkv(2, 3, 4, 1, 1025, 64, dtype, "cpu")
+    pairs = 2 * 3
+    offsets = torch.arange(pairs + 1, dtype=torch.int64) * 1025
+    ids = torch.arange(1025).repeat(pairs)
+    out, lse = hsr.sparse_attention(q, k, v, offsets, ids, return_lse=True)
+    dense, dense_lse = hsr.attention(q, k, v, return_lse=True)
+    assert torch.equal(out, dense) and torch.equal(lse, dense_lse)
+
+
+def test_a_selection_and_its_complement_merge_into_dense_attention():
+    q, k, v = make_qkv(1, 2, 4, 1, 4096, 64, torch.float32, "cpu", seed=3)
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.rand(2, 4096, generator=g) < 0.1
+    parts = []
+    for pick in (chosen, ~chosen):
+        ids = [torch.nonzero(pick[h]).flatten() for h in range(2)]
+        offsets = torch.tensor([0, len(ids[0]), len(ids[0]) + len(ids[1])], dtype=torch.int64)
+        parts.append(hsr.sparse_attention(q, k, v, offsets, torch.cat(ids), return_lse=True))
+    out, lse = hsr.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    dense, dense_lse = hsr.attention(q, k, v, return_lse=True)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, dense_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_nothing_selected_anywhere():
+    q, k, v = make_qkv(1, 2, 2, 1, 10, 64, torch.float32, "cpu")
+    out, lse = hsr.sparse_attention(q, k, v, torch.zeros(3, dtype=torch.int64),
+                                    torch.zeros(0, dtype=torch.int64), return_lse=True)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+def test_bad_selections_raise():
+    q, k, v = make_qkv(1, 2, 2, 1, 10, 64, torch.float32, "cpu")
+    ids = torch.tensor([0, 1, 2, 3], dtype=torch.int64)
+    good = torch.tensor([0, 2, 4], dtype=torch.int64)
+    cases = [
+        (dict(offsets=torch.tensor([0, 4], dtype=torch.int64)), "offsets"),
+        (dict(offsets=good.to(torch.int32)), "offsets"),
+        (dict(offsets=torch.tensor([1, 2, 4], dtype=torch.int64)), "start at 0"),
+        (dict(offsets=torch.tensor([0, 3, 2], dtype=torch.int64)), "start at 0|nondecreasing"),
+        (dict(offsets=torch.tensor([0, 3, 1], dtype=torch.int64), ids=ids[:1]), "nondecreasing"),
+        (dict(ids=torch.tensor([0, 1, 2, 10], dtype=torch.int64)), r"\[0, Lk = 10\)"),
+        (dict(ids=torch.tensor([0, -1, 2, 3], dtype=torch.int64)), r"\[0, Lk = 10\)"),
+        (dict(ids=ids.float()), "ids"),
+        (dict(mask=torch.ones(4, 3, dtype=torch.bool)), "mask"),
+        (dict(mask=torch.ones(4, 2)), "mask"),
+    ]
+    for change, message in cases:
+        args = dict(offsets=good, ids=ids, mask=None)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            torch.ops.hsr.sparse_attention(q, k, v, args["offsets"], args["ids"], args["mask"])
+    with pytest.raises(ValueError, match="offsets"):
+        hsr.sparse_attention(q, k, v, torch.tensor([0, 4], dtype=torch.int64), ids)
+
+
+def test_opcheck():
+    q, k, v = make_qkv(1, 2, 2, 1, 50, 64, torch.float32, "cpu")
+    offsets, ids, mask = random_selection(1, 2, 2, 50, seed=0, masked=True, empty_pair=False)
+    torch.library.opcheck(torch.ops.hsr.sparse_attention.default, (q, k, v, offsets, ids, mask))

@@ -23,32 +23,52 @@ GroupSpan group_span(const SketchLayout& l, int g) {
   return {first, std::min(l.group, l.dim - first)};
 }
 
-uint8_t code_at(const SketchLayout& l, const uint8_t* codes, int t) {
-  if (l.bits == 8) return codes[t];
-  const uint8_t byte = codes[t >> 1];
-  return (t & 1) ? uint8_t(byte >> 4) : uint8_t(byte & 15);
+// The codes of one key as floats (exact: they are small integers).
+void unpack_codes(const SketchLayout& l, const uint8_t* codes, float* out) {
+  if (l.bits == 8) {
+    for (int t = 0; t < l.dim; ++t) out[t] = float(codes[t]);
+  } else {
+    for (int t = 0; t < l.dim; ++t) out[t] = float((codes[t >> 1] >> ((t & 1) * 4)) & 15);
+  }
 }
 
-// sum_{t in span} q_t c_t for one key's codes. The order of the sum is free (the rounding
-// bound in score_intervals holds for any order), so it vectorises; compiled for AVX and the
-// x86-64 baseline, chosen at load time.
+// The inner loops of score_intervals for one key against m queries: compiled for AVX and the
+// x86-64 baseline, chosen at load time. Sums run in any order (omp simd): the rounding bound
+// holds for every order.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HSR_AVX_CLONES __attribute__((target_clones("avx", "default")))
 #else
 #define HSR_AVX_CLONES
 #endif
 
-HSR_AVX_CLONES float dot_codes8(const float* q, const uint8_t* c, int size) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int t = 0; t < size; ++t) acc += q[t] * float(c[t]);
-  return acc;
-}
+struct QueryTerms {
+  const float* q;       // m x dim
+  const float* qsum;    // m x groups: float sum of q over the group
+  const float* qabs;    // m x groups: an upper bound of sum |q| over the group
+};
 
-float dot_codes4(const SketchLayout& l, const float* q, const uint8_t* codes, GroupSpan s) {
-  float acc = 0.0f;
-  for (int t = s.first; t < s.first + s.size; ++t) acc += q[t] * float(code_at(l, codes, t));
-  return acc;
+HSR_AVX_CLONES void key_intervals(const SketchLayout& l, const QueryTerms& qt, int64_t m,
+                                  const float* c, const float* lo, const float* delta,
+                                  float rounding, float inflate, float* est, int64_t est_stride,
+                                  float* rad) {
+  const int d = l.dim, ng = l.groups();
+  const float levels = float(l.levels());
+  for (int64_t i = 0; i < m; ++i) {
+    const float* qi = qt.q + i * d;
+    float e = 0.0f, quant = 0.0f, magnitude = 0.0f;
+    for (int g = 0; g < ng; ++g) {
+      const int first = g * l.group, size = std::min(l.group, d - first);
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int t = 0; t < size; ++t) dot += qi[first + t] * c[first + t];
+      const float qa = qt.qabs[i * ng + g];
+      e += lo[g] * qt.qsum[i * ng + g] + delta[g] * dot;
+      quant += qa * delta[g];
+      magnitude += qa * (std::fabs(lo[g]) + levels * delta[g]);
+    }
+    est[i * est_stride] = e;
+    rad[i * est_stride] = (0.5f * quant + rounding * magnitude) * inflate;
+  }
 }
 
 }  // namespace
@@ -97,53 +117,36 @@ void score_intervals(const SketchLayout& layout, const float* q, int64_t m, cons
                      float* radius) {
   layout.validate();
   const int d = layout.dim, ng = layout.groups(), cb = layout.code_bytes();
-  const double levels = layout.levels();
-  // Per query and group: the float sum of q_t, and an upper bound of sum |q_t|.
-  std::vector<float> qsum(size_t(m) * ng);
-  std::vector<double> qabs(size_t(m) * ng);
+  // Per query and group: the float sum of q_t, and sum |q_t| rounded up to float.
+  std::vector<float> qsum(size_t(m) * ng), qabs(size_t(m) * ng);
   for (int64_t i = 0; i < m; ++i)
     for (int g = 0; g < ng; ++g) {
-      const GroupSpan s = group_span(layout, g);
+      const int first = g * layout.group, size = std::min(layout.group, d - first);
       float sum = 0.0f;
       double abs_sum = 0.0;
-      for (int t = s.first; t < s.first + s.size; ++t) {
+      for (int t = first; t < first + size; ++t) {
         sum += q[i * d + t];
         abs_sum += std::fabs(double(q[i * d + t]));
       }
       qsum[i * ng + g] = sum;
-      qabs[i * ng + g] = abs_sum * (1.0 + 1e-12);
+      qabs[i * ng + g] = std::nextafter(float(abs_sum * (1.0 + 1e-12)), std::numeric_limits<float>::infinity());
     }
   // The float evaluation of estimate = sum_g (lo_g * qsum_g + delta_g * sum_t q_t c_t) is
   // within gamma_k * sum_g |q_g|_1 (|lo_g| + levels * delta_g) of <q, k_hat>, with k the
-  // longest chain of roundings a term goes through (a group's sum, two products, the sum
-  // over 2 * groups terms); 1.01 covers gamma_k = k u / (1 - k u) for any k here.
-  const double rounding = 1.01 * double(layout.group + 2 * ng + 3) * kFloatEps;
-  // Quantization: |k_t - k_hat_t| <= delta_g / 2 (plus a hair for the rounding of the code).
-  const double half_step = 0.5 * (1.0 + 1.0 / 1048576.0);
+  // longest chain of roundings a term goes through (a group's sum, two products, an add, the
+  // sum over groups) <= group + 2 * groups + 3; 1.01 covers gamma_k = k u / (1 - k u).
+  // Quantization adds sum_g delta_g / 2 * |q_g|_1 (codes are nearest levels: see
+  // quantize_keys). The radius itself is summed in float: `inflate` covers its own rounding
+  // (at most 2 * groups + 4 roundings of non-negative terms) and the hair by which a code
+  // can miss the nearest level.
+  const float rounding = float(1.01 * double(layout.group + 2 * ng + 3) * kFloatEps);
+  const float inflate = float(1.0 + 4.0 * double(2 * ng + 8) * kFloatEps + 1.0 / 1048576.0);
+  const QueryTerms qt{q, qsum.data(), qabs.data()};
+  std::vector<float> c(static_cast<size_t>(d));
   for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* cj = codes + j * cb;
-    const float* loj = lo + j * ng;
-    const float* dj = delta + j * ng;
-    for (int64_t i = 0; i < m; ++i) {
-      const float* qi = q + i * d;
-      float est = 0.0f;
-      double quant = 0.0, magnitude = 0.0;
-      for (int g = 0; g < ng; ++g) {
-        const GroupSpan s = group_span(layout, g);
-        const float dot = layout.bits == 8 ? dot_codes8(qi + s.first, cj + s.first, s.size)
-                                           : dot_codes4(layout, qi, cj, s);
-        est += loj[g] * qsum[i * ng + g];
-        est += dj[g] * dot;
-        const double qa = qabs[i * ng + g];
-        quant += qa * double(dj[g]);
-        magnitude += qa * (std::fabs(double(loj[g])) + levels * double(dj[g]));
-      }
-      estimate[i * n + j] = est;
-      // Rounded up to float: the interval must never shrink.
-      const double r = quant * half_step + rounding * magnitude;
-      const float rf = float(r);
-      radius[i * n + j] = double(rf) >= r ? rf : std::nextafter(rf, std::numeric_limits<float>::infinity());
-    }
+    unpack_codes(layout, codes + j * cb, c.data());
+    key_intervals(layout, qt, m, c.data(), lo + j * ng, delta + j * ng, rounding, inflate, estimate + j,
+                  n, radius + j);
   }
 }
 

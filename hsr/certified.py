@@ -1,0 +1,156 @@
+"""Certified sparse softmax decoding over a sketched key set (DESIGN 4 and 4a).
+
+    sketch = hsr.KeySketch.from_keys(k)                    # k (B, Hkv, n, D)
+    out, info = hsr.certified_attention(q, k, v, sketch, eps=1e-3)
+
+For every (batch, q head), keys are selected from their sketch score intervals so that the
+softmax mass left out is certified to be at most ``eps``; only the selected keys are read
+in full precision (one walk per kv head serves its GQA group: the union of the heads'
+selections, with per-head masks). ``info.mass_bound`` is the certificate tau_bar computed
+after attention from the exact normaliser of the selected keys: the total-variation
+distance between the true attention distribution and the one over the selected keys, and
+``info.error_bound`` bounds |o - o_S|_2 (o: attention over all keys, o_S: over the selected
+keys, both in exact arithmetic; the kernel's own float error, as in dense attention, comes on
+top). This is the per-key level of the two-level selection; the tree level is not used here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .ops import sparse_attention
+from .sketch import KeySketch
+
+# Unit roundoff of float32.
+_U = 2.0 ** -24
+
+
+@dataclass(frozen=True)
+class CertifiedInfo:
+    """Per (batch, q head) unless said: mass_bound (tau_bar) and error_bound, float64;
+    keys_selected (int64); per (batch, kv head): keys_read (the union over the group); and
+    the selection itself in hsr.sparse_attention's form (offsets, ids, mask)."""
+
+    mass_bound: torch.Tensor
+    error_bound: torch.Tensor
+    keys_selected: torch.Tensor
+    keys_read: torch.Tensor
+    offsets: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def _select(upper: torch.Tensor, lower: torch.Tensor, eps: float) -> int:
+    """How many of the keys, taken by decreasing upper bound, make sure_left <= eps/(1-eps) *
+    sure_kept, where sure_left sums e^upper over the rest and sure_kept e^lower over the taken
+    (float64, relative to the largest upper bound). upper/lower: sorted by upper, descending."""
+    n = upper.shape[0]
+    if eps <= 0.0 or n == 0:
+        return n
+    top = upper[0]
+    e_up = torch.exp(upper - top)
+    e_lo = torch.exp(lower - top)
+    kept = torch.cumsum(e_lo, 0)  # kept[j]: first j + 1 keys
+    left = e_up.flip(0).cumsum(0).flip(0)  # left[j]: keys j.. n-1
+    left_after = torch.cat([left[1:], left.new_zeros(1)])
+    ok = left_after <= (eps / (1.0 - eps)) * kept
+    return int(torch.nonzero(ok)[0]) + 1 if bool(ok.any()) else n
+
+
+def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *,
+                        eps: float, scale: float | None = None,
+                        v_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+    """Softmax attention of decode queries q (B, Hq, 1, D) over k, v (B, Hkv, n, D) (CPU),
+    reading in full only the keys the sketch cannot certify away; see the module docstring.
+
+    sketch: KeySketch.from_keys(k). v_norms (B, Hkv, n): |v_i|_2 per key (computed from v when
+    not given; a cache keeps them). eps in [0, 1): 0 selects everything (exact).
+    """
+    if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
+        raise ValueError(f"hsr.certified_attention: eps must be in [0, 1), got {eps!r}")
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"hsr.certified_attention: q must be (B, Hq, 1, D) decode queries, got {tuple(q.shape)}")
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"hsr.certified_attention: k and v must be (B, Hkv, n, D) matching q, got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"hsr.certified_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if n == 0:
+        raise ValueError("hsr.certified_attention: k and v must hold at least one key")
+    if not isinstance(sketch, KeySketch) or tuple(sketch.codes.shape[:3]) != (B, Hkv, n) or sketch.dim != D:
+        raise ValueError("hsr.certified_attention: sketch must be KeySketch.from_keys(k)")
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"hsr.certified_attention: scale must be positive and finite, got {scale!r}")
+    if v_norms is None:
+        v_norms = v.float().norm(dim=-1)
+    qf = q[:, :, 0].float()
+
+    offsets = [0]
+    ids, masks, per_head = [], [], []
+    for b in range(B):
+        for h in range(Hkv):
+            qs = qf[b, h * G:(h + 1) * G]
+            est, rad = torch.ops.hsr.sketch_score_intervals(
+                qs, sketch.codes[b, h], sketch.lo[b, h], sketch.delta[b, h], sketch.bits, sketch.group)
+            # Scaled bounds in float64, widened by a hair for the float64 arithmetic itself.
+            e64, r64 = est.double(), rad.double()
+            upper = (e64 + r64) * scale
+            lower = (e64 - r64) * scale
+            upper = upper + upper.abs() * 1e-12 + 1e-300
+            lower = lower - lower.abs() * 1e-12 - 1e-300
+            chosen = torch.zeros(G, n, dtype=torch.bool)
+            for g in range(G):
+                order = torch.argsort(upper[g], descending=True)
+                # A hair stricter than eps: the certificate computed afterwards uses the
+                # kernel's normaliser, deflated for its float rounding.
+                count = _select(upper[g, order], lower[g, order], eps * (1.0 - 1e-3))
+                chosen[g, order[:count]] = True
+            union = torch.nonzero(chosen.any(0)).flatten()
+            ids.append(union)
+            masks.append(chosen[:, union].T)
+            offsets.append(offsets[-1] + union.numel())
+            per_head.append((upper, chosen))
+    offsets_t = torch.tensor(offsets, dtype=torch.int64)
+    ids_t = torch.cat(ids)
+    mask_t = torch.cat(masks).contiguous()
+    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
+
+    mass = torch.zeros(B, Hq, dtype=torch.float64)
+    error = torch.zeros(B, Hq, dtype=torch.float64)
+    selected = torch.zeros(B, Hq, dtype=torch.int64)
+    # Value norms are float sums: rounded up by their own rounding bound.
+    v_up = v_norms.double() * (1.0 + (D + 2) * _U * 1.01)
+    # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t|; the kernel's normaliser
+    # sums at most n terms in tiles, and lse = m + log(l) rounds once more: its log is off by
+    # at most the largest score error plus (tiles + tile size + a few) roundings plus |lse| u.
+    for b in range(B):
+        for h in range(Hkv):
+            upper, chosen = per_head[b * Hkv + h]
+            kabs = k[b, h].double().abs()
+            for g in range(G):
+                hq = h * G + g
+                sel = chosen[g]
+                count = int(sel.sum())
+                selected[b, hq] = count
+                if count == n:
+                    continue
+                qabs = qf[b, hq].double().abs()
+                score_err = (D + 2) * _U * 1.01 * scale * float((kabs[sel] @ qabs).max())
+                sum_err = (count / 64 + 64 + 8) * 2 * _U
+                lse_bh = float(lse[b, hq, 0])
+                log_z = lse_bh - score_err - sum_err - 2 * _U * abs(lse_bh)
+                log_t = float(torch.logsumexp(upper[g, ~sel], 0))
+                tau = 1.0 / (1.0 + math.exp(log_z - log_t)) if log_z - log_t < 700 else 0.0
+                mass[b, hq] = tau
+                # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out
+                # and the selected values.
+                error[b, hq] = tau * (float(v_up[b, h][~sel].max()) + float(v_up[b, h][sel].max()))
+    keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
+    return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t)

@@ -1,0 +1,177 @@
+"""hsr.certified_attention: the reported bounds hold against exact (fp64) dense attention."""
+
+import math
+
+import pytest
+import torch
+
+import hsr
+
+
+def keys_for(kind, B, Hkv, n, D, g):
+    if kind == "gaussian":
+        return torch.randn(B, Hkv, n, D, generator=g)
+    if kind == "clustered":
+        centers = torch.randn(B, Hkv, 8, D, generator=g) * 2
+        pick = torch.randint(0, 8, (B, Hkv, n), generator=g)
+        return torch.gather(centers, 2, pick.unsqueeze(-1).expand(B, Hkv, n, D)) + 0.3 * torch.randn(
+            B, Hkv, n, D, generator=g)
+    if kind == "few_huge":  # a handful of keys dominate the softmax
+        k = torch.randn(B, Hkv, n, D, generator=g) * 0.1
+        k[:, :, :3] *= 200
+        return k
+    if kind == "identical":  # every key the same: flat scores
+        return torch.randn(B, Hkv, 1, D, generator=g).expand(B, Hkv, n, D).contiguous()
+    if kind == "long_tail":  # scores decreasing slowly along the sequence
+        base = torch.randn(B, Hkv, 1, D, generator=g)
+        return base * torch.linspace(3, -3, n).view(1, 1, n, 1) + 0.05 * torch.randn(B, Hkv, n, D, generator=g)
+    if kind == "group_edges":  # one large channel per quantization group
+        k = torch.randn(B, Hkv, n, D, generator=g)
+        k[..., ::32] *= 50
+        return k
+    raise ValueError(kind)
+
+
+def check_certificate(q, k, v, out, info, eps, out_tol=1e-5):
+    """True left-out mass <= mass_bound <= eps; |o - o_S| <= error_bound; out ~ o_S (out_tol:
+    the kernel's own rounding, e.g. of a bf16 output)."""
+    B, Hq, _, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1 / math.sqrt(D)
+    for b in range(B):
+        for h in range(Hkv):
+            bh = b * Hkv + h
+            ids = info.ids[info.offsets[bh]:info.offsets[bh + 1]]
+            mask = info.mask[info.offsets[bh]:info.offsets[bh + 1]]
+            assert info.keys_read[b, h] == ids.numel()
+            for gi in range(G):
+                hq = h * G + gi
+                s = (k[b, h].double() @ q[b, hq, 0].double()) * scale
+                p = torch.softmax(s, 0)
+                sel = torch.zeros(n, dtype=torch.bool)
+                sel[ids[mask[:, gi]]] = True
+                assert int(sel.sum()) == info.keys_selected[b, hq]
+                left = float(p[~sel].sum())
+                bound = float(info.mass_bound[b, hq])
+                assert left <= bound * (1 + 1e-9) + 1e-300, f"left-out mass {left} > bound {bound}"
+                assert bound <= eps, f"certificate {bound} above eps {eps}"
+                o = p @ v[b, h].double()
+                p_sel = torch.softmax(s.masked_fill(~sel, float("-inf")), 0)
+                o_sel = p_sel @ v[b, h].double()
+                err = float((o - o_sel).norm())
+                assert err <= float(info.error_bound[b, hq]) * (1 + 1e-9) + 1e-300
+                torch.testing.assert_close(out[b, hq, 0].double(), o_sel, atol=out_tol, rtol=out_tol)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "clustered", "few_huge", "identical", "long_tail", "group_edges"])
+@pytest.mark.parametrize("eps", [1e-1, 1e-3])
+def test_bounds_hold_and_meet_eps(kind, eps):
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, n, D = 2, 2, 3, 700, 64
+    k = keys_for(kind, B, Hkv, n, D, g)
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+    if kind == "few_huge":
+        q[:, :, 0] = k[:, :, 0].repeat_interleave(G, 1) / 50  # aligned with the huge keys
+    sketch = hsr.KeySketch.from_keys(k)
+    out, info = hsr.certified_attention(q, k, v, sketch, eps=eps)
+    check_certificate(q, k, v, out, info, eps)
+    if kind == "few_huge":  # the dominant keys are enough
+        assert info.keys_selected.max() < 50
+
+
+def test_negative_scores_and_bf16_keys():
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, n, D = 1, 1, 4, 513, 72
+    k = (torch.randn(B, Hkv, n, D, generator=g) - 3).to(torch.bfloat16)
+    v = torch.randn(B, Hkv, n, D, generator=g).to(torch.bfloat16)
+    q = (torch.rand(B, G, 1, D, generator=g) * 2).to(torch.bfloat16)  # positive q, negative keys
+    out, info = hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k), eps=1e-2)
+    assert out.dtype == torch.bfloat16
+    check_certificate(q.float(), k.float(), v.float(), out.float(), info, 1e-2, out_tol=1e-2)
+
+
+def test_bounds_shrink_to_zero_with_eps():
+    g = torch.Generator().manual_seed(2)
+    k = keys_for("clustered", 1, 2, 400, 64, g)
+    v = torch.randn(1, 2, 400, 64, generator=g)
+    q = torch.randn(1, 4, 1, 64, generator=g) * 3
+    sketch = hsr.KeySketch.from_keys(k)
+    previous = None
+    for eps in [1e-1, 1e-2, 1e-3, 1e-5, 0.0]:
+        out, info = hsr.certified_attention(q, k, v, sketch, eps=eps)
+        check_certificate(q, k, v, out, info, eps)
+        if previous is not None:
+            assert (info.keys_selected >= previous).all()
+        previous = info.keys_selected
+    assert (info.mass_bound == 0).all() and (info.error_bound == 0).all()
+    assert (info.keys_selected == 400).all()
+    torch.testing.assert_close(out, hsr.attention(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+def test_gqa_group_reads_the_union_once():
+    g = torch.Generator().manual_seed(3)
+    k = keys_for("clustered", 1, 1, 600, 64, g)
+    v = torch.randn(1, 1, 600, 64, generator=g)
+    q = torch.randn(1, 4, 1, 64, generator=g) * 3
+    out, info = hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k), eps=1e-2)
+    assert info.keys_selected.max() <= info.keys_read[0, 0] <= info.keys_selected.sum()
+    assert torch.equal(info.ids, torch.unique(info.ids))  # each key once, in order
+    assert (info.mask.any(1)).all()  # every key read is used by some head
+
+
+def test_single_key():
+    k = torch.randn(1, 1, 1, 64)
+    v = torch.randn(1, 1, 1, 64)
+    q = torch.randn(1, 2, 1, 64)
+    out, info = hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k), eps=0.5)
+    # One key: whatever is left out, the bound covers it; the output is that key's value
+    # when it is kept.
+    check_certificate(q, k, v, out, info, 0.5)
+
+
+def test_bad_inputs_raise():
+    k = torch.randn(1, 2, 10, 64)
+    v = torch.randn(1, 2, 10, 64)
+    q = torch.randn(1, 4, 1, 64)
+    sk = hsr.KeySketch.from_keys(k)
+    with pytest.raises(ValueError, match="eps"):
+        hsr.certified_attention(q, k, v, sk, eps=1.0)
+    with pytest.raises(ValueError, match="eps"):
+        hsr.certified_attention(q, k, v, sk, eps=-0.1)
+    with pytest.raises(ValueError, match="decode"):
+        hsr.certified_attention(torch.randn(1, 4, 2, 64), k, v, sk, eps=0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        hsr.certified_attention(torch.randn(1, 3, 1, 64), k, v, sk, eps=0.1)
+    with pytest.raises(ValueError, match="sketch"):
+        hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k[:, :, :5]), eps=0.1)
+    with pytest.raises(ValueError, match="at least one key"):
+        hsr.certified_attention(q, k[:, :, :0], v[:, :, :0], hsr.KeySketch.from_keys(k[:, :, :0]), eps=0.1)
+
+
+def test_error_bound_is_reached_when_left_out_values_oppose_the_kept_ones():
+    # The selection depends on q and k only; values that point one way on the kept keys and
+    # the other way on the left-out ones make |o - o_S| = tau_true * |o_T - o_S| equal to
+    # tau_true * (max |v| left out + max |v| kept): the bound's form, with tau_bar close to
+    # tau_true (sharp scores, tight sketch).
+    g = torch.Generator().manual_seed(4)
+    n, D = 2000, 64
+    k = keys_for("long_tail", 1, 1, n, D, g)
+    q = k[:, :, :1].clone() * 0.3
+    sketch = hsr.KeySketch.from_keys(k)
+    _, first = hsr.certified_attention(q, k, torch.randn(1, 1, n, D, generator=g), sketch, eps=1e-2)
+    sel = torch.zeros(n, dtype=torch.bool)
+    sel[first.ids[first.mask[:, 0]]] = True
+    assert 0 < sel.sum() < n
+    v = torch.zeros(1, 1, n, D)
+    v[0, 0, :, 0] = torch.where(sel, -1.0, 1.0)
+    out, info = hsr.certified_attention(q, k, v, sketch, eps=1e-2)
+    assert torch.equal(info.ids, first.ids) and torch.equal(info.mask, first.mask)
+    check_certificate(q, k, v, out, info, 1e-2)
+    s = (k[0, 0].double() @ q[0, 0, 0].double()) / math.sqrt(D)
+    p = torch.softmax(s, 0)
+    o = p @ v[0, 0].double()
+    o_sel = torch.softmax(s.masked_fill(~sel, float("-inf")), 0) @ v[0, 0].double()
+    err = float((o - o_sel).norm())
+    assert 0.5 * float(info.error_bound[0, 0]) <= err <= float(info.error_bound[0, 0])

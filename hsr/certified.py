@@ -154,3 +154,70 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
                 error[b, hq] = tau * (float(v_up[b, h][~sel].max()) + float(v_up[b, h][sel].max()))
     keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
     return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t)
+
+
+@dataclass(frozen=True)
+class ReportedInfo:
+    """keys_reported (B, Hq): keys with a positive ReLU weight per q head; keys_read
+    (B, Hkv): the union over the GQA group; the index's IndexStats; the selection."""
+
+    keys_reported: torch.Tensor
+    keys_read: torch.Tensor
+    index_stats: object
+    offsets: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, *, bias: float,
+                            alpha: int = 1, scale: float | None = None,
+                            normalize: bool = True) -> tuple[torch.Tensor, ReportedInfo]:
+    """ReLU^alpha attention of decode queries q (B, Hq, 1, D) that reads only the keys the HSR
+    index reports: A = relu(scale * <q, k> - bias) ** alpha is non-zero exactly where
+    <q, k> > bias / scale, a half-space query. The result equals dense ReLU attention
+    (hsr.attention(kind="relu")) up to float rounding (a key within rounding of the threshold
+    may be reported by one and not the other; its weight is then of the order of the rounding).
+
+    index: hsr.HSRIndexBatch over k (ids = positions), e.g. HSRIndexBatch(k.float()).
+    """
+    from .index import HSRIndexBatch
+
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"hsr.relu_reported_attention: q must be (B, Hq, 1, D) decode queries, got "
+                         f"{tuple(q.shape)}")
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"hsr.relu_reported_attention: k and v must be (B, Hkv, n, D) matching q, got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"hsr.relu_reported_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if not isinstance(index, HSRIndexBatch) or (index.batch, index.heads, index.d) != (B, Hkv, D) \
+            or not bool((index.ntotal == n).all()):
+        raise ValueError("hsr.relu_reported_attention: index must be an HSRIndexBatch over k "
+                         f"({B}, {Hkv}, n={n}, {D})")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"hsr.relu_reported_attention: scale must be positive and finite, got {scale!r}")
+    if not math.isfinite(float(bias)):
+        raise ValueError(f"hsr.relu_reported_attention: bias must be finite, got {bias!r}")
+    G = Hq // Hkv
+    lims, _, reported = index.range_search(q[:, :, 0].float(), float(bias) / scale)
+    stats = index.last_stats
+    offsets = [0]
+    ids, masks = [], []
+    counts = (lims[1:] - lims[:-1]).view(B, Hq)
+    for b in range(B):
+        for h in range(Hkv):
+            rows = [reported[lims[r]:lims[r + 1]] for r in range((b * Hq + h * G), (b * Hq + h * G) + G)]
+            union = torch.unique(torch.cat(rows)) if any(r.numel() for r in rows) else torch.zeros(0, dtype=torch.int64)
+            ids.append(union)
+            masks.append(torch.stack([torch.isin(union, r) for r in rows], dim=1) if union.numel()
+                         else torch.zeros(0, G, dtype=torch.bool))
+            offsets.append(offsets[-1] + union.numel())
+    offsets_t = torch.tensor(offsets, dtype=torch.int64)
+    ids_t, mask_t = torch.cat(ids), torch.cat(masks).contiguous()
+    out = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
+                           bias=float(bias), normalize=normalize)
+    keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
+    return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t)

@@ -1,0 +1,67 @@
+"""hsr.relu_reported_attention: ReLU attention over the keys the HSR index reports equals
+dense ReLU attention."""
+
+import pytest
+import torch
+
+import hsr
+from reference import attention_ref
+
+
+def make(kind, B, Hkv, G, n, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "clustered":
+        centers = torch.randn(B, Hkv, 16, D, generator=g) * 2
+        pick = torch.randint(0, 16, (B, Hkv, n), generator=g)
+        k = torch.gather(centers, 2, pick.unsqueeze(-1).expand(B, Hkv, n, D)) + 0.3 * torch.randn(
+            B, Hkv, n, D, generator=g)
+    else:
+        k = torch.randn(B, Hkv, n, D, generator=g)
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("bias,alpha,normalize", [(0.0, 1, True), (1.5, 2, True), (3.0, 3, False)])
+def test_equals_dense_relu_attention(kind, dtype, G, bias, alpha, normalize):
+    q, k, v = make(kind, 2, 2, G, 3000, 64, dtype)
+    index = hsr.HSRIndexBatch(k.float())
+    out, info = hsr.relu_reported_attention(q, k, v, index, bias=bias, alpha=alpha, normalize=normalize)
+    # As accurate as the dense kernel, against the fp64 reference (FlashAttention-style rule).
+    dense = hsr.attention(q, k, v, kind="relu", bias=bias, alpha=alpha, normalize=normalize)
+    ref, _ = attention_ref(q, k, v, kind="relu", bias=bias, alpha=alpha, normalize=normalize)
+    dense_err = (dense.double() - ref).abs().max().item()
+    floor = (1e-5 if dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
+    assert (out.double() - ref).abs().max().item() <= 2 * dense_err + floor
+    # What was reported is what has a positive weight (up to ties at the threshold).
+    s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(),
+                     k.float().repeat_interleave(G, 1)) / 8.0
+    positive = (s > bias).sum(-1)
+    assert (info.keys_reported - positive).abs().max() <= 1
+    assert (info.keys_read >= info.keys_reported.view(2, 2, G).amax(-1)).all()
+
+
+def test_a_selective_bias_reads_few_keys():
+    q, k, v = make("clustered", 1, 2, 4, 20_000, 64, torch.float32, seed=1)
+    index = hsr.HSRIndexBatch(k)
+    s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k.repeat_interleave(4, 1)) / 8.0
+    bias = float(torch.quantile(s.flatten(), 0.995))
+    out, info = hsr.relu_reported_attention(q, k, v, index, bias=bias, alpha=2)
+    torch.testing.assert_close(out, hsr.attention(q, k, v, kind="relu", bias=bias, alpha=2), atol=1e-5, rtol=1e-5)
+    assert info.keys_read.max() < 0.05 * 20_000
+
+
+def test_bad_inputs_raise():
+    q, k, v = make("random", 1, 2, 2, 100, 64, torch.float32)
+    index = hsr.HSRIndexBatch(k)
+    with pytest.raises(ValueError, match="index"):
+        hsr.relu_reported_attention(q, k, v, hsr.HSRIndexBatch(k[:, :, :50]), bias=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        hsr.relu_reported_attention(q, k, v, index, bias=0.0, scale=-1.0)
+    with pytest.raises(ValueError, match="bias"):
+        hsr.relu_reported_attention(q, k, v, index, bias=float("nan"))
+    with pytest.raises(ValueError, match="decode"):
+        hsr.relu_reported_attention(q.expand(1, 4, 2, 64), k, v, index, bias=0.0)

@@ -41,6 +41,12 @@ class CertifiedInfo:
     offsets: torch.Tensor
     ids: torch.Tensor
     mask: torch.Tensor
+    # Per (batch, q head): the largest value norm (rounded up) among the keys left out and
+    # among those kept (0 where none), the ingredients of error_bound.
+    v_left_max: torch.Tensor
+    v_kept_max: torch.Tensor
+    # (B, Hq) float32: log of the kept keys' softmax normaliser, to merge with other keys.
+    lse: torch.Tensor
 
 
 def _select(upper: torch.Tensor, lower: torch.Tensor, eps: float) -> int:
@@ -125,6 +131,8 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     mass = torch.zeros(B, Hq, dtype=torch.float64)
     error = torch.zeros(B, Hq, dtype=torch.float64)
     selected = torch.zeros(B, Hq, dtype=torch.int64)
+    v_left = torch.zeros(B, Hq, dtype=torch.float64)
+    v_kept = torch.zeros(B, Hq, dtype=torch.float64)
     # Value norms are float sums: rounded up by their own rounding bound.
     v_up = v_norms.double() * (1.0 + (D + 2) * _U * 1.01)
     # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t|; the kernel's normaliser
@@ -139,8 +147,11 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
                 sel = chosen[g]
                 count = int(sel.sum())
                 selected[b, hq] = count
+                if count:
+                    v_kept[b, hq] = float(v_up[b, h][sel].max())
                 if count == n:
                     continue
+                v_left[b, hq] = float(v_up[b, h][~sel].max())
                 qabs = qf[b, hq].double().abs()
                 score_err = (D + 2) * _U * 1.01 * scale * float((kabs[sel] @ qabs).max())
                 sum_err = (count / 64 + 64 + 8) * 2 * _U
@@ -151,9 +162,10 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
                 mass[b, hq] = tau
                 # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out
                 # and the selected values.
-                error[b, hq] = tau * (float(v_up[b, h][~sel].max()) + float(v_up[b, h][sel].max()))
+                error[b, hq] = tau * (v_left[b, hq] + v_kept[b, hq])
     keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
-    return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t)
+    return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left, v_kept,
+                              lse[:, :, 0])
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,8 @@ class ReportedInfo:
     offsets: torch.Tensor
     ids: torch.Tensor
     mask: torch.Tensor
+    # (B, Hq) float32: log of each row's sum of ReLU weights, to merge with other keys.
+    lse: torch.Tensor
 
 
 def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, *, bias: float,
@@ -217,7 +231,7 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
             offsets.append(offsets[-1] + union.numel())
     offsets_t = torch.tensor(offsets, dtype=torch.int64)
     ids_t, mask_t = torch.cat(ids), torch.cat(masks).contiguous()
-    out = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
-                           bias=float(bias), normalize=normalize)
+    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
+                                bias=float(bias), normalize=normalize, return_lse=True)
     keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
-    return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t)
+    return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t, lse[:, :, 0])

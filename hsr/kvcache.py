@@ -1,0 +1,252 @@
+"""hsr.HSRKVCache: a KV cache that decodes by reading only the keys that matter (CPU).
+
+    cache = hsr.HSRKVCache(batch, num_kv_heads, head_dim, dtype=torch.bfloat16,
+                           leaf_size=64, policy=hsr.Softmax(eps=1e-3))
+    cache.prefill(k, v)                          # (B, Hkv, L, D)
+    out, info = cache.decode(q, k_new, v_new)    # q (B, Hq, 1, D); k_new, v_new (B, Hkv, 1, D)
+
+Keys live in two parts: the indexed part (an HSRIndexBatch over the keys, their int8 sketch
+and value norms) and a dense tail of fewer than ``leaf_size`` recent keys, always attended in
+full; a full tail is appended to the indexed part. Policies:
+- ``hsr.Softmax(eps)``: certified selection from the sketch bounds (hsr.certified_attention);
+  ``info.mass_bound`` <= eps bounds the total-variation distance to dense attention,
+  ``info.error_bound`` the output error (the kernel's own float error comes on top).
+- ``hsr.ReLU(alpha, bias, normalize)``: the index reports every key with a positive weight
+  (hsr.relu_reported_attention): the result equals dense ReLU attention up to rounding.
+
+This version orchestrates the C++ ops from Python (selection by sorting per head, Python
+loops over (batch, kv head)): correct and certified, not yet fast, and the softmax path does
+not use the tree level yet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .certified import certified_attention, relu_reported_attention
+from .index import HSRIndexBatch
+from .ops import attention, merge_attention
+from .sketch import KeySketch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """Certified softmax: the softmax mass left out is at most eps (0 <= eps < 1)."""
+
+    eps: float = 1e-3
+
+    def __post_init__(self):
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"hsr.Softmax: eps must be in [0, 1), got {self.eps!r}")
+
+
+@dataclass(frozen=True)
+class ReLU:
+    """relu(scale <q, k> - bias) ** alpha attention, exact: only keys with weight 0 are skipped."""
+
+    alpha: int = 2
+    bias: float = 0.0
+    normalize: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha < 1:
+            raise ValueError(f"hsr.ReLU: alpha must be a positive integer, got {self.alpha!r}")
+        if not math.isfinite(float(self.bias)):
+            raise ValueError(f"hsr.ReLU: bias must be finite, got {self.bias!r}")
+
+
+@dataclass(frozen=True)
+class DecodeInfo:
+    """Per (batch, q head): mass_bound and error_bound (float64; 0 for ReLU, which is exact)
+    and keys_attended (indexed keys selected + tail); per (batch, kv head): keys_read (keys
+    whose K and V were read in full precision: the group's union plus the tail);
+    bytes_read: bytes the step read, all heads together (sketch or index scoring, full-
+    precision K/V, value norms); seconds: wall time of the step."""
+
+    mass_bound: torch.Tensor
+    error_bound: torch.Tensor
+    keys_attended: torch.Tensor
+    keys_read: torch.Tensor
+    bytes_read: int
+    seconds: float
+
+
+class HSRKVCache:
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device="cpu", leaf_size: int = 64, sketch: str = "int8", policy=None,
+                 scale: float | None = None):
+        for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("leaf_size", leaf_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"HSRKVCache: {name} must be a positive integer, got {value!r}")
+        if head_dim > 256:
+            raise ValueError(f"HSRKVCache: head_dim must be at most 256, got {head_dim}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"HSRKVCache: dtype must be float32, float16 or bfloat16, got {dtype}")
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"HSRKVCache: only device='cpu' is supported so far, got {device!r}")
+        if sketch not in ("int8", "int4"):
+            raise ValueError(f"HSRKVCache: sketch must be 'int8' or 'int4', got {sketch!r}")
+        policy = Softmax() if policy is None else policy
+        if not isinstance(policy, (Softmax, ReLU)):
+            raise ValueError(f"HSRKVCache: policy must be hsr.Softmax(...) or hsr.ReLU(...), got {policy!r}")
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"HSRKVCache: scale must be positive and finite, got {scale!r}")
+        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.dtype, self.leaf_size, self.policy = dtype, leaf_size, policy
+        self.sketch_bits = 8 if sketch == "int8" else 4
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every key."""
+        shape = (self.batch, self.num_kv_heads, 0, self.head_dim)
+        # K and V buffers with room to grow (doubling), so an append does not copy the cache.
+        self._kbuf = torch.empty(shape, dtype=self.dtype)
+        self._vbuf = torch.empty(shape, dtype=self.dtype)
+        self._length = 0
+        self._indexed = 0
+        self._index = HSRIndexBatch(batch=self.batch, heads=self.num_kv_heads, d=self.head_dim,
+                                    leaf_size=self.leaf_size)
+        self._sketch = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
+        self._v_norms = torch.empty(self.batch, self.num_kv_heads, 0)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def _k(self) -> torch.Tensor:
+        return self._kbuf[:, :, :self._length]
+
+    @property
+    def _v(self) -> torch.Tensor:
+        return self._vbuf[:, :, :self._length]
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        need = self._length + k.shape[2]
+        if need > self._kbuf.shape[2]:
+            cap = max(need, 2 * self._kbuf.shape[2], 64)
+            grown = [torch.empty(self.batch, self.num_kv_heads, cap, self.head_dim, dtype=self.dtype)
+                     for _ in range(2)]
+            for new, old in zip(grown, (self._kbuf, self._vbuf)):
+                new[:, :, :self._length] = old[:, :, :self._length]
+            self._kbuf, self._vbuf = grown
+        self._kbuf[:, :, self._length:need] = k
+        self._vbuf[:, :, self._length:need] = v
+        self._length = need
+
+    @property
+    def indexed_length(self) -> int:
+        return self._indexed
+
+    def _check_kv(self, k, v, what, length=None):
+        expect = (self.batch, self.num_kv_heads)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:2]) != expect \
+                    or t.shape[3] != self.head_dim or (length is not None and t.shape[2] != length):
+                want = f"({self.batch}, {self.num_kv_heads}, {'L' if length is None else length}, {self.head_dim})"
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"HSRKVCache.{what}: {name} must be {want}, got {got}")
+            if t.dtype != self.dtype or t.device.type != "cpu":
+                raise ValueError(f"HSRKVCache.{what}: {name} must be a CPU {self.dtype} tensor, got "
+                                 f"{t.dtype} on {t.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"HSRKVCache.{what}: k and v must have the same shape")
+        if k.numel() and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise ValueError(f"HSRKVCache.{what}: k or v contains NaN or Inf")
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the prompt's keys and values (B, Hkv, L, D) in an empty cache; every whole
+        leaf of them is indexed and sketched, the rest forms the tail."""
+        self._check_kv(k, v, "prefill")
+        if self._length:
+            raise ValueError("HSRKVCache.prefill: the cache is not empty (call reset() first)")
+        self._append(k, v)
+        self._index_up_to(self._length - self._length % self.leaf_size)
+
+    def _index_up_to(self, end: int) -> None:
+        """Index, sketch and take value norms of the keys [indexed, end)."""
+        if end <= self._indexed:
+            return
+        k_new = self._k[:, :, self._indexed:end]
+        self._index.add(k_new.float())
+        new = KeySketch.from_keys(k_new, bits=self.sketch_bits)
+        old = self._sketch
+        self._sketch = KeySketch(torch.cat([old.codes, new.codes], 2), torch.cat([old.lo, new.lo], 2),
+                                 torch.cat([old.delta, new.delta], 2), self.head_dim, self.sketch_bits,
+                                 new.group)
+        self._v_norms = torch.cat([self._v_norms, self._v[:, :, self._indexed:end].float().norm(dim=-1)], 2)
+        self._indexed = end
+
+    def decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Append one key and value per kv head, then attend q (B, Hq, 1, D) to every key.
+        Returns (out (B, Hq, 1, D) in the cache dtype, DecodeInfo)."""
+        self._check_kv(k_new, v_new, "decode", length=1)
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[0] != self.batch or q.shape[2] != 1 \
+                or q.shape[3] != self.head_dim or q.shape[1] % self.num_kv_heads:
+            got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ValueError(f"HSRKVCache.decode: q must be ({self.batch}, Hq, 1, {self.head_dim}) with Hq a "
+                             f"multiple of {self.num_kv_heads}, got {got}")
+        if q.dtype != self.dtype or q.device.type != "cpu":
+            raise ValueError(f"HSRKVCache.decode: q must be a CPU {self.dtype} tensor, got {q.dtype} on {q.device}")
+        start = time.perf_counter()
+        self._append(k_new, v_new)
+        if self._length - self._indexed >= self.leaf_size:
+            self._index_up_to(self._length)
+        out, info = self._attend(q)
+        return out, DecodeInfo(*info, seconds=time.perf_counter() - start)
+
+    def _attend(self, q):
+        B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
+        G = Hq // Hkv
+        n_idx, tail = self._indexed, self._length - self._indexed
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        mass = torch.zeros(B, Hq, dtype=torch.float64)
+        error = torch.zeros(B, Hq, dtype=torch.float64)
+        attended = torch.full((B, Hq), tail, dtype=torch.int64)
+        read = torch.full((B, Hkv), tail, dtype=torch.int64)
+        bytes_read = B * Hkv * tail * 2 * D * elem
+        parts = []
+        softmax = isinstance(self.policy, Softmax)
+        k_tail, v_tail = self._k[:, :, n_idx:], self._v[:, :, n_idx:]
+        if tail:
+            kw = (dict(kind="softmax") if softmax else
+                  dict(kind="relu", alpha=self.policy.alpha, bias=self.policy.bias, normalize=self.policy.normalize))
+            parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True, **kw))
+        if n_idx:
+            k_idx, v_idx = self._k[:, :, :n_idx], self._v[:, :, :n_idx]
+            if softmax:
+                out, info = certified_attention(q, k_idx, v_idx, self._sketch, eps=self.policy.eps,
+                                                scale=self.scale, v_norms=self._v_norms)
+                mass = info.mass_bound
+                # Left-out mass is measured against the kept keys only; the tail adds to what is
+                # kept, so the bound stays valid, and its values join the kept ones.
+                v_tail_max = (v_tail.float().norm(dim=-1).amax(-1).double() * (1 + (D + 2) * 2.0 ** -24 * 1.01)
+                              if tail else torch.zeros(B, Hkv, dtype=torch.float64))
+                kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
+                error = mass * (info.v_left_max + kept_max)
+                bytes_read += self._sketch.nbytes + self._v_norms.numel() * 4
+            else:
+                out, info = relu_reported_attention(q, k_idx, v_idx, self._index, bias=self.policy.bias,
+                                                    alpha=self.policy.alpha, scale=self.scale,
+                                                    normalize=self.policy.normalize)
+                bytes_read += info.index_stats.points_scored * D * 4
+            keys = info.keys_selected if softmax else info.keys_reported
+            attended += keys
+            read += info.keys_read
+            bytes_read += int(info.keys_read.sum()) * 2 * D * elem
+            parts.append((out, info.lse.unsqueeze(-1)))
+        if len(parts) == 1:
+            out = parts[0][0]
+        elif softmax or self.policy.normalize:
+            out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+        else:
+            out = (parts[0][0].float() + parts[1][0].float()).to(self.dtype)
+        return out, (mass, error, attended, read, int(bytes_read))

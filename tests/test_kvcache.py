@@ -1,0 +1,136 @@
+"""hsr.HSRKVCache: decode after prefill against dense attention over every key so far."""
+
+import math
+
+import pytest
+import torch
+
+import hsr
+from reference import attention_ref
+
+
+def stream(kind, B, Hkv, L, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "clustered":
+        centers = torch.randn(B, Hkv, 6, D, generator=g) * 2
+        pick = torch.randint(0, 6, (B, Hkv, L), generator=g)
+        k = torch.gather(centers, 2, pick.unsqueeze(-1).expand(B, Hkv, L, D)) + 0.3 * torch.randn(
+            B, Hkv, L, D, generator=g)
+    else:
+        k = torch.randn(B, Hkv, L, D, generator=g)
+    return k, torch.randn(B, Hkv, L, D, generator=g), g
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("eps", [1e-2, 1e-4])
+def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps):
+    B, Hkv, G, D, prompt, steps = 2, 2, 3, 64, 90, 40
+    k, v, g = stream(kind, B, Hkv, prompt + steps, D)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=hsr.Softmax(eps=eps))
+    cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    assert cache.indexed_length == 80 and cache.length == prompt
+    for t in range(prompt, prompt + steps):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert cache.length == t + 1 and cache.indexed_length % 16 == 0
+        assert cache.length - cache.indexed_length < 16
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+        err = (out.double() - ref).norm(dim=-1)[..., 0]  # (B, Hq)
+        assert (info.mass_bound <= eps).all()
+        assert (err <= info.error_bound + 1e-5).all(), f"step {t}: {float((err - info.error_bound).max())}"
+        assert (info.keys_attended <= t + 1).all() and (info.keys_read <= t + 1).all()
+        assert info.bytes_read > 0 and info.seconds > 0
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_relu_equals_dense_relu_over_many_steps(normalize):
+    B, Hkv, G, D, prompt, steps = 1, 2, 4, 64, 70, 30
+    k, v, g = stream("clustered", B, Hkv, prompt + steps, D, seed=1)
+    policy = hsr.ReLU(alpha=2, bias=1.0, normalize=normalize)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=8, policy=policy)
+    cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    for t in range(prompt, prompt + steps):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1], kind="relu", alpha=2, bias=1.0,
+                               normalize=normalize)
+        assert (out.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+        assert (info.mass_bound == 0).all() and (info.error_bound == 0).all()
+
+
+@pytest.mark.parametrize("prompt", [0, 1])
+def test_decode_after_a_tiny_prefill(prompt):
+    k, v, g = stream("random", 1, 1, 20, 32)
+    cache = hsr.HSRKVCache(1, 1, 32, leaf_size=4, policy=hsr.Softmax(eps=1e-3))
+    cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    for t in range(prompt, 20):
+        q = torch.randn(1, 2, 1, 32, generator=g)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+        assert ((out.double() - ref).norm(dim=-1)[..., 0] <= info.error_bound + 1e-5).all()
+    assert cache.indexed_length == 20
+
+
+def test_eps_zero_is_dense_attention_and_bf16_works():
+    k, v, g = stream("random", 1, 2, 100, 64, seed=2)
+    q = torch.randn(1, 4, 1, 64, generator=g)
+    exact = hsr.HSRKVCache(1, 2, 64, leaf_size=16, policy=hsr.Softmax(eps=0.0))
+    exact.prefill(k[:, :, :99], v[:, :, :99])
+    out, info = exact.decode(q, k[:, :, 99:], v[:, :, 99:])
+    torch.testing.assert_close(out, hsr.attention(q, k, v), atol=1e-6, rtol=1e-6)
+    assert (info.mass_bound == 0).all() and (info.keys_attended == 100).all()
+    kb, vb, qb = k.to(torch.bfloat16), v.to(torch.bfloat16), q.to(torch.bfloat16)
+    cache = hsr.HSRKVCache(1, 2, 64, dtype=torch.bfloat16, leaf_size=16, policy=hsr.Softmax(eps=1e-3))
+    cache.prefill(kb[:, :, :99], vb[:, :, :99])
+    out, info = cache.decode(qb, kb[:, :, 99:], vb[:, :, 99:])
+    ref, _ = attention_ref(qb, kb, vb)
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - ref).norm(dim=-1)[..., 0] <= info.error_bound + 2e-2).all()
+
+
+def test_bad_input_raises_and_leaves_the_cache_unchanged():
+    k, v, g = stream("random", 1, 2, 40, 32)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8)
+    cache.prefill(k[:, :, :30], v[:, :, :30])
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    bad = [
+        (q[:, :3], k[:, :, 30:31], v[:, :, 30:31], "multiple"),
+        (q.double(), k[:, :, 30:31], v[:, :, 30:31], "q must be"),
+        (q, k[:, :, 30:32], v[:, :, 30:32], "k must be"),
+        (q, k[:, :1, 30:31], v[:, :1, 30:31], "k must be"),
+        (q, k[:, :, 30:31].to(torch.float16), v[:, :, 30:31], "k must be a CPU"),
+        (q, k[:, :, 30:31] * float("nan"), v[:, :, 30:31], "NaN"),
+        (q[:, :, :, :16], k[:, :, 30:31], v[:, :, 30:31], "q must be"),
+    ]
+    for qq, kk, vv, message in bad:
+        with pytest.raises(ValueError, match=message):
+            cache.decode(qq, kk, vv)
+        assert cache.length == 30 and cache.indexed_length == 24
+    with pytest.raises(ValueError, match="not empty"):
+        cache.prefill(k[:, :, :5], v[:, :, :5])
+    out, info = cache.decode(q, k[:, :, 30:31], v[:, :, 30:31])
+    ref, _ = attention_ref(q, k[:, :, :31], v[:, :, :31])
+    assert ((out.double() - ref).norm(dim=-1)[..., 0] <= info.error_bound + 1e-5).all()
+    cache.reset()
+    assert cache.length == 0
+    cache.prefill(k[:, :, :3], v[:, :, :3])
+    assert cache.length == 3
+
+
+def test_bad_construction_and_policies():
+    with pytest.raises(ValueError, match="eps"):
+        hsr.Softmax(eps=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        hsr.ReLU(alpha=0)
+    with pytest.raises(ValueError, match="bias"):
+        hsr.ReLU(bias=math.inf)
+    with pytest.raises(ValueError, match="head_dim"):
+        hsr.HSRKVCache(1, 1, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        hsr.HSRKVCache(1, 1, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cpu"):
+        hsr.HSRKVCache(1, 1, 32, device="cuda")
+    with pytest.raises(ValueError, match="sketch"):
+        hsr.HSRKVCache(1, 1, 32, sketch="int2")
+    with pytest.raises(ValueError, match="policy"):
+        hsr.HSRKVCache(1, 1, 32, policy="softmax")

@@ -80,7 +80,7 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     err = quality(q, k, v, out, policy)
     dense_bytes = 2 * heads_kv * n * d * k.element_size()
     name = f"softmax eps={policy.eps:g}" if isinstance(policy, hsr.Softmax) else \
-        f"relu a={policy.alpha} b={policy.bias:g}"
+        f"relu 1% {policy.select}"
     return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,
@@ -108,6 +108,7 @@ def plot(rows, path):
         ax.plot([r["n"] for r in sel], [r["step_ms"] for r in sel], "o-", label=f"HSRKVCache {policy}")
     sel = [r for r in rows if r["policy"].startswith("softmax")]
     ax.plot([r["n"] for r in sel], [r["sdpa_ms"] for r in sel], "s--", label="torch SDPA (dense)")
+    ax.plot([r["n"] for r in sel], [r["dense_ms"] for r in sel], "^:", label="hsr.attention (dense)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (keys)")
@@ -129,7 +130,9 @@ def main():
 
     rows = []
     for n in args.n:
-        for policy in (hsr.Softmax(eps=1e-3), hsr.ReLU(alpha=2, bias=relu_bias_for(n, 0.01))):
+        bias = relu_bias_for(n, 0.01)
+        for policy in (hsr.Softmax(eps=1e-3), hsr.ReLU(alpha=2, bias=bias, select="sketch"),
+                       hsr.ReLU(alpha=2, bias=bias, select="index")):
             row = bench_case(n, policy, args.steps)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             rows.append(row)

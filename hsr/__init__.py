@@ -17,7 +17,8 @@ from .index import (  # noqa: E402
 from .ops import attention, merge_attention, sparse_attention  # noqa: E402
 from .sketch import KeySketch  # noqa: E402
 from .kvcache import DecodeInfo, HSRKVCache, ReLU, Softmax  # noqa: E402
-from .certified import CertifiedInfo, ReportedInfo, certified_attention, relu_reported_attention  # noqa: E402
+from .certified import (CertifiedInfo, ReportedInfo, certified_attention,
+                        relu_reported_attention, relu_sketch_attention)  # noqa: E402
 
 __version__ = "0.1.0"
 built_with_torch = _build_info.TORCH_VERSION
@@ -25,7 +26,7 @@ built_with_cuda = bool(_build_info.WITH_CUDA)
 
 __all__ = [
     "attention", "sparse_attention", "certified_attention", "CertifiedInfo",
-    "relu_reported_attention", "ReportedInfo", "HSRKVCache", "Softmax", "ReLU", "DecodeInfo", "merge_attention", "KeySketch", "HSRIndex", "HSRIndexBatch", "IndexStats", "KeyStats", "paper_threshold",
+    "relu_reported_attention", "relu_sketch_attention", "ReportedInfo", "HSRKVCache", "Softmax", "ReLU", "DecodeInfo", "merge_attention", "KeySketch", "HSRIndex", "HSRIndexBatch", "IndexStats", "KeyStats", "paper_threshold",
     "expected_reported_fraction", "read_index", "write_index", "TorchVersionMismatch",
     "built_with_torch", "built_with_cuda", "__version__",
 ]

@@ -236,3 +236,51 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                                 bias=float(bias), normalize=normalize, return_lse=True)
     keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
     return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t, lse[:, :, 0])
+
+
+def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *, bias: float,
+                          alpha: int = 1, scale: float | None = None,
+                          normalize: bool = True) -> tuple[torch.Tensor, ReportedInfo]:
+    """ReLU^alpha attention of decode queries q (B, Hq, 1, D) that reads in full only the
+    keys whose sketch upper bound passes the threshold: a key with scale * upper <= bias has
+    weight exactly 0, so the result equals dense ReLU attention up to float rounding (as
+    relu_reported_attention, without the index). info.index_stats is None."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"hsr.relu_sketch_attention: q must be (B, Hq, 1, D) decode queries, got "
+                         f"{tuple(q.shape)}")
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"hsr.relu_sketch_attention: k and v must be (B, Hkv, n, D) matching q, got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"hsr.relu_sketch_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if not isinstance(sketch, KeySketch) or tuple(sketch.codes.shape[:3]) != (B, Hkv, n) or sketch.dim != D:
+        raise ValueError("hsr.relu_sketch_attention: sketch must be KeySketch.from_keys(k)")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"hsr.relu_sketch_attention: scale must be positive and finite, got {scale!r}")
+    if not math.isfinite(float(bias)):
+        raise ValueError(f"hsr.relu_sketch_attention: bias must be finite, got {bias!r}")
+    G = Hq // Hkv
+    qf = q[:, :, 0].float()
+    offsets, ids, masks = [0], [], []
+    counts = torch.zeros(B, Hq, dtype=torch.int64)
+    for b in range(B):
+        for h in range(Hkv):
+            est, rad = torch.ops.hsr.sketch_score_intervals(
+                qf[b, h * G:(h + 1) * G], sketch.codes[b, h], sketch.lo[b, h], sketch.delta[b, h], sketch.bits,
+                sketch.group)
+            upper = (est.double() + rad.double()) * scale
+            chosen = upper + upper.abs() * 1e-12 + 1e-300 > float(bias)  # (G, n)
+            counts[b, h * G:(h + 1) * G] = chosen.sum(1)
+            union = torch.nonzero(chosen.any(0)).flatten()
+            ids.append(union)
+            masks.append(chosen[:, union].T)
+            offsets.append(offsets[-1] + union.numel())
+    offsets_t = torch.tensor(offsets, dtype=torch.int64)
+    ids_t, mask_t = torch.cat(ids), torch.cat(masks).contiguous()
+    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
+                                bias=float(bias), normalize=normalize, return_lse=True)
+    keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
+    return out, ReportedInfo(counts, keys_read, None, offsets_t, ids_t, mask_t, lse[:, :, 0])

@@ -11,8 +11,9 @@ full; a full tail is appended to the indexed part. Policies:
 - ``hsr.Softmax(eps)``: certified selection from the sketch bounds (hsr.certified_attention);
   ``info.mass_bound`` <= eps bounds the total-variation distance to dense attention,
   ``info.error_bound`` the output error (the kernel's own float error comes on top).
-- ``hsr.ReLU(alpha, bias, normalize)``: the index reports every key with a positive weight
-  (hsr.relu_reported_attention): the result equals dense ReLU attention up to rounding.
+- ``hsr.ReLU(alpha, bias, normalize, select)``: every key that can have a positive weight is
+  read, found from the sketch bounds (hsr.relu_sketch_attention) or by the index's half-space
+  query (hsr.relu_reported_attention): the result equals dense ReLU attention up to rounding.
 
 This version orchestrates the C++ ops from Python (selection by sorting per head, Python
 loops over (batch, kv head)): correct and certified, not yet fast, and the softmax path does
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .certified import certified_attention, relu_reported_attention
+from .certified import certified_attention, relu_reported_attention, relu_sketch_attention
 from .index import HSRIndexBatch
 from .ops import attention, merge_attention
 from .sketch import KeySketch
@@ -48,13 +49,18 @@ class Softmax:
 
 @dataclass(frozen=True)
 class ReLU:
-    """relu(scale <q, k> - bias) ** alpha attention, exact: only keys with weight 0 are skipped."""
+    """relu(scale <q, k> - bias) ** alpha attention, exact: only keys with weight 0 are skipped.
+    select: how those keys are found: "sketch" (keys whose sketch upper bound passes; the
+    sketch is scanned) or "index" (the HSR index's half-space query on float32 keys)."""
 
     alpha: int = 2
     bias: float = 0.0
     normalize: bool = True
+    select: str = "sketch"
 
     def __post_init__(self):
+        if self.select not in ("sketch", "index"):
+            raise ValueError(f"hsr.ReLU: select must be 'sketch' or 'index', got {self.select!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha < 1:
             raise ValueError(f"hsr.ReLU: alpha must be a positive integer, got {self.alpha!r}")
         if not math.isfinite(float(self.bias)):
@@ -233,11 +239,16 @@ class HSRKVCache:
                 kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
                 error = mass * (info.v_left_max + kept_max)
                 bytes_read += self._sketch.nbytes + self._v_norms.numel() * 4
-            else:
+            elif self.policy.select == "index":
                 out, info = relu_reported_attention(q, k_idx, v_idx, self._index, bias=self.policy.bias,
                                                     alpha=self.policy.alpha, scale=self.scale,
                                                     normalize=self.policy.normalize)
                 bytes_read += info.index_stats.points_scored * D * 4
+            else:
+                out, info = relu_sketch_attention(q, k_idx, v_idx, self._sketch, bias=self.policy.bias,
+                                                  alpha=self.policy.alpha, scale=self.scale,
+                                                  normalize=self.policy.normalize)
+                bytes_read += self._sketch.nbytes
             keys = info.keys_selected if softmax else info.keys_reported
             attended += keys
             read += info.keys_read

@@ -42,11 +42,12 @@ def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps):
         assert info.bytes_read > 0 and info.seconds > 0
 
 
+@pytest.mark.parametrize("select", ["sketch", "index"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_relu_equals_dense_relu_over_many_steps(normalize):
+def test_relu_equals_dense_relu_over_many_steps(normalize, select):
     B, Hkv, G, D, prompt, steps = 1, 2, 4, 64, 70, 30
     k, v, g = stream("clustered", B, Hkv, prompt + steps, D, seed=1)
-    policy = hsr.ReLU(alpha=2, bias=1.0, normalize=normalize)
+    policy = hsr.ReLU(alpha=2, bias=1.0, normalize=normalize, select=select)
     cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=8, policy=policy)
     cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
     for t in range(prompt, prompt + steps):
@@ -124,6 +125,8 @@ def test_bad_construction_and_policies():
         hsr.ReLU(alpha=0)
     with pytest.raises(ValueError, match="bias"):
         hsr.ReLU(bias=math.inf)
+    with pytest.raises(ValueError, match="select"):
+        hsr.ReLU(select="tree")
     with pytest.raises(ValueError, match="head_dim"):
         hsr.HSRKVCache(1, 1, 0)
     with pytest.raises(ValueError, match="dtype"):

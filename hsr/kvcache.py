@@ -15,7 +15,7 @@ full; a full tail is appended to the indexed part. Policies:
   read, found from the sketch bounds (hsr.relu_sketch_attention) or by the index's half-space
   query (hsr.relu_reported_attention): the result equals dense ReLU attention up to rounding.
 
-This version orchestrates the C++ ops from Python (selection by sorting per head, Python
+This version orchestrates the C++ ops from Python (histogram selection as torch ops, Python
 loops over (batch, kv head)): correct and certified, not yet fast, and the softmax path does
 not use the tree level yet.
 """

@@ -33,6 +33,13 @@ TORCH_LIBRARY(hsr, m) {
       "sketch_score_intervals(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits=8, "
       "int group=32) -> (Tensor, Tensor)");
 
+  // Certified softmax selection from score intervals (rows, n) and value-norm bounds (n,):
+  // (chosen (rows, n) bool, log of the left-out upper-bound mass (rows,) float64, largest
+  // value norm left out and kept (rows,) float64); see csrc/include/hsr/sketch/select.h.
+  m.def(
+      "select_by_bounds(Tensor estimate, Tensor radius, Tensor v_norms, float scale, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+
   // The half-space reporting index over float32 points (CPU). Python wraps these as
   // hsr.HSRIndex / hsr.HSRIndexBatch (hsr/index.py). last_stats: [nodes_visited,
   // points_scored, results, queries_that_scanned, queries] of the last query call.

@@ -49,31 +49,6 @@ class CertifiedInfo:
     lse: torch.Tensor
 
 
-# Selection histogram: upper bounds within _DEPTH logits of the row's best, in _BINS bins
-# (about 0.03 logits each); anything deeper lands in one last bin.
-_BINS = 2048
-_DEPTH = 64.0
-
-
-def _select_rows(upper: torch.Tensor, lower: torch.Tensor, eps: float) -> torch.Tensor:
-    """(G, n) bool: per row, the keys in the fewest top bins of the upper bounds such that
-    sum e^upper over the other keys <= eps/(1-eps) * sum e^lower over the chosen ones (one
-    histogram and two prefix sums, no sort). float64 inputs, scaled scores."""
-    rows, n = upper.shape
-    if eps <= 0.0:
-        return torch.ones(rows, n, dtype=torch.bool)
-    top = upper.amax(1, keepdim=True)
-    bins = ((top - upper) * (_BINS / _DEPTH)).floor().clamp(max=_BINS).long()
-    up = torch.zeros(rows, _BINS + 1, dtype=torch.float64).scatter_add_(1, bins, torch.exp(upper - top))
-    lo = torch.zeros(rows, _BINS + 1, dtype=torch.float64).scatter_add_(1, bins, torch.exp(lower - top))
-    kept = lo.cumsum(1)  # bins 0..j
-    left_after = up.flip(1).cumsum(1).flip(1)[:, 1:]  # bins j+1..
-    left_after = torch.cat([left_after, left_after.new_zeros(rows, 1)], 1)
-    ok = left_after <= (eps / (1.0 - eps)) * kept
-    last = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full((rows,), _BINS))
-    return bins <= last.unsqueeze(1)
-
-
 def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *,
                         eps: float, scale: float | None = None,
                         v_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
@@ -106,27 +81,27 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         v_norms = v.float().norm(dim=-1)
     qf = q[:, :, 0].float()
 
+    # Value norms are float sums: rounded up by their own rounding bound, then to float.
+    v_up = v_norms.double() * (1.0 + (D + 2) * _U * 1.01)
+    v_up_f = v_up.float()
+    v_up_f = torch.where(v_up_f.double() < v_up, torch.nextafter(v_up_f, torch.tensor(float("inf"))), v_up_f)
+
     offsets = [0]
     ids, masks, per_head = [], [], []
     for b in range(B):
         for h in range(Hkv):
-            qs = qf[b, h * G:(h + 1) * G]
             est, rad = torch.ops.hsr.sketch_score_intervals(
-                qs, sketch.codes[b, h], sketch.lo[b, h], sketch.delta[b, h], sketch.bits, sketch.group)
-            # Scaled bounds in float64, widened by a hair for the float64 arithmetic itself.
-            e64, r64 = est.double(), rad.double()
-            upper = (e64 + r64) * scale
-            lower = (e64 - r64) * scale
-            upper = upper + upper.abs() * 1e-12 + 1e-300
-            lower = lower - lower.abs() * 1e-12 - 1e-300
+                qf[b, h * G:(h + 1) * G], sketch.codes[b, h], sketch.lo[b, h], sketch.delta[b, h], sketch.bits,
+                sketch.group)
             # A hair stricter than eps: the certificate computed afterwards uses the kernel's
             # normaliser, deflated for its float rounding.
-            chosen = _select_rows(upper, lower, eps * (1.0 - 1e-3))
+            chosen, log_left, v_left, v_kept = torch.ops.hsr.select_by_bounds(
+                est, rad, v_up_f[b, h].contiguous(), scale, eps * (1.0 - 1e-3))
             union = torch.nonzero(chosen.any(0)).flatten()
             ids.append(union)
             masks.append(chosen[:, union].T)
             offsets.append(offsets[-1] + union.numel())
-            per_head.append((upper, chosen))
+            per_head.append((chosen, log_left, v_left, v_kept))
     offsets_t = torch.tensor(offsets, dtype=torch.int64)
     ids_t = torch.cat(ids)
     mask_t = torch.cat(masks).contiguous()
@@ -135,38 +110,34 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     mass = torch.zeros(B, Hq, dtype=torch.float64)
     error = torch.zeros(B, Hq, dtype=torch.float64)
     selected = torch.zeros(B, Hq, dtype=torch.int64)
-    v_left = torch.zeros(B, Hq, dtype=torch.float64)
-    v_kept = torch.zeros(B, Hq, dtype=torch.float64)
-    # Value norms are float sums: rounded up by their own rounding bound.
-    v_up = v_norms.double() * (1.0 + (D + 2) * _U * 1.01)
+    v_left_all = torch.zeros(B, Hq, dtype=torch.float64)
+    v_kept_all = torch.zeros(B, Hq, dtype=torch.float64)
     # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t|; the kernel's normaliser
     # sums at most n terms in tiles, and lse = m + log(l) rounds once more: its log is off by
     # at most the largest score error plus (tiles + tile size + a few) roundings plus |lse| u.
     for b in range(B):
         for h in range(Hkv):
-            upper, chosen = per_head[b * Hkv + h]
+            chosen, log_left, v_left, v_kept = per_head[b * Hkv + h]
             heads = slice(h * G, (h + 1) * G)
             union, mask = ids[b * Hkv + h], masks[b * Hkv + h]  # (u,), (u, G)
             count = chosen.sum(1)
             selected[b, heads] = count
-            vn = v_up[b, h].unsqueeze(0).expand(G, n)
-            v_kept[b, heads] = vn.masked_fill(~chosen, 0.0).amax(1)
-            v_left[b, heads] = vn.masked_fill(chosen, 0.0).amax(1)
+            v_left_all[b, heads] = v_left
+            v_kept_all[b, heads] = v_kept
             # Only the kept keys (read anyway) enter the score rounding bound.
             prod = k[b, h, union].double().abs() @ qf[b, heads].double().abs().T  # (u, G)
             score_err = (D + 2) * _U * 1.01 * scale * prod.masked_fill(~mask, 0.0).amax(0)
             sum_err = (count.double() / 64 + 64 + 8) * 2 * _U
             lse_h = lse[b, heads, 0].double()
             log_z = lse_h - score_err - sum_err - 2 * _U * lse_h.abs()
-            log_t = torch.logsumexp(upper.masked_fill(chosen, float("-inf")), 1)
-            tau = torch.sigmoid(log_t - log_z)  # T / (Z + T); 0 where nothing is left out
+            tau = torch.sigmoid(log_left - log_z)  # T / (Z + T); 0 where nothing is left out
             mass[b, heads] = tau
             # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out
             # and the kept values.
-            error[b, heads] = tau * (v_left[b, heads] + v_kept[b, heads])
+            error[b, heads] = tau * (v_left + v_kept)
     keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
-    return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left, v_kept,
-                              lse[:, :, 0])
+    return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left_all,
+                              v_kept_all, lse[:, :, 0])
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,15 @@ def _sketch_score_intervals_fake(q, codes, lo, delta, bits=8, group=32):
     return q.new_empty(shape), q.new_empty(shape)
 
 
+@torch.library.register_fake("hsr::select_by_bounds")
+def _select_by_bounds_fake(estimate, radius, v_norms, scale, eps):
+    if estimate.dim() != 2 or radius.shape != estimate.shape or v_norms.shape != (estimate.shape[1],):
+        raise ValueError("hsr.select_by_bounds: estimate and radius must be (rows, n), v_norms (n,)")
+    rows = estimate.shape[0]
+    return (estimate.new_empty(estimate.shape, dtype=torch.bool), estimate.new_empty(rows, dtype=torch.float64),
+            estimate.new_empty(rows, dtype=torch.float64), estimate.new_empty(rows, dtype=torch.float64))
+
+
 @dataclass(frozen=True)
 class KeySketch:
     """Sketch of keys (..., D): codes (..., code_bytes) uint8, lo and delta (..., groups)."""

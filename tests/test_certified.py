@@ -175,3 +175,44 @@ def test_error_bound_is_reached_when_left_out_values_oppose_the_kept_ones():
     o_sel = torch.softmax(s.masked_fill(~sel, float("-inf")), 0) @ v[0, 0].double()
     err = float((o - o_sel).norm())
     assert 0.5 * float(info.error_bound[0, 0]) <= err <= float(info.error_bound[0, 0])
+
+
+def test_select_by_bounds_keeps_enough_and_reports_what_it_left():
+    g = torch.Generator().manual_seed(5)
+    est = torch.randn(3, 5000, generator=g) * 20
+    rad = torch.rand(3, 5000, generator=g) * 2
+    vn = torch.rand(5000, generator=g) * 3
+    scale = 0.125
+    for eps in (0.3, 1e-2, 1e-4):
+        chosen, log_left, v_left, v_kept = torch.ops.hsr.select_by_bounds(est, rad, vn, scale, eps)
+        up = (est.double() + rad.double()) * scale
+        lo = (est.double() - rad.double()) * scale
+        for r in range(3):
+            kept, left = chosen[r], ~chosen[r]
+            assert kept.any()
+            z_low = torch.logsumexp(lo[r, kept], 0)
+            t_up = torch.logsumexp(up[r, left], 0) if left.any() else torch.tensor(float("-inf"))
+            assert float(t_up) <= float(log_left[r]) <= float(t_up) + 1e-9  # reported, rounded up
+            assert float(t_up - z_low) <= math.log(eps / (1 - eps)) + 1e-9  # the rule holds
+            assert float(v_kept[r]) == float(vn[kept].max())
+            assert float(v_left[r]) == (float(vn[left].max()) if left.any() else 0.0)
+            # Keys kept are never below keys left out by more than a bin (about 0.03 logits).
+            if left.any():
+                assert float(up[r, kept].min()) >= float(up[r, left].max()) - 64 / 2048 - 1e-9
+    chosen, log_left, _, _ = torch.ops.hsr.select_by_bounds(est, rad, vn, scale, 0.0)
+    assert chosen.all() and torch.isinf(log_left).all()
+
+
+def test_select_by_bounds_bad_inputs_and_opcheck():
+    est, rad, vn = torch.randn(2, 10), torch.rand(2, 10), torch.rand(10)
+    with pytest.raises(ValueError, match="eps"):
+        torch.ops.hsr.select_by_bounds(est, rad, vn, 0.1, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.hsr.select_by_bounds(est, rad, vn, 0.0, 0.1)
+    with pytest.raises(ValueError, match="radius"):
+        torch.ops.hsr.select_by_bounds(est, rad[:, :5], vn, 0.1, 0.1)
+    with pytest.raises(ValueError, match="v_norms"):
+        torch.ops.hsr.select_by_bounds(est, rad, vn[:5], 0.1, 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        torch.ops.hsr.select_by_bounds(est * float("nan"), rad, vn, 0.1, 0.1)
+    torch.library.opcheck(torch.ops.hsr.select_by_bounds.default, (est, rad, vn, 0.1, 0.1))

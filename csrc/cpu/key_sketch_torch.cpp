@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "hsr/sketch/key_sketch.h"
+#include "hsr/sketch/select.h"
 #include "hsr/types.h"
 
 namespace hsr {
@@ -128,11 +129,51 @@ std::tuple<at::Tensor, at::Tensor> sketch_score_intervals_cpu(const at::Tensor& 
   return {estimate, radius};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_by_bounds_cpu(
+    const at::Tensor& estimate_in, const at::Tensor& radius_in, const at::Tensor& v_norms_in, double scale,
+    double eps) {
+  const char* what = "hsr.select_by_bounds";
+  TORCH_CHECK_VALUE(estimate_in.dim() == 2 && estimate_in.scalar_type() == at::kFloat &&
+                        estimate_in.device().is_cpu(),
+                    what, ": estimate must be a 2-D float32 CPU tensor (rows, n), got ", estimate_in.scalar_type(),
+                    " of shape ", estimate_in.sizes());
+  TORCH_CHECK_VALUE(radius_in.sizes() == estimate_in.sizes() && radius_in.scalar_type() == at::kFloat &&
+                        radius_in.device().is_cpu(),
+                    what, ": radius must be float32 with estimate's shape ", estimate_in.sizes());
+  const int64_t rows = estimate_in.size(0), n = estimate_in.size(1);
+  TORCH_CHECK_VALUE(v_norms_in.dim() == 1 && v_norms_in.size(0) == n && v_norms_in.scalar_type() == at::kFloat &&
+                        v_norms_in.device().is_cpu(),
+                    what, ": v_norms must be float32 (", n, ",), got ", v_norms_in.scalar_type(), " of shape ",
+                    v_norms_in.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, what, ": scale must be positive and finite, got ", scale);
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps < 1.0, what, ": eps must be in [0, 1), got ", eps);
+  const at::Tensor estimate = estimate_in.contiguous(), radius = radius_in.contiguous();
+  const at::Tensor v_norms = v_norms_in.contiguous();
+  for (const at::Tensor* t : {&estimate, &radius, &v_norms})
+    check_all_finite(t->const_data_ptr<float>(), t->numel(), what, "every input");
+  at::Tensor chosen = at::empty({rows, n}, estimate.options().dtype(at::kBool));
+  at::Tensor log_left = at::empty({rows}, estimate.options().dtype(at::kDouble));
+  at::Tensor v_left = at::empty({rows}, log_left.options());
+  at::Tensor v_kept = at::empty({rows}, log_left.options());
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const sketch::RowSelection sel = sketch::select_row(
+          estimate.const_data_ptr<float>() + r * n, radius.const_data_ptr<float>() + r * n,
+          v_norms.const_data_ptr<float>(), n, scale, eps, chosen.mutable_data_ptr<bool>() + r * n);
+      log_left.mutable_data_ptr<double>()[r] = sel.log_left;
+      v_left.mutable_data_ptr<double>()[r] = sel.v_left_max;
+      v_kept.mutable_data_ptr<double>()[r] = sel.v_kept_max;
+    }
+  });
+  return {chosen, log_left, v_left, v_kept};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("sketch_keys", &sketch_keys_cpu);
   m.impl("sketch_score_intervals", &sketch_score_intervals_cpu);
+  m.impl("select_by_bounds", &select_by_bounds_cpu);
 }
 
 }  // namespace hsr

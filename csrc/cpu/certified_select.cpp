@@ -1,0 +1,73 @@
+// Certified softmax selection from score intervals (see csrc/include/hsr/sketch/select.h).
+#include "hsr/sketch/select.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace hsr::sketch {
+namespace {
+
+// Scaled bounds in double, widened by a hair for the double arithmetic itself.
+double upper_logit(float est, float rad, double scale) {
+  const double u = (double(est) + double(rad)) * scale;
+  return u + std::fabs(u) * 1e-12 + 1e-300;
+}
+double lower_logit(float est, float rad, double scale) {
+  const double l = (double(est) - double(rad)) * scale;
+  return l - std::fabs(l) * 1e-12 - 1e-300;
+}
+
+}  // namespace
+
+RowSelection select_row(const float* estimate, const float* radius, const float* v_norms, int64_t n,
+                        double scale, double eps, bool* chosen) {
+  RowSelection out{-std::numeric_limits<double>::infinity(), 0.0, 0.0, 0};
+  if (n == 0) return out;
+  double top = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, upper_logit(estimate[i], radius[i], scale));
+  // bin_of[i]: the key's bin; every key is kept when eps is 0.
+  std::vector<int32_t> bin_of(size_t(n), 0);
+  int32_t last = kSelectBins;
+  if (eps > 0.0) {
+    std::vector<double> up(kSelectBins + 1, 0.0), lo(kSelectBins + 1, 0.0);
+    const double per_logit = kSelectBins / kSelectDepth;
+    for (int64_t i = 0; i < n; ++i) {
+      const double u = upper_logit(estimate[i], radius[i], scale);
+      const double l = lower_logit(estimate[i], radius[i], scale);
+      const int32_t b = int32_t(std::min<double>(std::floor((top - u) * per_logit), kSelectBins));
+      bin_of[i] = b;
+      up[b] += std::exp(u - top);
+      lo[b] += std::exp(l - top);
+    }
+    // left_after[j] = sum of up over bins > j; kept[j] = sum of lo over bins <= j.
+    std::vector<double> left_after(kSelectBins + 1, 0.0);
+    for (int32_t j = kSelectBins - 1; j >= 0; --j) left_after[j] = left_after[j + 1] + up[j + 1];
+    const double ratio = eps / (1.0 - eps);
+    double kept = 0.0;
+    for (int32_t j = 0; j <= kSelectBins; ++j) {
+      kept += lo[j];
+      if (left_after[j] <= ratio * kept) {
+        last = j;
+        break;
+      }
+    }
+  }
+  double left = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    chosen[i] = bin_of[i] <= last;
+    if (chosen[i]) {
+      ++out.kept;
+      out.v_kept_max = std::max(out.v_kept_max, double(v_norms[i]));
+    } else {
+      left += std::exp(upper_logit(estimate[i], radius[i], scale) - top);
+      out.v_left_max = std::max(out.v_left_max, double(v_norms[i]));
+    }
+  }
+  // The double exps and their sum round: at most 2n + 4 roundings, each relative 2^-53.
+  if (left > 0.0) out.log_left = top + std::log(left * (1.0 + double(2 * n + 4) * 1.2e-16));
+  return out;
+}
+
+}  // namespace hsr::sketch

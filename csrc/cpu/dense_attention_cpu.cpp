@@ -37,6 +37,23 @@ void run_dense_attention_cpu(const DenseAttentionProblem& p, const at::Tensor& q
   }
 }
 
+// The one dtype dispatch point of both entry points.
+void run_attention_for_dtype(const DenseAttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                             cpu::KeySelection selection = {}, int64_t keys_to_plan = -1) {
+  switch (dtype_of(q, "q")) {
+    case DType::kFloat32:
+      run_dense_attention_cpu<float, float>(p, q, k, v, out, lse, selection, keys_to_plan);
+      break;
+    case DType::kFloat16:
+      run_dense_attention_cpu<half_t, at::Half>(p, q, k, v, out, lse, selection, keys_to_plan);
+      break;
+    case DType::kBFloat16:
+      run_dense_attention_cpu<bfloat16_t, at::BFloat16>(p, q, k, v, out, lse, selection, keys_to_plan);
+      break;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, c10::string_view kind,
                                                  std::optional<double> scale, int64_t alpha,
@@ -48,13 +65,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
       q, k, v, std::string_view(kind.data(), kind.size()), scale, alpha, bias, normalize, causal);
   auto [out, lse] = empty_attention_outputs(p, q);
   if (out.numel() == 0) return {out, lse};
-  switch (dtype_of(q, "q")) {
-    case DType::kFloat32: run_dense_attention_cpu<float, float>(p, q, k, v, out, lse); break;
-    case DType::kFloat16: run_dense_attention_cpu<half_t, at::Half>(p, q, k, v, out, lse); break;
-    case DType::kBFloat16:
-      run_dense_attention_cpu<bfloat16_t, at::BFloat16>(p, q, k, v, out, lse);
-      break;
-  }
+  run_attention_for_dtype(p, q, k, v, out, lse);
   return {out, lse};
 }
 
@@ -113,17 +124,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(
   if (out.numel() == 0) return {out, lse};
   const cpu::KeySelection selection{offsets.const_data_ptr<int64_t>(), ids.const_data_ptr<int64_t>(),
                                     mask.has_value() ? mask->const_data_ptr<uint8_t>() : nullptr};
-  switch (dtype_of(q, "q")) {
-    case DType::kFloat32:
-      run_dense_attention_cpu<float, float>(p, q, k, v, out, lse, selection, most);
-      break;
-    case DType::kFloat16:
-      run_dense_attention_cpu<half_t, at::Half>(p, q, k, v, out, lse, selection, most);
-      break;
-    case DType::kBFloat16:
-      run_dense_attention_cpu<bfloat16_t, at::BFloat16>(p, q, k, v, out, lse, selection, most);
-      break;
-  }
+  run_attention_for_dtype(p, q, k, v, out, lse, selection, most);
   return {out, lse};
 }
 

@@ -4,8 +4,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -13,6 +11,7 @@
 
 #include "hsr/cpu/vec_math.h"
 #include "index_holders.h"
+#include "value_checks.h"
 
 namespace hsr {
 namespace {
@@ -32,17 +31,9 @@ void check_points(const at::Tensor& x, int64_t d, const char* what, const char* 
   TORCH_CHECK_VALUE(x.device().is_cpu(), what, ": ", name, " must be on the CPU, got ", x.device());
 }
 
-// x: a contiguous float32 tensor. A plain loop: at::isfinite(x).all() costs more than
-// inserting a point.
+// x: a contiguous float32 tensor.
 void check_finite(const at::Tensor& x, const char* what, const char* name) {
-  const float* p = x.data_ptr<float>();
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, x.numel(), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
-    bool ok = true;
-    for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(p[i]);
-    if (!ok) finite = false;
-  });
-  TORCH_CHECK_VALUE(finite.load(), what, ": ", name, " contains NaN or Inf");
+  check_all_finite(x.data_ptr<float>(), x.numel(), what, name);
 }
 
 // Default of scan_fraction: a range query is answered by a scan when the frontier estimate

@@ -6,12 +6,12 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cmath>
 
 #include "hsr/sketch/key_sketch.h"
 #include "hsr/sketch/select.h"
 #include "hsr/types.h"
+#include "value_checks.h"
 
 namespace hsr {
 namespace {
@@ -22,18 +22,6 @@ sketch::SketchLayout checked_layout(int64_t dim, int64_t bits, int64_t group, co
   TORCH_CHECK_VALUE(dim >= 1 && dim <= 65536, what, ": the key dimension must be in [1, 65536], got ",
                     dim);
   return sketch::SketchLayout{int(dim), int(std::min<int64_t>(group, dim)), int(bits)};
-}
-
-// x: a contiguous CPU tensor of float values; raises unless every value is finite.
-template <typename T>
-void check_all_finite(const T* p, int64_t n, const char* what, const char* name) {
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, n, int64_t(1) << 18, [&](int64_t begin, int64_t end) {
-    bool ok = true;
-    for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(to_float(p[i]));
-    if (!ok) finite = false;
-  });
-  TORCH_CHECK_VALUE(finite.load(), what, ": ", name, " contains NaN or Inf");
 }
 
 template <typename T, typename TorchT>

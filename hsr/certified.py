@@ -28,6 +28,62 @@ from .sketch import KeySketch
 _U = 2.0 ** -24
 
 
+def _decode_problem(what, q, k, v, scale):
+    """Validates decode queries q (B, Hq, 1, D) against k, v (B, Hkv, n, D); returns
+    (B, Hq, Hkv, n, D, G, scale) with the scale resolved (1/sqrt(D) by default)."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"{what}: q must be (B, Hq, 1, D) decode queries, got {tuple(q.shape)}")
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"{what}: k and v must be (B, Hkv, n, D) matching q, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{what}: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{what}: scale must be positive and finite, got {scale!r}")
+    return B, Hq, Hkv, n, D, Hq // Hkv, scale
+
+
+def _check_sketch(what, sketch, B, Hkv, n, D):
+    if not isinstance(sketch, KeySketch) or tuple(sketch.codes.shape[:3]) != (B, Hkv, n) or sketch.dim != D:
+        raise ValueError(f"{what}: sketch must be KeySketch.from_keys(k)")
+
+
+def _check_bias(what, bias):
+    if not math.isfinite(float(bias)):
+        raise ValueError(f"{what}: bias must be finite, got {bias!r}")
+
+
+def _sketch_intervals(qf, sketch, b, h, G):
+    """(estimate, radius), each (G, n): the sketch intervals of kv head (b, h) for its G q heads."""
+    return torch.ops.hsr.sketch_score_intervals(qf[b, h * G:(h + 1) * G], sketch.codes[b, h], sketch.lo[b, h],
+                                                sketch.delta[b, h], sketch.bits, sketch.group)
+
+
+class _Selection:
+    """The keys each (batch, kv head) reads, in hsr.sparse_attention's form, built pair by
+    pair in (b, h) order from the (G, n) choices of the group's q heads."""
+
+    def __init__(self):
+        self.offsets, self.ids, self.masks = [0], [], []
+
+    def add(self, chosen: torch.Tensor) -> None:
+        union = torch.nonzero(chosen.any(0)).flatten()
+        self.ids.append(union)
+        self.masks.append(chosen[:, union].T)
+        self.offsets.append(self.offsets[-1] + union.numel())
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.offsets, dtype=torch.int64), torch.cat(self.ids),
+                torch.cat(self.masks).contiguous())
+
+    def keys_read(self, B: int, Hkv: int) -> torch.Tensor:
+        """(B, Hkv): keys each pair reads (its union)."""
+        return torch.tensor([len(ids) for ids in self.ids], dtype=torch.int64).view(B, Hkv)
+
+
 @dataclass(frozen=True)
 class CertifiedInfo:
     """Per (batch, q head) unless said: mass_bound (tau_bar) and error_bound, float64;
@@ -58,25 +114,13 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     sketch: KeySketch.from_keys(k). v_norms (B, Hkv, n): |v_i|_2 per key (computed from v when
     not given; a cache keeps them). eps in [0, 1): 0 selects everything (exact).
     """
+    what = "hsr.certified_attention"
     if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
-        raise ValueError(f"hsr.certified_attention: eps must be in [0, 1), got {eps!r}")
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"hsr.certified_attention: q must be (B, Hq, 1, D) decode queries, got {tuple(q.shape)}")
-    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"hsr.certified_attention: k and v must be (B, Hkv, n, D) matching q, got "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, Hq, _, D = q.shape
-    Hkv, n = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"hsr.certified_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+        raise ValueError(f"{what}: eps must be in [0, 1), got {eps!r}")
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
     if n == 0:
-        raise ValueError("hsr.certified_attention: k and v must hold at least one key")
-    if not isinstance(sketch, KeySketch) or tuple(sketch.codes.shape[:3]) != (B, Hkv, n) or sketch.dim != D:
-        raise ValueError("hsr.certified_attention: sketch must be KeySketch.from_keys(k)")
-    G = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"hsr.certified_attention: scale must be positive and finite, got {scale!r}")
+        raise ValueError(f"{what}: k and v must hold at least one key")
+    _check_sketch(what, sketch, B, Hkv, n, D)
     if v_norms is None:
         v_norms = v.float().norm(dim=-1)
     qf = q[:, :, 0].float()
@@ -86,25 +130,17 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     v_up_f = v_up.float()
     v_up_f = torch.where(v_up_f.double() < v_up, torch.nextafter(v_up_f, torch.tensor(float("inf"))), v_up_f)
 
-    offsets = [0]
-    ids, masks, per_head = [], [], []
+    selection, per_head = _Selection(), []
     for b in range(B):
         for h in range(Hkv):
-            est, rad = torch.ops.hsr.sketch_score_intervals(
-                qf[b, h * G:(h + 1) * G], sketch.codes[b, h], sketch.lo[b, h], sketch.delta[b, h], sketch.bits,
-                sketch.group)
+            est, rad = _sketch_intervals(qf, sketch, b, h, G)
             # A hair stricter than eps: the certificate computed afterwards uses the kernel's
             # normaliser, deflated for its float rounding.
             chosen, log_left, v_left, v_kept = torch.ops.hsr.select_by_bounds(
                 est, rad, v_up_f[b, h].contiguous(), scale, eps * (1.0 - 1e-3))
-            union = torch.nonzero(chosen.any(0)).flatten()
-            ids.append(union)
-            masks.append(chosen[:, union].T)
-            offsets.append(offsets[-1] + union.numel())
+            selection.add(chosen)
             per_head.append((chosen, log_left, v_left, v_kept))
-    offsets_t = torch.tensor(offsets, dtype=torch.int64)
-    ids_t = torch.cat(ids)
-    mask_t = torch.cat(masks).contiguous()
+    offsets_t, ids_t, mask_t = selection.tensors()
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
 
     mass = torch.zeros(B, Hq, dtype=torch.float64)
@@ -119,7 +155,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         for h in range(Hkv):
             chosen, log_left, v_left, v_kept = per_head[b * Hkv + h]
             heads = slice(h * G, (h + 1) * G)
-            union, mask = ids[b * Hkv + h], masks[b * Hkv + h]  # (u,), (u, G)
+            union, mask = selection.ids[b * Hkv + h], selection.masks[b * Hkv + h]  # (u,), (u, G)
             count = chosen.sum(1)
             selected[b, heads] = count
             v_left_all[b, heads] = v_left
@@ -135,7 +171,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
             # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out
             # and the kept values.
             error[b, heads] = tau * (v_left + v_kept)
-    keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
+    keys_read = selection.keys_read(B, Hkv)
     return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left_all,
                               v_kept_all, lse[:, :, 0])
 
@@ -168,44 +204,27 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     """
     from .index import HSRIndexBatch
 
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"hsr.relu_reported_attention: q must be (B, Hq, 1, D) decode queries, got "
-                         f"{tuple(q.shape)}")
-    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"hsr.relu_reported_attention: k and v must be (B, Hkv, n, D) matching q, got "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, Hq, _, D = q.shape
-    Hkv, n = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"hsr.relu_reported_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    what = "hsr.relu_reported_attention"
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
     if not isinstance(index, HSRIndexBatch) or (index.batch, index.heads, index.d) != (B, Hkv, D) \
             or not bool((index.ntotal == n).all()):
-        raise ValueError("hsr.relu_reported_attention: index must be an HSRIndexBatch over k "
-                         f"({B}, {Hkv}, n={n}, {D})")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"hsr.relu_reported_attention: scale must be positive and finite, got {scale!r}")
-    if not math.isfinite(float(bias)):
-        raise ValueError(f"hsr.relu_reported_attention: bias must be finite, got {bias!r}")
-    G = Hq // Hkv
+        raise ValueError(f"{what}: index must be an HSRIndexBatch over k ({B}, {Hkv}, n={n}, {D})")
+    _check_bias(what, bias)
     lims, _, reported = index.range_search(q[:, :, 0].float(), float(bias) / scale)
     stats = index.last_stats
-    offsets = [0]
-    ids, masks = [], []
     counts = (lims[1:] - lims[:-1]).view(B, Hq)
+    selection = _Selection()
     for b in range(B):
         for h in range(Hkv):
-            rows = [reported[lims[r]:lims[r + 1]] for r in range((b * Hq + h * G), (b * Hq + h * G) + G)]
-            union = torch.unique(torch.cat(rows)) if any(r.numel() for r in rows) else torch.zeros(0, dtype=torch.int64)
-            ids.append(union)
-            masks.append(torch.stack([torch.isin(union, r) for r in rows], dim=1) if union.numel()
-                         else torch.zeros(0, G, dtype=torch.bool))
-            offsets.append(offsets[-1] + union.numel())
-    offsets_t = torch.tensor(offsets, dtype=torch.int64)
-    ids_t, mask_t = torch.cat(ids), torch.cat(masks).contiguous()
+            chosen = torch.zeros(G, n, dtype=torch.bool)
+            for g in range(G):
+                r = b * Hq + h * G + g
+                chosen[g, reported[lims[r]:lims[r + 1]]] = True
+            selection.add(chosen)
+    offsets_t, ids_t, mask_t = selection.tensors()
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
                                 bias=float(bias), normalize=normalize, return_lse=True)
-    keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
+    keys_read = selection.keys_read(B, Hkv)
     return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t, lse[:, :, 0])
 
 
@@ -216,42 +235,22 @@ def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ske
     keys whose sketch upper bound passes the threshold: a key with scale * upper <= bias has
     weight exactly 0, so the result equals dense ReLU attention up to float rounding (as
     relu_reported_attention, without the index). info.index_stats is None."""
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"hsr.relu_sketch_attention: q must be (B, Hq, 1, D) decode queries, got "
-                         f"{tuple(q.shape)}")
-    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"hsr.relu_sketch_attention: k and v must be (B, Hkv, n, D) matching q, got "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, Hq, _, D = q.shape
-    Hkv, n = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"hsr.relu_sketch_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
-    if not isinstance(sketch, KeySketch) or tuple(sketch.codes.shape[:3]) != (B, Hkv, n) or sketch.dim != D:
-        raise ValueError("hsr.relu_sketch_attention: sketch must be KeySketch.from_keys(k)")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"hsr.relu_sketch_attention: scale must be positive and finite, got {scale!r}")
-    if not math.isfinite(float(bias)):
-        raise ValueError(f"hsr.relu_sketch_attention: bias must be finite, got {bias!r}")
-    G = Hq // Hkv
+    what = "hsr.relu_sketch_attention"
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    _check_sketch(what, sketch, B, Hkv, n, D)
+    _check_bias(what, bias)
     qf = q[:, :, 0].float()
-    offsets, ids, masks = [0], [], []
     counts = torch.zeros(B, Hq, dtype=torch.int64)
+    selection = _Selection()
     for b in range(B):
         for h in range(Hkv):
-            est, rad = torch.ops.hsr.sketch_score_intervals(
-                qf[b, h * G:(h + 1) * G], sketch.codes[b, h], sketch.lo[b, h], sketch.delta[b, h], sketch.bits,
-                sketch.group)
+            est, rad = _sketch_intervals(qf, sketch, b, h, G)
             upper = (est.double() + rad.double()) * scale
             chosen = upper + upper.abs() * 1e-12 + 1e-300 > float(bias)  # (G, n)
             counts[b, h * G:(h + 1) * G] = chosen.sum(1)
-            union = torch.nonzero(chosen.any(0)).flatten()
-            ids.append(union)
-            masks.append(chosen[:, union].T)
-            offsets.append(offsets[-1] + union.numel())
-    offsets_t = torch.tensor(offsets, dtype=torch.int64)
-    ids_t, mask_t = torch.cat(ids), torch.cat(masks).contiguous()
+            selection.add(chosen)
+    offsets_t, ids_t, mask_t = selection.tensors()
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
                                 bias=float(bias), normalize=normalize, return_lse=True)
-    keys_read = (offsets_t[1:] - offsets_t[:-1]).view(B, Hkv)
+    keys_read = selection.keys_read(B, Hkv)
     return out, ReportedInfo(counts, keys_read, None, offsets_t, ids_t, mask_t, lse[:, :, 0])

@@ -69,7 +69,29 @@ def _out(t: torch.Tensor, as_numpy: bool):
     return t.numpy() if as_numpy else t
 
 
-class HSRIndex:
+class _QueryRouting:
+    """What HSRIndex and HSRIndexBatch share over their C++ object: the last call's
+    statistics and the scan-or-traverse setting."""
+
+    @property
+    def last_stats(self) -> IndexStats:
+        return IndexStats._from(self._impl.last_stats())
+
+    @property
+    def scan_fraction(self) -> float:
+        """When a query is answered by an exact scan instead of the tree (same results, same
+        scores): a range query when the tree's frontier estimate says it would score more than
+        this fraction of the points; a top-k search when it has scored a tenth of this
+        fraction without finishing, or at once below 32768 points. 0 scans every query, 1
+        never scans; default 0.3. A runtime setting: not saved by write_index."""
+        return self._impl.scan_fraction()
+
+    @scan_fraction.setter
+    def scan_fraction(self, value: float) -> None:
+        self._impl.set_scan_fraction(_scan_fraction(value, f"{type(self).__name__}.scan_fraction"))
+
+
+class HSRIndex(_QueryRouting):
     """Exact half-space reporting / maximum-inner-product index over points in R^d (1 <= d <= 256)."""
 
     def __init__(self, d: int, leaf_size: int = 64):
@@ -101,24 +123,6 @@ class HSRIndex:
     @property
     def depth(self) -> int:
         return self._impl.depth()
-
-    @property
-    def last_stats(self) -> IndexStats:
-        return IndexStats._from(self._impl.last_stats())
-
-    @property
-    def scan_fraction(self) -> float:
-        """When a query is answered by an exact scan instead of the tree (same results, same
-        scores): a range query when the tree's frontier estimate says it would score more than
-        this fraction of the points; a top-k search when it has scored a tenth of this
-        fraction without finishing, or at once below 32768 points. 0 scans every query, 1
-        never scans; default 0.3. A
-        runtime setting: not saved by write_index."""
-        return self._impl.scan_fraction()
-
-    @scan_fraction.setter
-    def scan_fraction(self, value: float) -> None:
-        self._impl.set_scan_fraction(_scan_fraction(value, "HSRIndex.scan_fraction"))
 
     def _points(self, x, name, what):
         # NaN/Inf are rejected by the C++ side, in one pass before anything changes.
@@ -178,7 +182,7 @@ class HSRIndex:
         return f"HSRIndex(d={self.d}, leaf_size={self.leaf_size}, ntotal={self.ntotal})"
 
 
-class HSRIndexBatch:
+class HSRIndexBatch(_QueryRouting):
     """One index per (batch, kv head) of a KV cache, built and queried in parallel.
 
     keys: (B, H, n, d). Queries (B, Hq, d) with Hq a multiple of H: query head h uses the tree
@@ -233,24 +237,6 @@ class HSRIndexBatch:
     def ntotal(self) -> torch.Tensor:
         """(B, H) number of keys per tree."""
         return self._impl.ntotal()
-
-    @property
-    def last_stats(self) -> IndexStats:
-        return IndexStats._from(self._impl.last_stats())
-
-    @property
-    def scan_fraction(self) -> float:
-        """When a query is answered by an exact scan instead of the tree (same results, same
-        scores): a range query when the tree's frontier estimate says it would score more than
-        this fraction of the points; a top-k search when it has scored a tenth of this
-        fraction without finishing, or at once below 32768 points. 0 scans every query, 1
-        never scans; default 0.3. A
-        runtime setting: not saved by write_index."""
-        return self._impl.scan_fraction()
-
-    @scan_fraction.setter
-    def scan_fraction(self, value: float) -> None:
-        self._impl.set_scan_fraction(_scan_fraction(value, "HSRIndexBatch.scan_fraction"))
 
 
 def _scan_fraction(value, what: str) -> float:

@@ -58,12 +58,25 @@ def _check_attention_args(q, k, v, kind, alpha, bias):
         raise ValueError(f"hsr.attention: bias must be finite, got {bias!r}")
 
 
+def _scale_arg(scale, what: str) -> float | None:
+    """scale as the ops take it: None (1/sqrt(D)) or a finite float."""
+    if scale is None:
+        return None
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{what}: scale must be finite, got {scale!r}")
+    return float(scale)
+
+
+def _empty_attention_outputs(q):
+    """out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, as the kernels return."""
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+
+
 @torch.library.register_fake("hsr::attention")
 def _attention_fake(q, k, v, kind="softmax", scale=None, alpha=1, bias=0.0, normalize=True, causal=False):
     _check_attention_args(q, k, v, kind, alpha, bias)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    return out, lse
+    return _empty_attention_outputs(q)
 
 
 def attention(
@@ -98,11 +111,8 @@ def attention(
     key sets can be merged exactly.
     """
     _check_attention_args(q, k, v, kind, alpha, bias)
-    if scale is not None and not math.isfinite(float(scale)):
-        raise ValueError(f"hsr.attention: scale must be finite, got {scale!r}")
     out, lse = torch.ops.hsr.attention(
-        q, k, v, kind, None if scale is None else float(scale), int(alpha), float(bias),
-        bool(normalize), bool(causal),
+        q, k, v, kind, _scale_arg(scale, "hsr.attention"), int(alpha), float(bias), bool(normalize), bool(causal),
     )
     return (out, lse) if return_lse else out
 
@@ -125,9 +135,7 @@ def _sparse_attention_fake(q, k, v, offsets, ids, mask=None, kind="softmax", sca
                            normalize=True):
     _check_attention_args(q, k, v, kind, alpha, bias)
     _check_selection_args(q, k, offsets, ids, mask)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    return out, lse
+    return _empty_attention_outputs(q)
 
 
 def sparse_attention(
@@ -157,10 +165,8 @@ def sparse_attention(
     """
     _check_attention_args(q, k, v, kind, alpha, bias)
     _check_selection_args(q, k, offsets, ids, mask)
-    if scale is not None and not math.isfinite(float(scale)):
-        raise ValueError(f"hsr.sparse_attention: scale must be finite, got {scale!r}")
     out, lse = torch.ops.hsr.sparse_attention(
-        q, k, v, offsets, ids, mask, kind, None if scale is None else float(scale), int(alpha), float(bias),
+        q, k, v, offsets, ids, mask, kind, _scale_arg(scale, "hsr.sparse_attention"), int(alpha), float(bias),
         bool(normalize),
     )
     return (out, lse) if return_lse else out

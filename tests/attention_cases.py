@@ -62,3 +62,11 @@ def check_against_reference(out, lse, q, k, v, **kw):
     if finite.any():
         lse_err = (lse64[finite] - ref_lse[finite]).abs() / ref_lse[finite].abs().clamp(min=1.0)
         assert lse_err.max().item() <= 1e-4, f"lse relative error {lse_err.max().item():.3g}"
+
+
+def clustered_keys(B, Hkv, n, D, clusters, g):
+    """Keys (B, Hkv, n, D) from a Gaussian mixture per (b, h): centres N(0, 4 I), spread 0.3."""
+    centers = torch.randn(B, Hkv, clusters, D, generator=g) * 2
+    pick = torch.randint(0, clusters, (B, Hkv, n), generator=g)
+    return torch.gather(centers, 2, pick.unsqueeze(-1).expand(B, Hkv, n, D)) + 0.3 * torch.randn(
+        B, Hkv, n, D, generator=g)

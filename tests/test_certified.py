@@ -6,16 +6,14 @@ import pytest
 import torch
 
 import hsr
+from attention_cases import clustered_keys
 
 
 def keys_for(kind, B, Hkv, n, D, g):
     if kind == "gaussian":
         return torch.randn(B, Hkv, n, D, generator=g)
     if kind == "clustered":
-        centers = torch.randn(B, Hkv, 8, D, generator=g) * 2
-        pick = torch.randint(0, 8, (B, Hkv, n), generator=g)
-        return torch.gather(centers, 2, pick.unsqueeze(-1).expand(B, Hkv, n, D)) + 0.3 * torch.randn(
-            B, Hkv, n, D, generator=g)
+        return clustered_keys(B, Hkv, n, D, 8, g)
     if kind == "few_huge":  # a handful of keys dominate the softmax
         k = torch.randn(B, Hkv, n, D, generator=g) * 0.1
         k[:, :, :3] *= 200

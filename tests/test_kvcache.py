@@ -6,16 +6,14 @@ import pytest
 import torch
 
 import hsr
+from attention_cases import clustered_keys
 from reference import attention_ref
 
 
 def stream(kind, B, Hkv, L, D, seed=0):
     g = torch.Generator().manual_seed(seed)
     if kind == "clustered":
-        centers = torch.randn(B, Hkv, 6, D, generator=g) * 2
-        pick = torch.randint(0, 6, (B, Hkv, L), generator=g)
-        k = torch.gather(centers, 2, pick.unsqueeze(-1).expand(B, Hkv, L, D)) + 0.3 * torch.randn(
-            B, Hkv, L, D, generator=g)
+        k = clustered_keys(B, Hkv, L, D, 6, g)
     else:
         k = torch.randn(B, Hkv, L, D, generator=g)
     return k, torch.randn(B, Hkv, L, D, generator=g), g

@@ -5,16 +5,14 @@ import pytest
 import torch
 
 import hsr
+from attention_cases import clustered_keys
 from reference import attention_ref
 
 
 def make(kind, B, Hkv, G, n, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     if kind == "clustered":
-        centers = torch.randn(B, Hkv, 16, D, generator=g) * 2
-        pick = torch.randint(0, 16, (B, Hkv, n), generator=g)
-        k = torch.gather(centers, 2, pick.unsqueeze(-1).expand(B, Hkv, n, D)) + 0.3 * torch.randn(
-            B, Hkv, n, D, generator=g)
+        k = clustered_keys(B, Hkv, n, D, 16, g)
     else:
         k = torch.randn(B, Hkv, n, D, generator=g)
     v = torch.randn(B, Hkv, n, D, generator=g)

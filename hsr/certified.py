@@ -191,6 +191,15 @@ class ReportedInfo:
     lse: torch.Tensor
 
 
+def _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, stats):
+    """ReLU attention over the selected keys, with the ReportedInfo both ReLU paths return."""
+    offsets_t, ids_t, mask_t = selection.tensors()
+    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
+                                bias=float(bias), normalize=normalize, return_lse=True)
+    keys_read = selection.keys_read(k.shape[0], k.shape[1])
+    return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t, lse[:, :, 0])
+
+
 def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, *, bias: float,
                             alpha: int = 1, scale: float | None = None,
                             normalize: bool = True) -> tuple[torch.Tensor, ReportedInfo]:
@@ -221,11 +230,7 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                 r = b * Hq + h * G + g
                 chosen[g, reported[lims[r]:lims[r + 1]]] = True
             selection.add(chosen)
-    offsets_t, ids_t, mask_t = selection.tensors()
-    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
-                                bias=float(bias), normalize=normalize, return_lse=True)
-    keys_read = selection.keys_read(B, Hkv)
-    return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t, lse[:, :, 0])
+    return _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, stats)
 
 
 def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *, bias: float,
@@ -249,8 +254,4 @@ def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ske
             chosen = upper + upper.abs() * 1e-12 + 1e-300 > float(bias)  # (G, n)
             counts[b, h * G:(h + 1) * G] = chosen.sum(1)
             selection.add(chosen)
-    offsets_t, ids_t, mask_t = selection.tensors()
-    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
-                                bias=float(bias), normalize=normalize, return_lse=True)
-    keys_read = selection.keys_read(B, Hkv)
-    return out, ReportedInfo(counts, keys_read, None, offsets_t, ids_t, mask_t, lse[:, :, 0])
+    return _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, None)

@@ -28,6 +28,15 @@ from .sketch import KeySketch
 _U = 2.0 ** -24
 
 
+def value_norm_bounds(v: torch.Tensor) -> torch.Tensor:
+    """(..., n) float32 upper bounds of |v_i|_2 for values (..., n, D): the float norm,
+    widened by its own rounding bound and rounded up to float."""
+    d = v.shape[-1]
+    up = v.float().norm(dim=-1).double() * (1.0 + (d + 2) * _U * 1.01)
+    up_f = up.float()
+    return torch.where(up_f.double() < up, torch.nextafter(up_f, torch.tensor(float("inf"))), up_f)
+
+
 def _decode_problem(what, q, k, v, scale):
     """Validates decode queries q (B, Hq, 1, D) against k, v (B, Hkv, n, D); returns
     (B, Hq, Hkv, n, D, G, scale) with the scale resolved (1/sqrt(D) by default)."""
@@ -111,8 +120,8 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     """Softmax attention of decode queries q (B, Hq, 1, D) over k, v (B, Hkv, n, D) (CPU),
     reading in full only the keys the sketch cannot certify away; see the module docstring.
 
-    sketch: KeySketch.from_keys(k). v_norms (B, Hkv, n): |v_i|_2 per key (computed from v when
-    not given; a cache keeps them). eps in [0, 1): 0 selects everything (exact).
+    sketch: KeySketch.from_keys(k). v_norms (B, Hkv, n): value_norm_bounds(v), computed from v
+    when not given (a cache keeps them). eps in [0, 1): 0 selects everything (exact).
     """
     what = "hsr.certified_attention"
     if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
@@ -121,14 +130,8 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     if n == 0:
         raise ValueError(f"{what}: k and v must hold at least one key")
     _check_sketch(what, sketch, B, Hkv, n, D)
-    if v_norms is None:
-        v_norms = v.float().norm(dim=-1)
+    v_up_f = value_norm_bounds(v) if v_norms is None else v_norms
     qf = q[:, :, 0].float()
-
-    # Value norms are float sums: rounded up by their own rounding bound, then to float.
-    v_up = v_norms.double() * (1.0 + (D + 2) * _U * 1.01)
-    v_up_f = v_up.float()
-    v_up_f = torch.where(v_up_f.double() < v_up, torch.nextafter(v_up_f, torch.tensor(float("inf"))), v_up_f)
 
     selection, per_head = _Selection(), []
     for b in range(B):

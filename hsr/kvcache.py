@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .certified import certified_attention, relu_reported_attention, relu_sketch_attention
+from .certified import certified_attention, relu_reported_attention, relu_sketch_attention, value_norm_bounds
 from .index import HSRIndexBatch
 from .ops import attention, merge_attention
 from .sketch import KeySketch
@@ -188,7 +188,7 @@ class HSRKVCache:
         self._sketch = KeySketch(torch.cat([old.codes, new.codes], 2), torch.cat([old.lo, new.lo], 2),
                                  torch.cat([old.delta, new.delta], 2), self.head_dim, self.sketch_bits,
                                  new.group)
-        self._v_norms = torch.cat([self._v_norms, self._v[:, :, self._indexed:end].float().norm(dim=-1)], 2)
+        self._v_norms = torch.cat([self._v_norms, value_norm_bounds(self._v[:, :, self._indexed:end])], 2)
         self._indexed = end
 
     def decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
@@ -234,8 +234,8 @@ class HSRKVCache:
                 mass = info.mass_bound
                 # Left-out mass is measured against the kept keys only; the tail adds to what is
                 # kept, so the bound stays valid, and its values join the kept ones.
-                v_tail_max = (v_tail.float().norm(dim=-1).amax(-1).double() * (1 + (D + 2) * 2.0 ** -24 * 1.01)
-                              if tail else torch.zeros(B, Hkv, dtype=torch.float64))
+                v_tail_max = (value_norm_bounds(v_tail).amax(-1).double() if tail
+                              else torch.zeros(B, Hkv, dtype=torch.float64))
                 kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
                 error = mass * (info.v_left_max + kept_max)
                 bytes_read += self._sketch.nbytes + self._v_norms.numel() * 4

@@ -92,6 +92,87 @@ std::vector<float> principal_direction(const float* rows, int d, int64_t count, 
 #define HSR_AVX_CLONES
 #endif
 
+// Node bounds in fp32 vectors (8-wide AVX when the CPU has it, else 4-wide SSE). Any
+// summation order of n products is within gamma_{n+1} * sum|terms| of the exact value; the
+// caller widens by that, so a bound computed here never cuts a point.
+struct NodeSums {
+  float qc;                 // <q, c>
+  float box_hi, box_lo;     // sum_t max(q_t lo_t, q_t hi_t), sum_t min(...)
+  float box_abs;            // sum_t max(|q_t lo_t|, |q_t hi_t|): sizes the box sums' error
+};
+
+// Vector values never cross a call boundary here (the templates are always inlined into the
+// AVX- or SSE-compiled functions below), so GCC's AVX argument-passing ABI note does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename V>
+__attribute__((always_inline)) inline float centroid_dot_as(const float* q, const float* c, int d) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V acc = {};
+  int t = 0;
+  for (; t + W <= d; t += W) acc += cpu::loadv<V>(q + t) * cpu::loadv<V>(c + t);
+  float sum = cpu::hsum(acc);
+  for (; t < d; ++t) sum += q[t] * c[t];
+  return sum;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline NodeSums box_sums_as(const float* q, const float* lo,
+                                                           const float* hi, int d) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V up = {}, down = {}, mag = {};
+  int t = 0;
+  for (; t + W <= d; t += W) {
+    const V qt = cpu::loadv<V>(q + t);
+    const V a = qt * cpu::loadv<V>(lo + t), b = qt * cpu::loadv<V>(hi + t);
+    const V abs_a = a > -a ? a : -a, abs_b = b > -b ? b : -b;
+    up += a > b ? a : b;
+    down += a < b ? a : b;
+    mag += abs_a > abs_b ? abs_a : abs_b;
+  }
+  NodeSums r{0.0f, cpu::hsum(up), cpu::hsum(down), cpu::hsum(mag)};
+  for (; t < d; ++t) {
+    const float a = q[t] * lo[t], b = q[t] * hi[t];
+    r.box_hi += std::max(a, b);
+    r.box_lo += std::min(a, b);
+    r.box_abs += std::max(std::fabs(a), std::fabs(b));
+  }
+  return r;
+}
+
+float centroid_dot_sse(const float* q, const float* c, int d) {
+  return centroid_dot_as<cpu::f32x4>(q, c, d);
+}
+NodeSums box_sums_sse(const float* q, const float* lo, const float* hi, int d) {
+  return box_sums_as<cpu::f32x4>(q, lo, hi, d);
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx"))) float centroid_dot_avx(const float* q, const float* c, int d) {
+  return centroid_dot_as<cpu::f32x8>(q, c, d);
+}
+__attribute__((target("avx"))) NodeSums box_sums_avx(const float* q, const float* lo,
+                                                     const float* hi, int d) {
+  return box_sums_as<cpu::f32x8>(q, lo, hi, d);
+}
+const bool kUseAvx = __builtin_cpu_supports("avx");
+#else
+const bool kUseAvx = false;
+#endif
+#pragma GCC diagnostic pop
+
+float centroid_dot(const float* q, const float* c, int d) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (kUseAvx) return centroid_dot_avx(q, c, d);
+#endif
+  return centroid_dot_sse(q, c, d);
+}
+NodeSums box_sums(const float* q, const float* lo, const float* hi, int d) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (kUseAvx) return box_sums_avx(q, lo, hi, d);
+#endif
+  return box_sums_sse(q, lo, hi, d);
+}
+
 // proj[i] = <x_i, dir> for the count rows; returns max_i |x_i - c|^2.
 HSR_AVX_CLONES float project_rows(const float* rows, int d, int64_t count, const float* c,
                                   const float* dir, float* proj) {
@@ -493,25 +574,24 @@ void HSRTree::reset() {
   *this = HSRTree(d, ls);
 }
 
-void HSRTree::bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
-                     double& slack) const {
+void HSRTree::bounds(int32_t node, const float* q, double qnorm, double prune_below,
+                     double& upper, double& lower, double& slack) const {
   const int d = dim_;
-  const float* c = centroid_.data() + int64_t(node) * d;
-  const float* lo = lo_.data() + int64_t(node) * d;
-  const float* hi = hi_.data() + int64_t(node) * d;
-  double qc = 0.0, box_hi = 0.0, box_lo = 0.0;
-  for (int t = 0; t < d; ++t) {
-    const double qt = q[t];
-    qc += qt * c[t];
-    const double a = qt * lo[t], b = qt * hi[t];
-    box_hi += std::max(a, b);
-    box_lo += std::min(a, b);
-  }
-  const double ball = qnorm * radius_[node];
-  upper = std::min(qc + ball, box_hi);
-  lower = std::max(qc - ball, box_lo);
+  const double gamma = 1.01 * (d + 2) * kFloatEps;
   // |float dot - exact| <= gamma_d * sum|q_t x_t| <= gamma_d * |q| * max|x|, with margin.
-  slack = 1.01 * (d + 2) * kFloatEps * qnorm * max_norm_[node] + 1e-30;
+  slack = gamma * qnorm * max_norm_[node] + 1e-30;
+  // The centroid lies in the hull of the node's points, so |c| <= max_norm bounds the error of
+  // <q, c> as well.
+  const double qc = centroid_dot(q, centroid_.data() + int64_t(node) * d, d);
+  const double ball = qnorm * radius_[node] + slack;
+  upper = qc + ball;
+  lower = qc - ball;
+  // The box can only tighten the ball; when the ball alone prunes, its pass is not needed.
+  if (upper + slack < prune_below) return;
+  const NodeSums box = box_sums(q, lo_.data() + int64_t(node) * d, hi_.data() + int64_t(node) * d, d);
+  const double box_err = gamma * double(box.box_abs) + 1e-30;
+  upper = std::min(upper, double(box.box_hi) + box_err);
+  lower = std::max(lower, double(box.box_lo) - box_err);
 }
 
 double HSRTree::estimated_scored_fraction(const float* q, float thresh, double stop_above) const {
@@ -528,7 +608,7 @@ double HSRTree::estimated_scored_fraction(const float* q, float thresh, double s
     stack.pop_back();
     if (count_[node] == 0) continue;
     double upper, lower, slack;
-    bounds(node, q, qnorm, upper, lower, slack);
+    bounds(node, q, qnorm, thresh, upper, lower, slack);
     if (upper + slack < thresh) continue;
     if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
       must_score += count_[node];
@@ -557,7 +637,7 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
     ++stats.nodes_visited;
     if (!inside) {
       double upper, lower, slack;
-      bounds(node, q, qnorm, upper, lower, slack);
+      bounds(node, q, qnorm, thresh, upper, lower, slack);
       if (upper + slack < thresh) continue;
       inside = lower - slack >= thresh;
     }
@@ -589,7 +669,8 @@ bool HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   auto offer = [&](int32_t node) {
     if (count_[node] == 0) return;
     double upper, lower, slack;
-    bounds(node, q, qnorm, upper, lower, slack);
+    const double entry = best.full() ? double(best.worst().score) : -HUGE_VAL;
+    bounds(node, q, qnorm, entry, upper, lower, slack);
     const double reach = upper + slack;
     if (best.full() && reach < best.worst().score) return;
     frontier.push({reach, node});

@@ -95,8 +95,10 @@ class HSRTree {
   void widen_bounds(int32_t node, const float* x, double x_norm);
   void split_leaf(int32_t leaf);
   void collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const;
-  void bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
-              double& slack) const;
+  // Upper/lower bounds of <q, x> over the node and the float slack to add to them. When the
+  // ball bound alone shows upper + slack < prune_below, the box is not computed.
+  void bounds(int32_t node, const float* q, double qnorm, double prune_below, double& upper,
+              double& lower, double& slack) const;
   float* point(int32_t block, int32_t slot) {
     return chunks_[block / kChunkBlocks].get() +
            (int64_t(block % kChunkBlocks) * leaf_size_ + slot) * dim_;

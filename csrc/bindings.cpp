@@ -66,6 +66,7 @@ TORCH_LIBRARY(hsr, m) {
       .def("add", &hsr::IndexBatchHolder::add)
       .def("range_search", &hsr::IndexBatchHolder::range_search)
       .def("search", &hsr::IndexBatchHolder::search)
+      .def("certified_select", &hsr::IndexBatchHolder::certified_select)
       .def("ntotal", &hsr::IndexBatchHolder::ntotal)
       .def("last_stats", &hsr::IndexBatchHolder::last_stats)
       .def("scan_fraction", &hsr::IndexBatchHolder::scan_fraction)

@@ -112,71 +112,96 @@ class CertifiedInfo:
     v_kept_max: torch.Tensor
     # (B, Hq) float32: log of the kept keys' softmax normaliser, to merge with other keys.
     lse: torch.Tensor
+    # With an index: int64 [nodes_visited, leaves_opened, keys_sketched] summed over the
+    # trees; None without.
+    index_stats: torch.Tensor | None = None
 
 
-def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *,
-                        eps: float, scale: float | None = None,
-                        v_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch | None, *,
+                        eps: float, scale: float | None = None, v_norms: torch.Tensor | None = None,
+                        index=None) -> tuple[torch.Tensor, CertifiedInfo]:
     """Softmax attention of decode queries q (B, Hq, 1, D) over k, v (B, Hkv, n, D) (CPU),
-    reading in full only the keys the sketch cannot certify away; see the module docstring.
+    reading in full only the keys the bounds cannot certify away; see the module docstring.
 
-    sketch: KeySketch.from_keys(k). v_norms (B, Hkv, n): value_norm_bounds(v), computed from v
-    when not given (a cache keeps them). eps in [0, 1): 0 selects everything (exact).
+    sketch: KeySketch.from_keys(k), or None with an index (tree-only selection). index:
+    hsr.HSRIndexBatch over k (ids = positions): the two-level selection (the tree prunes whole
+    nodes first, the sketch then prunes keys inside the leaves kept); info.index_stats holds
+    its [nodes_visited, leaves_opened, keys_sketched]. Without an index every key's sketch
+    interval is computed. v_norms (B, Hkv, n): value_norm_bounds(v), computed from v when not
+    given (a cache keeps them). eps in [0, 1): 0 selects everything (exact).
     """
     what = "hsr.certified_attention"
-    if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
         raise ValueError(f"{what}: eps must be in [0, 1), got {eps!r}")
     B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
     if n == 0:
         raise ValueError(f"{what}: k and v must hold at least one key")
-    _check_sketch(what, sketch, B, Hkv, n, D)
+    if sketch is not None or index is None:
+        _check_sketch(what, sketch, B, Hkv, n, D)
     v_up_f = value_norm_bounds(v) if v_norms is None else v_norms
     qf = q[:, :, 0].float()
+    # A hair stricter than eps: the certificate computed afterwards uses the kernel's
+    # normaliser, deflated for its float rounding.
+    eps_select = eps * (1.0 - 1e-3)
+    if index is None:
+        offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected = _select_by_sketch(
+            qf, sketch, v_up_f, scale, eps_select, B, Hkv, G)
+        index_stats = None
+    else:
+        _check_index(what, index, B, Hkv, n, D)
+        codes = (None, None, None) if sketch is None else (sketch.codes, sketch.lo, sketch.delta)
+        bits, group = (8, 32) if sketch is None else (sketch.bits, sketch.group)
+        offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, index_stats = \
+            index._impl.certified_select(qf, *codes, bits, group, v_up_f.contiguous(), scale, eps_select)
+    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
 
-    selection, per_head = _Selection(), []
+    # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t| <= gamma_D * scale * |q| |k|;
+    # the kernel's normaliser sums at most n terms in tiles, and lse = m + log(l) rounds once
+    # more: its log is off by at most the largest score error plus (tiles + tile size + a few)
+    # roundings plus |lse| u. Only the kept keys (read anyway) enter the score error; norms are
+    # taken in float32 and widened by far more than their own rounding.
+    pairs = B * Hkv
+    per_pair = offsets_t[1:] - offsets_t[:-1]
+    pair_of_row = torch.repeat_interleave(torch.arange(pairs), per_pair)
+    k_norm = k.reshape(pairs, n, D)[pair_of_row, ids_t].float().norm(dim=1)            # (u,)
+    k_kept = k_norm.unsqueeze(1).expand(-1, G).masked_fill(~mask_t, 0.0)                # (u, G)
+    k_max = torch.zeros(pairs, G).scatter_reduce_(0, pair_of_row.unsqueeze(1).expand(-1, G), k_kept, "amax")
+    largest = k_max.view(B, Hq).double() * qf.norm(dim=-1).double() * (1.0 + 1e-4)
+    score_err = (D + 2) * _U * 1.01 * scale * largest
+    sum_err = (selected.double() / 64 + 64 + 8) * 2 * _U
+    lse_d = lse[:, :, 0].double()
+    log_z = lse_d - score_err - sum_err - 2 * _U * lse_d.abs()
+    mass = torch.sigmoid(log_left - log_z)  # T / (Z + T); 0 where nothing is left out
+    # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out and the
+    # kept values.
+    error = mass * (v_left + v_kept)
+    keys_read = per_pair.view(B, Hkv)
+    return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left, v_kept,
+                              lse[:, :, 0], index_stats)
+
+
+def _select_by_sketch(qf, sketch, v_up_f, scale, eps, B, Hkv, G):
+    """The per-key selection from every key's sketch interval, pair by pair: the selection
+    in sparse_attention's form and per (batch, q head) log_left, v_left_max, v_kept_max,
+    keys selected."""
+    selection, log_left, v_left, v_kept, selected = _Selection(), [], [], [], []
     for b in range(B):
         for h in range(Hkv):
             est, rad = _sketch_intervals(qf, sketch, b, h, G)
-            # A hair stricter than eps: the certificate computed afterwards uses the kernel's
-            # normaliser, deflated for its float rounding.
-            chosen, log_left, v_left, v_kept = torch.ops.hsr.select_by_bounds(
-                est, rad, v_up_f[b, h].contiguous(), scale, eps * (1.0 - 1e-3))
+            chosen, left, v_l, v_k = torch.ops.hsr.select_by_bounds(est, rad, v_up_f[b, h].contiguous(), scale, eps)
             selection.add(chosen)
-            per_head.append((chosen, log_left, v_left, v_kept))
+            log_left.append(left), v_left.append(v_l), v_kept.append(v_k), selected.append(chosen.sum(1))
     offsets_t, ids_t, mask_t = selection.tensors()
-    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
+    per_head = [torch.cat(x).view(B, Hkv * G) for x in (log_left, v_left, v_kept, selected)]
+    return (offsets_t, ids_t, mask_t, *per_head)
 
-    mass = torch.zeros(B, Hq, dtype=torch.float64)
-    error = torch.zeros(B, Hq, dtype=torch.float64)
-    selected = torch.zeros(B, Hq, dtype=torch.int64)
-    v_left_all = torch.zeros(B, Hq, dtype=torch.float64)
-    v_kept_all = torch.zeros(B, Hq, dtype=torch.float64)
-    # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t|; the kernel's normaliser
-    # sums at most n terms in tiles, and lse = m + log(l) rounds once more: its log is off by
-    # at most the largest score error plus (tiles + tile size + a few) roundings plus |lse| u.
-    for b in range(B):
-        for h in range(Hkv):
-            chosen, log_left, v_left, v_kept = per_head[b * Hkv + h]
-            heads = slice(h * G, (h + 1) * G)
-            union, mask = selection.ids[b * Hkv + h], selection.masks[b * Hkv + h]  # (u,), (u, G)
-            count = chosen.sum(1)
-            selected[b, heads] = count
-            v_left_all[b, heads] = v_left
-            v_kept_all[b, heads] = v_kept
-            # Only the kept keys (read anyway) enter the score rounding bound.
-            prod = k[b, h, union].double().abs() @ qf[b, heads].double().abs().T  # (u, G)
-            score_err = (D + 2) * _U * 1.01 * scale * prod.masked_fill(~mask, 0.0).amax(0)
-            sum_err = (count.double() / 64 + 64 + 8) * 2 * _U
-            lse_h = lse[b, heads, 0].double()
-            log_z = lse_h - score_err - sum_err - 2 * _U * lse_h.abs()
-            tau = torch.sigmoid(log_left - log_z)  # T / (Z + T); 0 where nothing is left out
-            mass[b, heads] = tau
-            # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out
-            # and the kept values.
-            error[b, heads] = tau * (v_left + v_kept)
-    keys_read = selection.keys_read(B, Hkv)
-    return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left_all,
-                              v_kept_all, lse[:, :, 0])
+
+def _check_index(what, index, B, Hkv, n, D):
+    from .index import HSRIndexBatch
+
+    if not isinstance(index, HSRIndexBatch) or (index.batch, index.heads, index.d) != (B, Hkv, D) \
+            or not bool((index.ntotal == n).all()):
+        raise ValueError(f"{what}: index must be an HSRIndexBatch over k ({B}, {Hkv}, n={n}, {D})")
 
 
 @dataclass(frozen=True)
@@ -214,13 +239,9 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
 
     index: hsr.HSRIndexBatch over k (ids = positions), e.g. HSRIndexBatch(k.float()).
     """
-    from .index import HSRIndexBatch
-
     what = "hsr.relu_reported_attention"
     B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
-    if not isinstance(index, HSRIndexBatch) or (index.batch, index.heads, index.d) != (B, Hkv, D) \
-            or not bool((index.ntotal == n).all()):
-        raise ValueError(f"{what}: index must be an HSRIndexBatch over k ({B}, {Hkv}, n={n}, {D})")
+    _check_index(what, index, B, Hkv, n, D)
     _check_bias(what, bias)
     lims, _, reported = index.range_search(q[:, :, 0].float(), float(bias) / scale)
     stats = index.last_stats

@@ -21,9 +21,17 @@ double lower_logit(float est, float rad, double scale) {
 
 }  // namespace
 
+double log_add_up(double a, double b) {
+  if (a == -std::numeric_limits<double>::infinity()) return b;
+  if (b == -std::numeric_limits<double>::infinity()) return a;
+  const double hi = std::max(a, b), lo = std::min(a, b);
+  // log1p and exp round (a few ulps): widen by far more than that.
+  return hi + std::log1p(std::exp(lo - hi)) * (1.0 + 1e-12) + std::fabs(hi) * 1e-15;
+}
+
 RowSelection select_row(const float* estimate, const float* radius, const float* v_norms, int64_t n,
-                        double scale, double eps, bool* chosen) {
-  RowSelection out{-std::numeric_limits<double>::infinity(), 0.0, 0.0, 0};
+                        double scale, double eps, bool* chosen, const LeftOut& before) {
+  RowSelection out{before.log_mass, before.v_max, 0.0, 0};
   if (n == 0) return out;
   double top = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) top = std::max(top, upper_logit(estimate[i], radius[i], scale));
@@ -45,16 +53,18 @@ RowSelection select_row(const float* estimate, const float* radius, const float*
     std::vector<double> left_after(kSelectBins + 1, 0.0);
     for (int32_t j = kSelectBins - 1; j >= 0; --j) left_after[j] = left_after[j + 1] + up[j + 1];
     const double ratio = eps / (1.0 - eps);
+    const double left_before = std::exp(before.log_mass - top);
     double kept = 0.0;
     for (int32_t j = 0; j <= kSelectBins; ++j) {
       kept += lo[j];
-      if (left_after[j] <= ratio * kept) {
+      if (left_after[j] + left_before <= ratio * kept) {
         last = j;
         break;
       }
     }
   }
   double left = 0.0;
+  out.v_left_max = before.v_max;
   for (int64_t i = 0; i < n; ++i) {
     chosen[i] = bin_of[i] <= last;
     if (chosen[i]) {
@@ -66,7 +76,10 @@ RowSelection select_row(const float* estimate, const float* radius, const float*
     }
   }
   // The double exps and their sum round: at most 2n + 4 roundings, each relative 2^-53.
-  if (left > 0.0) out.log_left = top + std::log(left * (1.0 + double(2 * n + 4) * 1.2e-16));
+  if (left > 0.0) {
+    const double log_keys = top + std::log(left * (1.0 + double(2 * n + 4) * 1.2e-16));
+    out.log_left = log_add_up(before.log_mass, log_keys);
+  }
   return out;
 }
 

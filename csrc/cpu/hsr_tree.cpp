@@ -41,7 +41,7 @@ double upper_sqrt(float sum_sq, int d) {
 double upper_norm(const float* x, int d) { return upper_sqrt(cpu::dot(x, x, d), d); }
 
 // |q| in double, rounded up (queries are few; their norm enters every bound).
-double query_norm(const float* q, int d) {
+double norm_rounded_up(const float* q, int d) {
   double s = 0.0;
   for (int t = 0; t < d; ++t) s += double(q[t]) * q[t];
   return std::sqrt(s) * kInflate;
@@ -574,6 +574,8 @@ void HSRTree::reset() {
   *this = HSRTree(d, ls);
 }
 
+double HSRTree::query_norm(const float* q) const { return norm_rounded_up(q, dim_); }
+
 void HSRTree::bounds(int32_t node, const float* q, double qnorm, double prune_below,
                      double& upper, double& lower, double& slack) const {
   const int d = dim_;
@@ -599,7 +601,7 @@ double HSRTree::estimated_scored_fraction(const float* q, float thresh, double s
   // leaves' worth of points: the points in such nodes whose upper bound reaches the
   // threshold over-estimate what the traversal scores, at a small fraction of its cost.
   if (live_ == 0) return 0.0;
-  const double qnorm = query_norm(q, dim_);
+  const double qnorm = norm_rounded_up(q, dim_);
   const int64_t frontier_size = int64_t(kFrontierLeaves) * leaf_size_;
   std::vector<int32_t> stack = {0};
   int64_t must_score = 0;
@@ -626,7 +628,7 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
   out.clear();
   stats = QueryStats{};
   if (live_ == 0) return;
-  const double qnorm = query_norm(q, dim_);
+  const double qnorm = norm_rounded_up(q, dim_);
   std::vector<float> buf(leaf_size_);
   // (node, inside): inside = every point below is known to pass, no bounds needed.
   std::vector<std::pair<int32_t, bool>> stack = {{0, false}};
@@ -662,7 +664,7 @@ bool HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   out.clear();
   stats = QueryStats{};
   if (live_ == 0 || k <= 0) return true;
-  const double qnorm = query_norm(q, dim_);
+  const double qnorm = norm_rounded_up(q, dim_);
   // frontier: nodes by the largest score they can reach, largest on top.
   TopK best(k);
   std::priority_queue<std::pair<double, int32_t>> frontier;

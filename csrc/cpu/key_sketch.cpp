@@ -112,9 +112,10 @@ template void quantize_keys<half_t>(const SketchLayout&, const half_t*, int64_t,
 template void quantize_keys<bfloat16_t>(const SketchLayout&, const bfloat16_t*, int64_t, uint8_t*, float*,
                                         float*);
 
-void score_intervals(const SketchLayout& layout, const float* q, int64_t m, const uint8_t* codes,
-                     const float* lo, const float* delta, int64_t n, float* estimate,
-                     float* radius) {
+void score_intervals_of_rows(const SketchLayout& layout, const float* q, int64_t m,
+                             const uint8_t* codes, const float* lo, const float* delta,
+                             const int64_t* rows, int64_t count, float* estimate, float* radius,
+                             int64_t ld) {
   layout.validate();
   const int d = layout.dim, ng = layout.groups(), cb = layout.code_bytes();
   // Per query and group: the float sum of q_t, and sum |q_t| rounded up to float.
@@ -143,11 +144,18 @@ void score_intervals(const SketchLayout& layout, const float* q, int64_t m, cons
   const float inflate = float(1.0 + 4.0 * double(2 * ng + 8) * kFloatEps + 1.0 / 1048576.0);
   const QueryTerms qt{q, qsum.data(), qabs.data()};
   std::vector<float> c(static_cast<size_t>(d));
-  for (int64_t j = 0; j < n; ++j) {
-    unpack_codes(layout, codes + j * cb, c.data());
-    key_intervals(layout, qt, m, c.data(), lo + j * ng, delta + j * ng, rounding, inflate, estimate + j,
-                  n, radius + j);
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t row = rows == nullptr ? j : rows[j];
+    unpack_codes(layout, codes + row * cb, c.data());
+    key_intervals(layout, qt, m, c.data(), lo + row * ng, delta + row * ng, rounding, inflate,
+                  estimate + j, ld, radius + j);
   }
+}
+
+void score_intervals(const SketchLayout& layout, const float* q, int64_t m, const uint8_t* codes,
+                     const float* lo, const float* delta, int64_t n, float* estimate,
+                     float* radius) {
+  score_intervals_of_rows(layout, q, m, codes, lo, delta, nullptr, n, estimate, radius, n);
 }
 
 }  // namespace hsr::sketch

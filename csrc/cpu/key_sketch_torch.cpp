@@ -11,10 +11,10 @@
 #include "hsr/sketch/key_sketch.h"
 #include "hsr/sketch/select.h"
 #include "hsr/types.h"
+#include "sketch_checks.h"
 #include "value_checks.h"
 
 namespace hsr {
-namespace {
 
 sketch::SketchLayout checked_layout(int64_t dim, int64_t bits, int64_t group, const char* what) {
   TORCH_CHECK_VALUE(bits == 8 || bits == 4, what, ": bits must be 8 or 4, got ", bits);
@@ -23,6 +23,8 @@ sketch::SketchLayout checked_layout(int64_t dim, int64_t bits, int64_t group, co
                     dim);
   return sketch::SketchLayout{int(dim), int(std::min<int64_t>(group, dim)), int(bits)};
 }
+
+namespace {
 
 template <typename T, typename TorchT>
 void run_quantize(const sketch::SketchLayout& layout, const at::Tensor& k, int64_t rows,

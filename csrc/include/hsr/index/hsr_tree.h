@@ -84,6 +84,26 @@ class HSRTree {
   // The stored point with this id, or nullptr when the id was removed or never added.
   const float* find(int64_t id) const;
 
+  // Read access for walks outside this class (the certified decode selection). Node 0 is the
+  // root of a non-empty tree; a node is a leaf or has two children.
+  bool is_leaf(int32_t node) const { return block_[node] >= 0; }
+  int32_t left_child(int32_t node) const { return left_[node]; }
+  int32_t right_child(int32_t node) const { return right_[node]; }
+  int64_t live_count(int32_t node) const { return count_[node]; }
+  // The ids of a leaf's live points (leaf_point_count of them).
+  const int64_t* leaf_ids(int32_t leaf) const {
+    return slot_id_.data() + int64_t(block_[leaf]) * leaf_size_;
+  }
+  int32_t leaf_point_count(int32_t leaf) const { return block_used_[block_[leaf]]; }
+  // |q|, rounded up: the qnorm argument of bounds().
+  double query_norm(const float* q) const;
+  // Upper/lower bounds of <q, x> over the node and the float slack to add to them when
+  // comparing with scores computed by the scan kernel: every point x below the node has
+  // lower - slack <= <q, x> <= upper + slack, for the exact and the computed score alike.
+  // When the ball bound alone shows upper + slack < prune_below, the box is not computed.
+  void bounds(int32_t node, const float* q, double qnorm, double prune_below, double& upper,
+              double& lower, double& slack) const;
+
  private:
   int32_t new_node(int32_t parent);
   int32_t new_block();
@@ -95,10 +115,6 @@ class HSRTree {
   void widen_bounds(int32_t node, const float* x, double x_norm);
   void split_leaf(int32_t leaf);
   void collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const;
-  // Upper/lower bounds of <q, x> over the node and the float slack to add to them. When the
-  // ball bound alone shows upper + slack < prune_below, the box is not computed.
-  void bounds(int32_t node, const float* q, double qnorm, double prune_below, double& upper,
-              double& lower, double& slack) const;
   float* point(int32_t block, int32_t slot) {
     return chunks_[block / kChunkBlocks].get() +
            (int64_t(block % kChunkBlocks) * leaf_size_ + slot) * dim_;

@@ -47,4 +47,11 @@ void score_intervals(const SketchLayout& layout, const float* q, int64_t m, cons
                      const float* lo, const float* delta, int64_t n, float* estimate,
                      float* radius);
 
+// The same for the keys rows[0..count) of the sketch (any order, repeats allowed):
+// estimate[i * ld + j] and radius[i * ld + j] for key rows[j] (ld >= count).
+void score_intervals_of_rows(const SketchLayout& layout, const float* q, int64_t m,
+                             const uint8_t* codes, const float* lo, const float* delta,
+                             const int64_t* rows, int64_t count, float* estimate, float* radius,
+                             int64_t ld);
+
 }  // namespace hsr::sketch

@@ -81,14 +81,15 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   // Certified softmax selection in two levels (csrc/include/hsr/sketch/tree_select.h) for
   // decode queries q (B, Hq, D): the tree, then the key sketch (codes, lo, delta: sketch_keys
   // of the indexed keys, (B, H, n, ...) by key id; none for tree only). v_norms (B, H, n):
-  // value-norm bounds by key id. Returns (offsets (B*H+1,), ids, mask (len(ids), Hq/H): the
+  // value-norm bounds by key id; v_norm_max (B, H): a bound of all of them. Returns (offsets (B*H+1,), ids, mask (len(ids), Hq/H): the
   // selection in sparse_attention's form; log_left, v_left_max, v_kept_max (B, Hq) float64
   // and keys_kept (B, Hq) int64 as select_by_bounds; stats [nodes_visited, leaves_opened,
   // keys_sketched]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   certified_select(const at::Tensor& q, const std::optional<at::Tensor>& codes,
                    const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& delta, int64_t bits,
-                   int64_t group, const at::Tensor& v_norms, double scale, double eps);
+                   int64_t group, const at::Tensor& v_norms, const at::Tensor& v_norm_max, double scale,
+                   double eps);
 
   int64_t batch, heads, dim;
   std::vector<index::HSRTree> trees;

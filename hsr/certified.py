@@ -119,6 +119,7 @@ class CertifiedInfo:
 
 def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch | None, *,
                         eps: float, scale: float | None = None, v_norms: torch.Tensor | None = None,
+                        v_norm_max: torch.Tensor | None = None,
                         index=None) -> tuple[torch.Tensor, CertifiedInfo]:
     """Softmax attention of decode queries q (B, Hq, 1, D) over k, v (B, Hkv, n, D) (CPU),
     reading in full only the keys the bounds cannot certify away; see the module docstring.
@@ -128,7 +129,8 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     nodes first, the sketch then prunes keys inside the leaves kept); info.index_stats holds
     its [nodes_visited, leaves_opened, keys_sketched]. Without an index every key's sketch
     interval is computed. v_norms (B, Hkv, n): value_norm_bounds(v), computed from v when not
-    given (a cache keeps them). eps in [0, 1): 0 selects everything (exact).
+    given (a cache keeps them); v_norm_max (B, Hkv): their maximum (taken from v_norms when not
+    given). eps in [0, 1): 0 selects everything (exact).
     """
     what = "hsr.certified_attention"
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
@@ -151,8 +153,10 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         _check_index(what, index, B, Hkv, n, D)
         codes = (None, None, None) if sketch is None else (sketch.codes, sketch.lo, sketch.delta)
         bits, group = (8, 32) if sketch is None else (sketch.bits, sketch.group)
+        v_max = v_up_f.amax(-1) if v_norm_max is None else v_norm_max
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, index_stats = \
-            index._impl.certified_select(qf, *codes, bits, group, v_up_f.contiguous(), scale, eps_select)
+            index._impl.certified_select(qf, *codes, bits, group, v_up_f.contiguous(), v_max.contiguous(), scale,
+                                         eps_select)
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
 
     # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t| <= gamma_D * scale * |q| |k|;

@@ -8,16 +8,18 @@
 Keys live in two parts: the indexed part (an HSRIndexBatch over the keys, their int8 sketch
 and value norms) and a dense tail of fewer than ``leaf_size`` recent keys, always attended in
 full; a full tail is appended to the indexed part. Policies:
-- ``hsr.Softmax(eps)``: certified selection from the sketch bounds (hsr.certified_attention);
-  ``info.mass_bound`` <= eps bounds the total-variation distance to dense attention,
-  ``info.error_bound`` the output error (the kernel's own float error comes on top).
+- ``hsr.Softmax(eps, select="tree+sketch")``: certified selection (hsr.certified_attention):
+  the tree prunes whole nodes, the int8 sketch prunes keys inside the leaves kept (in C++,
+  one walk per (batch, kv head) for its GQA group); ``info.mass_bound`` <= eps bounds the
+  total-variation distance to dense attention, ``info.error_bound`` the output error (the
+  kernel's own float error comes on top). select="sketch" scores every key's sketch,
+  select="tree" keeps whole leaves.
 - ``hsr.ReLU(alpha, bias, normalize, select)``: every key that can have a positive weight is
   read, found from the sketch bounds (hsr.relu_sketch_attention) or by the index's half-space
   query (hsr.relu_reported_attention): the result equals dense ReLU attention up to rounding.
 
-This version orchestrates the C++ ops from Python (histogram selection as torch ops, Python
-loops over (batch, kv head)): correct and certified, not yet fast, and the softmax path does
-not use the tree level yet.
+The selection runs in C++; packing, the attention call, the certificate and the merge with
+the tail are orchestrated from Python.
 """
 
 from __future__ import annotations
@@ -36,15 +38,24 @@ from .sketch import KeySketch
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_SOFTMAX_SELECT = ("tree+sketch", "sketch", "tree")
+
+
 @dataclass(frozen=True)
 class Softmax:
-    """Certified softmax: the softmax mass left out is at most eps (0 <= eps < 1)."""
+    """Certified softmax: the softmax mass left out is at most eps (0 <= eps < 1).
+    select: how the keys to read are chosen: "tree+sketch" (the tree prunes whole nodes, the
+    key sketch then prunes keys inside the leaves kept), "sketch" (every key's sketch interval)
+    or "tree" (whole leaves, no sketch)."""
 
     eps: float = 1e-3
+    select: str = "tree+sketch"
 
     def __post_init__(self):
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 <= self.eps < 1.0:
             raise ValueError(f"hsr.Softmax: eps must be in [0, 1), got {self.eps!r}")
+        if self.select not in _SOFTMAX_SELECT:
+            raise ValueError(f"hsr.Softmax: select must be one of {_SOFTMAX_SELECT}, got {self.select!r}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,7 @@ class HSRKVCache:
                                     leaf_size=self.leaf_size)
         self._sketch = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
         self._v_norms = torch.empty(self.batch, self.num_kv_heads, 0)
+        self._v_norm_max = torch.zeros(self.batch, self.num_kv_heads)
 
     @property
     def length(self) -> int:
@@ -188,7 +200,9 @@ class HSRKVCache:
         self._sketch = KeySketch(torch.cat([old.codes, new.codes], 2), torch.cat([old.lo, new.lo], 2),
                                  torch.cat([old.delta, new.delta], 2), self.head_dim, self.sketch_bits,
                                  new.group)
-        self._v_norms = torch.cat([self._v_norms, value_norm_bounds(self._v[:, :, self._indexed:end])], 2)
+        new_norms = value_norm_bounds(self._v[:, :, self._indexed:end])
+        self._v_norms = torch.cat([self._v_norms, new_norms], 2)
+        self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
         self._indexed = end
 
     def decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
@@ -208,6 +222,17 @@ class HSRKVCache:
             self._index_up_to(self._length)
         out, info = self._attend(q)
         return out, DecodeInfo(*info, seconds=time.perf_counter() - start)
+
+    def _selection_bytes(self, info) -> int:
+        """Bytes the certified selection read: every key's sketch and value norm without the
+        tree; with it, the node summaries it visited (centroid and box, float32), the sketch
+        of the keys in the leaves it opened and their value norms."""
+        if info.index_stats is None:
+            return self._sketch.nbytes + self._v_norms.numel() * 4
+        nodes, _, sketched = (int(x) for x in info.index_stats)
+        per_key = self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
+        opened = sketched if self.policy.select != "tree" else int(info.keys_read.sum())
+        return nodes * 3 * self.head_dim * 4 + sketched * per_key + opened * 4
 
     def _attend(self, q):
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
@@ -229,8 +254,11 @@ class HSRKVCache:
         if n_idx:
             k_idx, v_idx = self._k[:, :, :n_idx], self._v[:, :, :n_idx]
             if softmax:
-                out, info = certified_attention(q, k_idx, v_idx, self._sketch, eps=self.policy.eps,
-                                                scale=self.scale, v_norms=self._v_norms)
+                select = self.policy.select
+                out, info = certified_attention(
+                    q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=self.policy.eps,
+                    scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
+                    index=None if select == "sketch" else self._index)
                 mass = info.mass_bound
                 # Left-out mass is measured against the kept keys only; the tail adds to what is
                 # kept, so the bound stays valid, and its values join the kept ones.
@@ -238,7 +266,7 @@ class HSRKVCache:
                               else torch.zeros(B, Hkv, dtype=torch.float64))
                 kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
                 error = mass * (info.v_left_max + kept_max)
-                bytes_read += self._sketch.nbytes + self._v_norms.numel() * 4
+                bytes_read += self._selection_bytes(info)
             elif self.policy.select == "index":
                 out, info = relu_reported_attention(q, k_idx, v_idx, self._index, bias=self.policy.bias,
                                                     alpha=self.policy.alpha, scale=self.scale,

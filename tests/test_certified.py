@@ -30,6 +30,17 @@ def keys_for(kind, B, Hkv, n, D, g):
     raise ValueError(kind)
 
 
+SELECTS = ["sketch", "tree+sketch", "tree"]
+
+
+def certify(q, k, v, eps, select="sketch", leaf_size=64, **kw):
+    """hsr.certified_attention with the given selection: every key's sketch, the tree then
+    the sketch, or the tree alone."""
+    sketch = None if select == "tree" else hsr.KeySketch.from_keys(k)
+    index = None if select == "sketch" else hsr.HSRIndexBatch(k.float(), leaf_size=leaf_size)
+    return hsr.certified_attention(q, k, v, sketch, eps=eps, index=index, **kw)
+
+
 def check_certificate(q, k, v, out, info, eps, out_tol=1e-5):
     """True left-out mass <= mass_bound <= eps; |o - o_S| <= error_bound; out ~ o_S (out_tol:
     the kernel's own rounding, e.g. of a bf16 output)."""
@@ -62,9 +73,10 @@ def check_certificate(q, k, v, out, info, eps, out_tol=1e-5):
                 torch.testing.assert_close(out[b, hq, 0].double(), o_sel, atol=out_tol, rtol=out_tol)
 
 
+@pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("kind", ["gaussian", "clustered", "few_huge", "identical", "long_tail", "group_edges"])
 @pytest.mark.parametrize("eps", [1e-1, 1e-3])
-def test_bounds_hold_and_meet_eps(kind, eps):
+def test_bounds_hold_and_meet_eps(kind, eps, select):
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, n, D = 2, 2, 3, 700, 64
     k = keys_for(kind, B, Hkv, n, D, g)
@@ -72,35 +84,36 @@ def test_bounds_hold_and_meet_eps(kind, eps):
     q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
     if kind == "few_huge":
         q[:, :, 0] = k[:, :, 0].repeat_interleave(G, 1) / 50  # aligned with the huge keys
-    sketch = hsr.KeySketch.from_keys(k)
-    out, info = hsr.certified_attention(q, k, v, sketch, eps=eps)
+    out, info = certify(q, k, v, eps, select, leaf_size=16)
     check_certificate(q, k, v, out, info, eps)
-    if kind == "few_huge":  # the dominant keys are enough
+    if kind == "few_huge" and select != "tree":  # the dominant keys are enough
         assert info.keys_selected.max() < 50
+    assert (info.index_stats is None) == (select == "sketch")
 
 
-def test_negative_scores_and_bf16_keys():
+@pytest.mark.parametrize("select", SELECTS)
+def test_negative_scores_and_bf16_keys(select):
     g = torch.Generator().manual_seed(1)
     B, Hkv, G, n, D = 1, 1, 4, 513, 72
     k = (torch.randn(B, Hkv, n, D, generator=g) - 3).to(torch.bfloat16)
     v = torch.randn(B, Hkv, n, D, generator=g).to(torch.bfloat16)
     q = (torch.rand(B, G, 1, D, generator=g) * 2).to(torch.bfloat16)  # positive q, negative keys
-    out, info = hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k), eps=1e-2)
+    out, info = certify(q, k, v, 1e-2, select)
     assert out.dtype == torch.bfloat16
     check_certificate(q.float(), k.float(), v.float(), out.float(), info, 1e-2, out_tol=1e-2)
 
 
-def test_bounds_shrink_to_zero_with_eps():
+@pytest.mark.parametrize("select", SELECTS)
+def test_bounds_shrink_to_zero_with_eps(select):
     g = torch.Generator().manual_seed(2)
     k = keys_for("clustered", 1, 2, 400, 64, g)
     v = torch.randn(1, 2, 400, 64, generator=g)
     q = torch.randn(1, 4, 1, 64, generator=g) * 3
-    sketch = hsr.KeySketch.from_keys(k)
     previous = None
     for eps in [1e-1, 1e-2, 1e-3, 1e-5, 0.0]:
-        out, info = hsr.certified_attention(q, k, v, sketch, eps=eps)
+        out, info = certify(q, k, v, eps, select, leaf_size=8)
         check_certificate(q, k, v, out, info, eps)
-        if previous is not None:
+        if previous is not None and select == "sketch":  # one histogram cut, moving down
             assert (info.keys_selected >= previous).all()
         previous = info.keys_selected
     assert (info.mass_bound == 0).all() and (info.error_bound == 0).all()
@@ -108,22 +121,24 @@ def test_bounds_shrink_to_zero_with_eps():
     torch.testing.assert_close(out, hsr.attention(q, k, v), atol=1e-6, rtol=1e-6)
 
 
-def test_gqa_group_reads_the_union_once():
+@pytest.mark.parametrize("select", SELECTS)
+def test_gqa_group_reads_the_union_once(select):
     g = torch.Generator().manual_seed(3)
     k = keys_for("clustered", 1, 1, 600, 64, g)
     v = torch.randn(1, 1, 600, 64, generator=g)
     q = torch.randn(1, 4, 1, 64, generator=g) * 3
-    out, info = hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k), eps=1e-2)
+    out, info = certify(q, k, v, 1e-2, select)
     assert info.keys_selected.max() <= info.keys_read[0, 0] <= info.keys_selected.sum()
     assert torch.equal(info.ids, torch.unique(info.ids))  # each key once, in order
     assert (info.mask.any(1)).all()  # every key read is used by some head
 
 
-def test_single_key():
+@pytest.mark.parametrize("select", SELECTS)
+def test_single_key(select):
     k = torch.randn(1, 1, 1, 64)
     v = torch.randn(1, 1, 1, 64)
     q = torch.randn(1, 2, 1, 64)
-    out, info = hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k), eps=0.5)
+    out, info = certify(q, k, v, 0.5, select)
     # One key: whatever is left out, the bound covers it; the output is that key's value
     # when it is kept.
     check_certificate(q, k, v, out, info, 0.5)
@@ -146,6 +161,54 @@ def test_bad_inputs_raise():
         hsr.certified_attention(q, k, v, hsr.KeySketch.from_keys(k[:, :, :5]), eps=0.1)
     with pytest.raises(ValueError, match="at least one key"):
         hsr.certified_attention(q, k[:, :, :0], v[:, :, :0], hsr.KeySketch.from_keys(k[:, :, :0]), eps=0.1)
+    with pytest.raises(ValueError, match="sketch"):  # no sketch and no index
+        hsr.certified_attention(q, k, v, None, eps=0.1)
+    with pytest.raises(ValueError, match="index"):
+        hsr.certified_attention(q, k, v, sk, eps=0.1, index=hsr.HSRIndexBatch(k[:, :, :9]))
+    with pytest.raises(ValueError, match="index"):
+        hsr.certified_attention(q, k, v, sk, eps=0.1, index=hsr.HSRIndex(64))
+
+
+def test_certified_select_checks_its_arguments():
+    k = torch.randn(1, 2, 10, 64)
+    index = hsr.HSRIndexBatch(k)
+    sk = hsr.KeySketch.from_keys(k)
+    q = torch.randn(1, 4, 64)
+    vn, vmax = torch.rand(1, 2, 10), torch.ones(1, 2)
+    select = index._impl.certified_select
+    with pytest.raises(ValueError, match="q must be"):
+        select(torch.randn(1, 3, 64), sk.codes, sk.lo, sk.delta, 8, 32, vn, vmax, 0.1, 0.1)
+    with pytest.raises(ValueError, match="codes"):
+        select(q, sk.codes[:, :, :5], sk.lo, sk.delta, 8, 32, vn, vmax, 0.1, 0.1)
+    with pytest.raises(ValueError, match="together"):
+        select(q, sk.codes, None, sk.delta, 8, 32, vn, vmax, 0.1, 0.1)
+    with pytest.raises(ValueError, match="v_norms"):
+        select(q, sk.codes, sk.lo, sk.delta, 8, 32, vn[:, :, :5], vmax, 0.1, 0.1)
+    with pytest.raises(ValueError, match="v_norm_max"):
+        select(q, sk.codes, sk.lo, sk.delta, 8, 32, vn, vmax[:, :1], 0.1, 0.1)
+    with pytest.raises(ValueError, match="bits"):
+        select(q, sk.codes, sk.lo, sk.delta, 5, 32, vn, vmax, 0.1, 0.1)
+    with pytest.raises(ValueError, match="eps"):
+        select(q, sk.codes, sk.lo, sk.delta, 8, 32, vn, vmax, 0.1, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        select(q, sk.codes, sk.lo, sk.delta, 8, 32, vn, vmax, -1.0, 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        select(q * float("nan"), sk.codes, sk.lo, sk.delta, 8, 32, vn, vmax, 0.1, 0.1)
+
+
+def test_tree_prunes_whole_clusters():
+    # Well separated clusters and a query aimed at one: the tree opens few leaves, the sketch
+    # is computed only for the keys in them, and the certificate still holds.
+    g = torch.Generator().manual_seed(6)
+    n, D = 4096, 64
+    centers = torch.randn(64, D, generator=g) * 3
+    k = (centers.repeat_interleave(n // 64, 0) + 0.1 * torch.randn(n, D, generator=g)).view(1, 1, n, D)
+    v = torch.randn(1, 1, n, D, generator=g)
+    q = (centers[:2] * 0.5).view(1, 2, 1, D)
+    out, info = certify(q, k, v, 1e-3, "tree+sketch")
+    check_certificate(q, k, v, out, info, 1e-3)
+    nodes, leaves, sketched = (int(x) for x in info.index_stats)
+    assert leaves * 64 <= n // 4 and sketched <= n // 4
 
 
 def test_error_bound_is_reached_when_left_out_values_oppose_the_kept_ones():

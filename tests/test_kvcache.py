@@ -19,12 +19,13 @@ def stream(kind, B, Hkv, L, D, seed=0):
     return k, torch.randn(B, Hkv, L, D, generator=g), g
 
 
+@pytest.mark.parametrize("select", ["tree+sketch", "sketch", "tree"])
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 @pytest.mark.parametrize("eps", [1e-2, 1e-4])
-def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps):
+def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps, select):
     B, Hkv, G, D, prompt, steps = 2, 2, 3, 64, 90, 40
     k, v, g = stream(kind, B, Hkv, prompt + steps, D)
-    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=hsr.Softmax(eps=eps))
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=hsr.Softmax(eps=eps, select=select))
     cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
     assert cache.indexed_length == 80 and cache.length == prompt
     for t in range(prompt, prompt + steps):
@@ -57,10 +58,11 @@ def test_relu_equals_dense_relu_over_many_steps(normalize, select):
         assert (info.mass_bound == 0).all() and (info.error_bound == 0).all()
 
 
+@pytest.mark.parametrize("select", ["tree+sketch", "sketch", "tree"])
 @pytest.mark.parametrize("prompt", [0, 1])
-def test_decode_after_a_tiny_prefill(prompt):
+def test_decode_after_a_tiny_prefill(prompt, select):
     k, v, g = stream("random", 1, 1, 20, 32)
-    cache = hsr.HSRKVCache(1, 1, 32, leaf_size=4, policy=hsr.Softmax(eps=1e-3))
+    cache = hsr.HSRKVCache(1, 1, 32, leaf_size=4, policy=hsr.Softmax(eps=1e-3, select=select))
     cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
     for t in range(prompt, 20):
         q = torch.randn(1, 2, 1, 32, generator=g)
@@ -125,6 +127,8 @@ def test_bad_construction_and_policies():
         hsr.ReLU(bias=math.inf)
     with pytest.raises(ValueError, match="select"):
         hsr.ReLU(select="tree")
+    with pytest.raises(ValueError, match="select"):
+        hsr.Softmax(select="index")
     with pytest.raises(ValueError, match="head_dim"):
         hsr.HSRKVCache(1, 1, 0)
     with pytest.raises(ValueError, match="dtype"):

@@ -197,7 +197,8 @@ class TwoLevelWalk {
 }  // namespace
 
 void select_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView* sketch,
-                      const float* v_norms, double scale, double eps, GroupSelection& out) {
+                      const float* v_norms, double v_norm_max, double scale, double eps,
+                      GroupSelection& out) {
   out = GroupSelection{};
   out.heads.assign(size_t(G), RowSelection{kNegInf, 0.0, 0.0, 0});
   if (tree.size() == 0) return;
@@ -205,10 +206,6 @@ void select_two_level(const index::HSRTree& tree, const float* q, int G, const S
   walk.run(out.stats);
   const std::vector<int64_t>& ids = walk.candidates();
   const int64_t m = int64_t(ids.size());
-  // Nodes never expanded may hold any key: their values are bounded by the largest norm.
-  double v_all = 0.0;
-  if (!walk.frontier_empty())
-    for (int64_t id = 0; id < tree.next_id(); ++id) v_all = std::max(v_all, double(v_norms[id]));
   std::vector<float> v_cand(static_cast<size_t>(m));
   for (int64_t j = 0; j < m; ++j) v_cand[j] = v_norms[ids[j]];
 
@@ -216,7 +213,7 @@ void select_two_level(const index::HSRTree& tree, const float* q, int G, const S
   std::vector<bool> any(size_t(m), false);
   std::unique_ptr<bool[]> chosen(new bool[size_t(std::max<int64_t>(m, 1))]);
   for (int g = 0; g < G; ++g) {
-    const LeftOut before{walk.log_frontier(g), walk.frontier_empty() ? 0.0 : v_all};
+    const LeftOut before{walk.log_frontier(g), walk.frontier_empty() ? 0.0 : v_norm_max};
     RowSelection& sel = out.heads[g];
     if (sketch != nullptr) {
       sel = select_row(walk.estimate(g).data(), walk.radius(g).data(), v_cand.data(), m, scale, eps,

@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 IndexBatchHolder::certified_select(const at::Tensor& q_in, const std::optional<at::Tensor>& codes_in,
                                    const std::optional<at::Tensor>& lo_in,
                                    const std::optional<at::Tensor>& delta_in, int64_t bits, int64_t group,
-                                   const at::Tensor& v_norms_in, double scale, double eps) {
+                                   const at::Tensor& v_norms_in, const at::Tensor& v_norm_max_in,
+                                   double scale, double eps) {
   const char* what = "HSRIndexBatch.certified_select";
   TORCH_CHECK_VALUE(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat && q_in.device().is_cpu() &&
                         q_in.size(0) == batch && q_in.size(2) == dim && q_in.size(1) % heads == 0,
@@ -48,6 +49,12 @@ IndexBatchHolder::certified_select(const at::Tensor& q_in, const std::optional<a
   TORCH_CHECK_VALUE(eps >= 0.0 && eps < 1.0, what, ": eps must be in [0, 1), got ", eps);
   const int64_t rows = largest_next_id(trees);
   check_per_key(v_norms_in, at::kFloat, batch, heads, rows, -1, what, "v_norms");
+  TORCH_CHECK_VALUE(v_norm_max_in.dim() == 2 && v_norm_max_in.scalar_type() == at::kFloat &&
+                        v_norm_max_in.device().is_cpu() && v_norm_max_in.size(0) == batch &&
+                        v_norm_max_in.size(1) == heads,
+                    what, ": v_norm_max must be a CPU float32 tensor (", batch, ", ", heads, "), got ",
+                    v_norm_max_in.scalar_type(), " of shape ", v_norm_max_in.sizes());
+  const at::Tensor v_norm_max = v_norm_max_in.contiguous();
   const bool use_sketch = codes_in.has_value();
   TORCH_CHECK_VALUE(use_sketch == lo_in.has_value() && use_sketch == delta_in.has_value(), what,
                     ": codes, lo and delta must be given together (or none, for the tree-only selection)");
@@ -77,8 +84,8 @@ IndexBatchHolder::certified_select(const at::Tensor& q_in, const std::optional<a
       }
       const int64_t b = p / heads, h = p % heads;
       sketch::select_two_level(trees[p], q.const_data_ptr<float>() + (b * hq + h * G) * dim, int(G),
-                               use_sketch ? &view : nullptr, v_norms.const_data_ptr<float>() + p * n, scale,
-                               eps, sel[p]);
+                               use_sketch ? &view : nullptr, v_norms.const_data_ptr<float>() + p * n,
+                               v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
     }
   });
 

@@ -46,9 +46,11 @@ struct GroupSelection {
   TreeSelectStats stats;
 };
 
-// q: G rows of tree.dim() floats (finite). v_norms: upper bounds of the value norms, by id.
+// q: G rows of tree.dim() floats (finite). v_norms: upper bounds of the value norms, by id;
+// v_norm_max: an upper bound of all of them (what a pruned node's values are bounded by).
 // sketch: null for the tree-only selection. scale > 0; eps in [0, 1): 0 keeps every key.
 void select_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView* sketch,
-                      const float* v_norms, double scale, double eps, GroupSelection& out);
+                      const float* v_norms, double v_norm_max, double scale, double eps,
+                      GroupSelection& out);
 
 }  // namespace hsr::sketch

@@ -9,8 +9,10 @@ thousand keys. (Real SmolLM2 keys come with the real-model issue.) The cache is 
 with n - steps keys; each decode step appends the next key and attends; the quality columns
 are for the last step (all n keys). Dense baselines over the same n keys:
 torch SDPA (enable_gqa) and hsr.attention. Quality is measured against fp64 dense attention:
-the true left-out softmax mass (total-variation distance of the selection) and the output
-error, next to the certified bounds the step reported. Medians over --steps steps.
+the true left-out softmax mass (total-variation distance of the selection; the largest over
+every step and head) and the output error, next to the certified bounds the step reported.
+Softmax runs with each selection: tree+sketch (the default), sketch (every key's sketch) and
+tree (whole leaves). Medians over --steps steps.
 """
 
 from __future__ import annotations
@@ -41,21 +43,31 @@ def make_stream(n, heads_kv, group, d, seed=0):
     return q, k, v
 
 
-def quality(q, k, v, out, policy):
-    """Output error per q head against fp64 dense attention (one kv head at a time)."""
+def quality(q, k, v, out, policy, selection, indexed):
+    """Per q head against fp64 dense attention (one kv head at a time): the output error and
+    the attention mass of the keys the step did not attend (the total-variation distance of
+    its selection; 0 for ReLU, whose skipped keys have weight 0)."""
     d = q.shape[-1]
     group = q.shape[1] // k.shape[1]
-    errs = []
+    n = k.shape[2]
+    errs, left = [], []
+    offsets, ids, mask = selection if selection is not None else (None, None, None)
     for h in range(k.shape[1]):
         kk, vv = k[0, h].double(), v[0, h].double()
         s = (q[0, h * group:(h + 1) * group, 0].double() @ kk.T) / math.sqrt(d)
         if isinstance(policy, hsr.Softmax):
             p = torch.softmax(s, -1)
+            for gi in range(group):
+                seen = torch.zeros(n, dtype=torch.bool)
+                rows = slice(int(offsets[h]), int(offsets[h + 1]))
+                seen[ids[rows][mask[rows, gi]]] = True
+                seen[indexed:] = True
+                left.append(float(p[gi, ~seen].sum()))
         else:
             p = torch.relu(s - policy.bias) ** policy.alpha
             p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
         errs.append((out[0, h * group:(h + 1) * group, 0].double() - p @ vv).norm(dim=-1))
-    return torch.cat(errs)
+    return torch.cat(errs), max(left, default=0.0)
 
 
 def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bfloat16):
@@ -66,25 +78,28 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     t = time.perf_counter()
     cache.prefill(k[:, :, :n - steps], v[:, :, :n - steps])
     prefill_s = time.perf_counter() - t
-    times = []
+    times, tv_max = [], 0.0
     for i in range(n - steps, n):  # each step appends the next key (a flush when a leaf fills)
         t = time.perf_counter()
         out, info = cache.decode(q, k[:, :, i:i + 1], v[:, :, i:i + 1])
         times.append((time.perf_counter() - t) * 1e3)
+        _, tv = quality(q, k[:, :, :i + 1], v[:, :, :i + 1], out, policy, info.selection, cache.indexed_length)
+        tv_max = max(tv_max, tv)
     kw = dict(scale=1 / math.sqrt(d))
     if isinstance(policy, hsr.ReLU):
         kw = dict(kind="relu", alpha=policy.alpha, bias=policy.bias, normalize=policy.normalize)
     t_dense = median_ms_cpu(lambda: hsr.attention(q, k, v, **kw), iters=3)
     t_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=3) \
         if isinstance(policy, hsr.Softmax) else float("nan")
-    err = quality(q, k, v, out, policy)
+    err, _ = quality(q, k, v, out, policy, info.selection, cache.indexed_length)
     dense_bytes = 2 * heads_kv * n * d * k.element_size()
-    name = f"softmax eps={policy.eps:g}" if isinstance(policy, hsr.Softmax) else \
+    name = f"softmax eps={policy.eps:g} {policy.select}" if isinstance(policy, hsr.Softmax) else \
         f"relu 1% {policy.select}"
     return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,
                 bytes_fraction=info.bytes_read / dense_bytes, mass_bound_max=float(info.mass_bound.max()),
+                tv_max=tv_max,
                 error_bound_max=float(info.error_bound.max()), output_error_max=float(err.max()),
                 prefill_s=prefill_s)
 
@@ -131,7 +146,8 @@ def main():
     rows = []
     for n in args.n:
         bias = relu_bias_for(n, 0.01)
-        for policy in (hsr.Softmax(eps=1e-3), hsr.ReLU(alpha=2, bias=bias, select="sketch"),
+        for policy in (hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.Softmax(eps=1e-3, select="sketch"),
+                       hsr.Softmax(eps=1e-3, select="tree"), hsr.ReLU(alpha=2, bias=bias, select="sketch"),
                        hsr.ReLU(alpha=2, bias=bias, select="index")):
             row = bench_case(n, policy, args.steps)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -140,6 +156,7 @@ def main():
                               ("sdpa_ms", "SDPA ms", ".1f"), ("dense_ms", "hsr dense ms", ".1f"),
                               ("speedup_vs_sdpa", "vs SDPA", ".2f"), ("keys_read_fraction", "keys read", ".3f"),
                               ("bytes_fraction", "bytes", ".3f"), ("mass_bound_max", "mass bound", ".1e"),
+                              ("tv_max", "TV", ".1e"),
                               ("error_bound_max", "err bound", ".1e"), ("output_error_max", "err", ".1e")]))
     if args.json:
         write_json(args.json, {"benchmark": "HSRKVCache decode step vs dense, CPU", "environment": environment("cpu"),

@@ -83,8 +83,11 @@ class DecodeInfo:
     """Per (batch, q head): mass_bound and error_bound (float64; 0 for ReLU, which is exact)
     and keys_attended (indexed keys selected + tail); per (batch, kv head): keys_read (keys
     whose K and V were read in full precision: the group's union plus the tail);
-    bytes_read: bytes the step read, all heads together (sketch or index scoring, full-
-    precision K/V, value norms); seconds: wall time of the step."""
+    bytes_read: bytes the step read, all heads together (sketch or index scoring, node
+    summaries, full-precision K/V, value norms); seconds: wall time of the step; selection:
+    the indexed keys read, in hsr.sparse_attention's form (offsets, ids, mask; ids are
+    positions), None when nothing is indexed yet; the tail (positions from
+    cache.indexed_length on) is always attended as well."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor
@@ -92,6 +95,7 @@ class DecodeInfo:
     keys_read: torch.Tensor
     bytes_read: int
     seconds: float
+    selection: tuple | None = None
 
 
 class HSRKVCache:
@@ -220,8 +224,8 @@ class HSRKVCache:
         self._append(k_new, v_new)
         if self._length - self._indexed >= self.leaf_size:
             self._index_up_to(self._length)
-        out, info = self._attend(q)
-        return out, DecodeInfo(*info, seconds=time.perf_counter() - start)
+        out, info, selection = self._attend(q)
+        return out, DecodeInfo(*info, seconds=time.perf_counter() - start, selection=selection)
 
     def _selection_bytes(self, info) -> int:
         """Bytes the certified selection read: every key's sketch and value norm without the
@@ -244,7 +248,7 @@ class HSRKVCache:
         attended = torch.full((B, Hq), tail, dtype=torch.int64)
         read = torch.full((B, Hkv), tail, dtype=torch.int64)
         bytes_read = B * Hkv * tail * 2 * D * elem
-        parts = []
+        parts, selection = [], None
         softmax = isinstance(self.policy, Softmax)
         k_tail, v_tail = self._k[:, :, n_idx:], self._v[:, :, n_idx:]
         if tail:
@@ -282,10 +286,11 @@ class HSRKVCache:
             read += info.keys_read
             bytes_read += int(info.keys_read.sum()) * 2 * D * elem
             parts.append((out, info.lse.unsqueeze(-1)))
+            selection = (info.offsets, info.ids, info.mask)
         if len(parts) == 1:
             out = parts[0][0]
         elif softmax or self.policy.normalize:
             out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
         else:
             out = (parts[0][0].float() + parts[1][0].float()).to(self.dtype)
-        return out, (mass, error, attended, read, int(bytes_read))
+        return out, (mass, error, attended, read, int(bytes_read)), selection

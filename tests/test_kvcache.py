@@ -19,6 +19,26 @@ def stream(kind, B, Hkv, L, D, seed=0):
     return k, torch.randn(B, Hkv, L, D, generator=g), g
 
 
+def left_out_mass(q, k, selection, indexed):
+    """(B, Hq): the exact softmax mass of the keys a decode step did not attend (neither
+    selected among the indexed keys nor in the tail)."""
+    B, Hq, _, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    offsets, ids, mask = selection
+    out = torch.zeros(B, Hq, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hkv):
+            rows = slice(int(offsets[b * Hkv + h]), int(offsets[b * Hkv + h + 1]))
+            for gi in range(G):
+                p = torch.softmax((k[b, h].double() @ q[b, h * G + gi, 0].double()) / math.sqrt(D), 0)
+                seen = torch.zeros(n, dtype=torch.bool)
+                seen[ids[rows][mask[rows, gi]]] = True
+                seen[indexed:] = True
+                out[b, h * G + gi] = p[~seen].sum()
+    return out
+
+
 @pytest.mark.parametrize("select", ["tree+sketch", "sketch", "tree"])
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 @pytest.mark.parametrize("eps", [1e-2, 1e-4])
@@ -37,6 +57,8 @@ def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps, select):
         err = (out.double() - ref).norm(dim=-1)[..., 0]  # (B, Hq)
         assert (info.mass_bound <= eps).all()
         assert (err <= info.error_bound + 1e-5).all(), f"step {t}: {float((err - info.error_bound).max())}"
+        tv = left_out_mass(q, k[:, :, :t + 1], info.selection, cache.indexed_length)
+        assert (tv <= info.mass_bound * (1 + 1e-9) + 1e-300).all()
         assert (info.keys_attended <= t + 1).all() and (info.keys_read <= t + 1).all()
         assert info.bytes_read > 0 and info.seconds > 0
 

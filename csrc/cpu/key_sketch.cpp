@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "hsr/cpu/vec_math.h"
 #include "hsr/types.h"
 
 namespace hsr::sketch {
@@ -23,53 +25,127 @@ GroupSpan group_span(const SketchLayout& l, int g) {
   return {first, std::min(l.group, l.dim - first)};
 }
 
-// The codes of one key as floats (exact: they are small integers).
-void unpack_codes(const SketchLayout& l, const uint8_t* codes, float* out) {
-  if (l.bits == 8) {
-    for (int t = 0; t < l.dim; ++t) out[t] = float(codes[t]);
-  } else {
-    for (int t = 0; t < l.dim; ++t) out[t] = float((codes[t >> 1] >> ((t & 1) * 4)) & 15);
-  }
-}
-
-// The inner loops of score_intervals for one key against m queries: compiled for AVX and the
-// x86-64 baseline, chosen at load time. Sums run in any order (omp simd): the rounding bound
-// holds for every order.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HSR_AVX_CLONES __attribute__((target_clones("avx", "default")))
-#else
-#define HSR_AVX_CLONES
-#endif
-
 struct QueryTerms {
   const float* q;       // m x dim
-  const float* qsum;    // m x groups: float sum of q over the group
   const float* qabs;    // m x groups: an upper bound of sum |q| over the group
 };
 
-HSR_AVX_CLONES void key_intervals(const SketchLayout& l, const QueryTerms& qt, int64_t m,
-                                  const float* c, const float* lo, const float* delta,
-                                  float rounding, float inflate, float* est, int64_t est_stride,
-                                  float* rad) {
-  const int d = l.dim, ng = l.groups();
-  const float levels = float(l.levels());
-  for (int64_t i = 0; i < m; ++i) {
-    const float* qi = qt.q + i * d;
-    float e = 0.0f, quant = 0.0f, magnitude = 0.0f;
+// Keys per tile: the dequantized tile (tile x dim floats) and its scores stay in L1/L2.
+constexpr int64_t kTile = 64;
+
+// The dequantized key k_hat_t = lo_g + code_t * delta_g in float, for keys rows[0..count).
+template <typename V>
+__attribute__((always_inline)) inline void dequantize_tile(const SketchLayout& l, const uint8_t* codes,
+                                                           const float* lo, const float* delta,
+                                                           const int64_t* rows, int64_t j0,
+                                                           int64_t count, float* out) {
+  constexpr int W = int(sizeof(V) / sizeof(float));
+  typedef uint8_t u8xW __attribute__((vector_size(W)));
+  const int d = l.dim, ng = l.groups(), cb = l.code_bytes();
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t row = rows == nullptr ? j0 + j : rows[j0 + j];
+    const uint8_t* c = codes + row * cb;
+    const float* lo_r = lo + row * ng;
+    const float* de_r = delta + row * ng;
+    float* x = out + j * d;
     for (int g = 0; g < ng; ++g) {
-      const int first = g * l.group, size = std::min(l.group, d - first);
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int t = 0; t < size; ++t) dot += qi[first + t] * c[first + t];
-      const float qa = qt.qabs[i * ng + g];
-      e += lo[g] * qt.qsum[i * ng + g] + delta[g] * dot;
-      quant += qa * delta[g];
-      magnitude += qa * (std::fabs(lo[g]) + levels * delta[g]);
+      const int first = g * l.group, end = std::min(first + l.group, d);
+      const float lg = lo_r[g], dg = de_r[g];
+      int t = first;
+      if (l.bits == 8) {
+        const V lv = V{} + lg, dv = V{} + dg;
+        for (; t + W <= end; t += W) {
+          u8xW raw;
+          std::memcpy(&raw, c + t, sizeof raw);
+          const V cv = __builtin_convertvector(raw, V);
+          const V kv = lv + cv * dv;
+          std::memcpy(x + t, &kv, sizeof kv);
+        }
+        for (; t < end; ++t) x[t] = lg + float(c[t]) * dg;
+      } else {
+        for (; t < end; ++t) x[t] = lg + float((c[t >> 1] >> ((t & 1) * 4)) & 15) * dg;
+      }
     }
-    est[i * est_stride] = e;
-    rad[i * est_stride] = (0.5f * quant + rounding * magnitude) * inflate;
   }
 }
+
+// estimate[i * ld + j] = <q_i, fl(k_hat_j)> and its radius for the keys of one tile. The float
+// dequantization rounds each element by at most 2u (|lo| + levels * delta) and the dot product
+// adds gamma_d sum_t |q_t| |k_hat_t|: together within `rounding` * sum_g |q_g|_1 (|lo_g| +
+// levels * delta_g). Quantization adds sum_g delta_g / 2 * |q_g|_1 (codes are nearest levels).
+template <typename V>
+__attribute__((always_inline)) inline void intervals_tile_as(const SketchLayout& l, const QueryTerms& qt,
+                                                             int64_t m, const uint8_t* codes,
+                                                             const float* lo, const float* delta,
+                                                             const int64_t* rows, int64_t j0,
+                                                             int64_t count, float rounding, float inflate,
+                                                             float* est, float* rad, int64_t ld,
+                                                             float* tile) {
+  const int d = l.dim, ng = l.groups();
+  const float levels = float(l.levels());
+  dequantize_tile<V>(l, codes, lo, delta, rows, j0, count, tile);
+  for (int64_t i = 0; i < m; i += 4) {
+    const int rb = int(std::min<int64_t>(4, m - i));
+    const float* qi = qt.q + i * d;
+    float* e = est + i * ld + j0;
+    switch (rb) {
+      case 1: cpu::scores_rows<1, V>(qi, d, tile, d, count, e, ld); break;
+      case 2: cpu::scores_rows<2, V>(qi, d, tile, d, count, e, ld); break;
+      case 3: cpu::scores_rows<3, V>(qi, d, tile, d, count, e, ld); break;
+      default: cpu::scores_rows<4, V>(qi, d, tile, d, count, e, ld); break;
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t row = rows == nullptr ? j0 + j : rows[j0 + j];
+    const float* lo_r = lo + row * ng;
+    const float* de_r = delta + row * ng;
+    for (int64_t i = 0; i < m; ++i) {
+      float quant = 0.0f, magnitude = 0.0f;
+      for (int g = 0; g < ng; ++g) {
+        const float qa = qt.qabs[i * ng + g];
+        quant += qa * de_r[g];
+        magnitude += qa * (std::fabs(lo_r[g]) + levels * de_r[g]);
+      }
+      rad[i * ld + j0 + j] = (0.5f * quant + rounding * magnitude) * inflate;
+    }
+  }
+}
+
+// Vector values never cross a call boundary here (the templates are always inlined into the
+// AVX- or SSE-compiled functions below), so GCC's AVX argument-passing ABI note does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+void intervals_tile_sse(const SketchLayout& l, const QueryTerms& qt, int64_t m, const uint8_t* codes,
+                        const float* lo, const float* delta, const int64_t* rows, int64_t j0, int64_t count,
+                        float rounding, float inflate, float* est, float* rad, int64_t ld, float* tile) {
+  intervals_tile_as<cpu::f32x4>(l, qt, m, codes, lo, delta, rows, j0, count, rounding, inflate, est, rad, ld,
+                                tile);
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HSR_HAVE_AVX_TILE 1
+__attribute__((target("avx"))) void intervals_tile_avx(const SketchLayout& l, const QueryTerms& qt, int64_t m,
+                                                       const uint8_t* codes, const float* lo,
+                                                       const float* delta, const int64_t* rows, int64_t j0,
+                                                       int64_t count, float rounding, float inflate, float* est,
+                                                       float* rad, int64_t ld, float* tile) {
+  intervals_tile_as<cpu::f32x8>(l, qt, m, codes, lo, delta, rows, j0, count, rounding, inflate, est, rad, ld,
+                                tile);
+}
+#endif
+#pragma GCC diagnostic pop
+
+using TileFn = void (*)(const SketchLayout&, const QueryTerms&, int64_t, const uint8_t*, const float*,
+                        const float*, const int64_t*, int64_t, int64_t, float, float, float*, float*, int64_t,
+                        float*);
+
+TileFn pick_tile_kernel() {
+#ifdef HSR_HAVE_AVX_TILE
+  if (__builtin_cpu_supports("avx")) return intervals_tile_avx;
+#endif
+  return intervals_tile_sse;
+}
+
+const TileFn kIntervalsTile = pick_tile_kernel();
 
 }  // namespace
 
@@ -117,39 +193,28 @@ void score_intervals_of_rows(const SketchLayout& layout, const float* q, int64_t
                              const int64_t* rows, int64_t count, float* estimate, float* radius,
                              int64_t ld) {
   layout.validate();
-  const int d = layout.dim, ng = layout.groups(), cb = layout.code_bytes();
-  // Per query and group: the float sum of q_t, and sum |q_t| rounded up to float.
-  std::vector<float> qsum(size_t(m) * ng), qabs(size_t(m) * ng);
+  const int d = layout.dim, ng = layout.groups();
+  // Per query and group: sum |q_t| rounded up to float.
+  std::vector<float> qabs(size_t(m) * ng);
   for (int64_t i = 0; i < m; ++i)
     for (int g = 0; g < ng; ++g) {
       const int first = g * layout.group, size = std::min(layout.group, d - first);
-      float sum = 0.0f;
       double abs_sum = 0.0;
-      for (int t = first; t < first + size; ++t) {
-        sum += q[i * d + t];
-        abs_sum += std::fabs(double(q[i * d + t]));
-      }
-      qsum[i * ng + g] = sum;
+      for (int t = first; t < first + size; ++t) abs_sum += std::fabs(double(q[i * d + t]));
       qabs[i * ng + g] = std::nextafter(float(abs_sum * (1.0 + 1e-12)), std::numeric_limits<float>::infinity());
     }
-  // The float evaluation of estimate = sum_g (lo_g * qsum_g + delta_g * sum_t q_t c_t) is
-  // within gamma_k * sum_g |q_g|_1 (|lo_g| + levels * delta_g) of <q, k_hat>, with k the
-  // longest chain of roundings a term goes through (a group's sum, two products, an add, the
-  // sum over groups) <= group + 2 * groups + 3; 1.01 covers gamma_k = k u / (1 - k u).
-  // Quantization adds sum_g delta_g / 2 * |q_g|_1 (codes are nearest levels: see
-  // quantize_keys). The radius itself is summed in float: `inflate` covers its own rounding
-  // (at most 2 * groups + 4 roundings of non-negative terms) and the hair by which a code
-  // can miss the nearest level.
-  const float rounding = float(1.01 * double(layout.group + 2 * ng + 3) * kFloatEps);
+  // Rounding (see intervals_tile_as): the dequantization (2 roundings) and a dot product of d
+  // terms (d + 1) make at most d + 3 roundings on each term's magnitude; 1.01 covers gamma_k =
+  // k u / (1 - k u) and the float products that form `magnitude`. The radius itself is summed
+  // in float: `inflate` covers its own rounding (at most 2 * groups + 4 roundings of
+  // non-negative terms) and the hair by which a code can miss the nearest level.
+  const float rounding = float(1.01 * double(d + 6) * kFloatEps);
   const float inflate = float(1.0 + 4.0 * double(2 * ng + 8) * kFloatEps + 1.0 / 1048576.0);
-  const QueryTerms qt{q, qsum.data(), qabs.data()};
-  std::vector<float> c(static_cast<size_t>(d));
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t row = rows == nullptr ? j : rows[j];
-    unpack_codes(layout, codes + row * cb, c.data());
-    key_intervals(layout, qt, m, c.data(), lo + row * ng, delta + row * ng, rounding, inflate,
-                  estimate + j, ld, radius + j);
-  }
+  const QueryTerms qt{q, qabs.data()};
+  std::vector<float> tile(static_cast<size_t>(kTile * d));
+  for (int64_t j0 = 0; j0 < count; j0 += kTile)
+    kIntervalsTile(layout, qt, m, codes, lo, delta, rows, j0, std::min(kTile, count - j0), rounding, inflate,
+                   estimate, radius, ld, tile.data());
 }
 
 void score_intervals(const SketchLayout& layout, const float* q, int64_t m, const uint8_t* codes,

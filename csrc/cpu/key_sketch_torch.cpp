@@ -95,8 +95,7 @@ std::tuple<at::Tensor, at::Tensor> sketch_score_intervals_cpu(const at::Tensor& 
   check_all_finite(lo.const_data_ptr<float>(), lo.numel(), what, "lo");
   check_all_finite(delta.const_data_ptr<float>(), delta.numel(), what, "delta");
   const int64_t m = q.size(0);
-  // Keys are split across threads; each thread writes its own columns of (m, n) through a
-  // (m, chunk) scratch, then copies them out.
+  // Keys are split across threads; each thread writes its own columns of (m, n).
   at::Tensor estimate = at::empty({m, n}, q.options());
   at::Tensor radius = at::empty({m, n}, q.options());
   const uint8_t* cp = codes.const_data_ptr<uint8_t>();
@@ -106,15 +105,8 @@ std::tuple<at::Tensor, at::Tensor> sketch_score_intervals_cpu(const at::Tensor& 
   float* ep = estimate.mutable_data_ptr<float>();
   float* rp = radius.mutable_data_ptr<float>();
   at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
-    const int64_t len = end - begin;
-    std::vector<float> e(size_t(m * len)), r(size_t(m * len));
-    sketch::score_intervals(layout, q.const_data_ptr<float>(), m, cp + begin * cb, lp + begin * ng,
-                            dp + begin * ng, len, e.data(), r.data());
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < len; ++j) {
-        ep[i * n + begin + j] = e[i * len + j];
-        rp[i * n + begin + j] = r[i * len + j];
-      }
+    sketch::score_intervals_of_rows(layout, q.const_data_ptr<float>(), m, cp + begin * cb, lp + begin * ng,
+                                    dp + begin * ng, nullptr, end - begin, ep + begin, rp + begin, n);
   });
   return {estimate, radius};
 }

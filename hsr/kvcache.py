@@ -86,8 +86,9 @@ class DecodeInfo:
     bytes_read: bytes the step read, all heads together (sketch or index scoring, node
     summaries, full-precision K/V, value norms); seconds: wall time of the step; selection:
     the indexed keys read, in hsr.sparse_attention's form (offsets, ids, mask; ids are
-    positions), None when nothing is indexed yet; the tail (positions from
-    cache.indexed_length on) is always attended as well."""
+    positions), None when nothing is indexed yet or the step read densely; the tail (positions
+    from cache.indexed_length on) is always attended as well. path: "sparse" or "dense" (with
+    dense_fallback, a step reads every key when that was timed faster: bounds 0, exact)."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor
@@ -96,12 +97,13 @@ class DecodeInfo:
     bytes_read: int
     seconds: float
     selection: tuple | None = None
+    path: str = "sparse"
 
 
 class HSRKVCache:
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device="cpu", leaf_size: int = 64, sketch: str = "int8", policy=None,
-                 scale: float | None = None):
+                 scale: float | None = None, dense_fallback: bool = True, probe_every: int = 32):
         for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("leaf_size", leaf_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -114,6 +116,8 @@ class HSRKVCache:
             raise ValueError(f"HSRKVCache: only device='cpu' is supported so far, got {device!r}")
         if sketch not in ("int8", "int4"):
             raise ValueError(f"HSRKVCache: sketch must be 'int8' or 'int4', got {sketch!r}")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
+            raise ValueError(f"HSRKVCache: probe_every must be a positive integer, got {probe_every!r}")
         policy = Softmax() if policy is None else policy
         if not isinstance(policy, (Softmax, ReLU)):
             raise ValueError(f"HSRKVCache: policy must be hsr.Softmax(...) or hsr.ReLU(...), got {policy!r}")
@@ -123,6 +127,7 @@ class HSRKVCache:
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.dtype, self.leaf_size, self.policy = dtype, leaf_size, policy
         self.sketch_bits = 8 if sketch == "int8" else 4
+        self.dense_fallback, self.probe_every = bool(dense_fallback), probe_every
         self.reset()
 
     def reset(self) -> None:
@@ -138,6 +143,8 @@ class HSRKVCache:
         self._sketch = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
         self._v_norms = torch.empty(self.batch, self.num_kv_heads, 0)
         self._v_norm_max = torch.zeros(self.batch, self.num_kv_heads)
+        # The path decode takes ("sparse" or "dense") and the steps until both are timed again.
+        self._path, self._until_probe = "sparse", 0
 
     @property
     def length(self) -> int:
@@ -224,8 +231,45 @@ class HSRKVCache:
         self._append(k_new, v_new)
         if self._length - self._indexed >= self.leaf_size:
             self._index_up_to(self._length)
-        out, info, selection = self._attend(q)
-        return out, DecodeInfo(*info, seconds=time.perf_counter() - start, selection=selection)
+        if not self.dense_fallback:
+            path, result = "sparse", self._attend(q)
+        elif self._until_probe == 0:
+            path, result = self._probe(q)
+        else:
+            path = self._path
+            result = self._attend(q) if path == "sparse" else self._attend_dense(q)
+        self._until_probe = self.probe_every - 1 if self._until_probe == 0 else self._until_probe - 1
+        out, info, selection = result
+        return out, DecodeInfo(*info, seconds=time.perf_counter() - start, selection=selection, path=path)
+
+    def _probe(self, q):
+        """Times the sparse and the dense path on this step's query and keeps the faster one
+        for the next probe_every steps: when the bounds cannot prune, decode reads densely
+        instead of paying for a selection that keeps nearly everything. Returns the path and
+        its result for this step."""
+        t = time.perf_counter()
+        sparse = self._attend(q)
+        sparse_s = time.perf_counter() - t
+        t = time.perf_counter()
+        dense = self._attend_dense(q)
+        dense_s = time.perf_counter() - t
+        self._path = "sparse" if sparse_s <= dense_s else "dense"
+        return self._path, sparse if self._path == "sparse" else dense
+
+    def _dense_kwargs(self):
+        if isinstance(self.policy, Softmax):
+            return dict(kind="softmax")
+        return dict(kind="relu", alpha=self.policy.alpha, bias=self.policy.bias, normalize=self.policy.normalize)
+
+    def _attend_dense(self, q):
+        """Every key, read in full: exact (bounds 0)."""
+        B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
+        out = attention(q, self._k, self._v, scale=self.scale, **self._dense_kwargs())
+        zeros = torch.zeros(B, Hq, dtype=torch.float64)
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        info = (zeros, zeros.clone(), torch.full((B, Hq), self._length, dtype=torch.int64),
+                torch.full((B, Hkv), self._length, dtype=torch.int64), B * Hkv * self._length * 2 * D * elem)
+        return out, info, None
 
     def _selection_bytes(self, info) -> int:
         """Bytes the certified selection read: every key's sketch and value norm without the
@@ -252,9 +296,7 @@ class HSRKVCache:
         softmax = isinstance(self.policy, Softmax)
         k_tail, v_tail = self._k[:, :, n_idx:], self._v[:, :, n_idx:]
         if tail:
-            kw = (dict(kind="softmax") if softmax else
-                  dict(kind="relu", alpha=self.policy.alpha, bias=self.policy.bias, normalize=self.policy.normalize))
-            parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True, **kw))
+            parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True, **self._dense_kwargs()))
         if n_idx:
             k_idx, v_idx = self._k[:, :, :n_idx], self._v[:, :, :n_idx]
             if softmax:

@@ -1,6 +1,7 @@
 """hsr.HSRKVCache: decode after prefill against dense attention over every key so far."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -45,7 +46,8 @@ def left_out_mass(q, k, selection, indexed):
 def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps, select):
     B, Hkv, G, D, prompt, steps = 2, 2, 3, 64, 90, 40
     k, v, g = stream(kind, B, Hkv, prompt + steps, D)
-    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=hsr.Softmax(eps=eps, select=select))
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=hsr.Softmax(eps=eps, select=select),
+                           dense_fallback=False)
     cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
     assert cache.indexed_length == 80 and cache.length == prompt
     for t in range(prompt, prompt + steps):
@@ -69,7 +71,7 @@ def test_relu_equals_dense_relu_over_many_steps(normalize, select):
     B, Hkv, G, D, prompt, steps = 1, 2, 4, 64, 70, 30
     k, v, g = stream("clustered", B, Hkv, prompt + steps, D, seed=1)
     policy = hsr.ReLU(alpha=2, bias=1.0, normalize=normalize, select=select)
-    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=8, policy=policy)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=8, policy=policy, dense_fallback=False)
     cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
     for t in range(prompt, prompt + steps):
         q = torch.randn(B, Hkv * G, 1, D, generator=g)
@@ -84,7 +86,8 @@ def test_relu_equals_dense_relu_over_many_steps(normalize, select):
 @pytest.mark.parametrize("prompt", [0, 1])
 def test_decode_after_a_tiny_prefill(prompt, select):
     k, v, g = stream("random", 1, 1, 20, 32)
-    cache = hsr.HSRKVCache(1, 1, 32, leaf_size=4, policy=hsr.Softmax(eps=1e-3, select=select))
+    cache = hsr.HSRKVCache(1, 1, 32, leaf_size=4, policy=hsr.Softmax(eps=1e-3, select=select),
+                           dense_fallback=False)
     cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
     for t in range(prompt, 20):
         q = torch.randn(1, 2, 1, 32, generator=g)
@@ -97,13 +100,14 @@ def test_decode_after_a_tiny_prefill(prompt, select):
 def test_eps_zero_is_dense_attention_and_bf16_works():
     k, v, g = stream("random", 1, 2, 100, 64, seed=2)
     q = torch.randn(1, 4, 1, 64, generator=g)
-    exact = hsr.HSRKVCache(1, 2, 64, leaf_size=16, policy=hsr.Softmax(eps=0.0))
+    exact = hsr.HSRKVCache(1, 2, 64, leaf_size=16, policy=hsr.Softmax(eps=0.0), dense_fallback=False)
     exact.prefill(k[:, :, :99], v[:, :, :99])
     out, info = exact.decode(q, k[:, :, 99:], v[:, :, 99:])
     torch.testing.assert_close(out, hsr.attention(q, k, v), atol=1e-6, rtol=1e-6)
     assert (info.mass_bound == 0).all() and (info.keys_attended == 100).all()
     kb, vb, qb = k.to(torch.bfloat16), v.to(torch.bfloat16), q.to(torch.bfloat16)
-    cache = hsr.HSRKVCache(1, 2, 64, dtype=torch.bfloat16, leaf_size=16, policy=hsr.Softmax(eps=1e-3))
+    cache = hsr.HSRKVCache(1, 2, 64, dtype=torch.bfloat16, leaf_size=16, policy=hsr.Softmax(eps=1e-3),
+                           dense_fallback=False)
     cache.prefill(kb[:, :, :99], vb[:, :, :99])
     out, info = cache.decode(qb, kb[:, :, 99:], vb[:, :, 99:])
     ref, _ = attention_ref(qb, kb, vb)
@@ -159,5 +163,39 @@ def test_bad_construction_and_policies():
         hsr.HSRKVCache(1, 1, 32, device="cuda")
     with pytest.raises(ValueError, match="sketch"):
         hsr.HSRKVCache(1, 1, 32, sketch="int2")
+    with pytest.raises(ValueError, match="probe_every"):
+        hsr.HSRKVCache(1, 1, 32, probe_every=0)
     with pytest.raises(ValueError, match="policy"):
         hsr.HSRKVCache(1, 1, 32, policy="softmax")
+
+
+def delayed(f, seconds=0.05):
+    def slow(*args):
+        time.sleep(seconds)
+        return f(*args)
+    return slow
+
+
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-3), hsr.ReLU(alpha=2, bias=0.1)])
+def test_dense_fallback_times_both_paths_and_stays_exact_or_certified(policy, monkeypatch):
+    k, v, g = stream("random", 1, 2, 300, 32, seed=3)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=policy, probe_every=4)
+    cache.prefill(k[:, :, :200], v[:, :, :200])
+    sparse, dense = cache._attend, cache._attend_dense
+    kind = dict(kind="softmax") if isinstance(policy, hsr.Softmax) else \
+        dict(kind="relu", alpha=policy.alpha, bias=policy.bias)
+    paths = []
+    for t in range(200, 216):
+        # The dense path is made the slower one for the first 8 steps, the sparse one after.
+        monkeypatch.setattr(cache, "_attend_dense", delayed(dense) if t < 208 else dense)
+        monkeypatch.setattr(cache, "_attend", sparse if t < 208 else delayed(sparse))
+        q = torch.randn(1, 4, 1, 32, generator=g)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        paths.append(info.path)
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1], **kind)
+        err = (out.double() - ref).norm(dim=-1)[..., 0]
+        assert (err <= info.error_bound + 1e-5).all()
+        if info.path == "dense":
+            assert info.selection is None and (info.mass_bound == 0).all() and (info.keys_read == t + 1).all()
+    # Probes at steps 0, 4, 8 and 12: the sparse path wins the first two, the dense one the rest.
+    assert paths == ["sparse"] * 8 + ["dense"] * 8

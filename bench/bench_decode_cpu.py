@@ -12,7 +12,9 @@ torch SDPA (enable_gqa) and hsr.attention. Quality is measured against fp64 dens
 the true left-out softmax mass (total-variation distance of the selection; the largest over
 every step and head) and the output error, next to the certified bounds the step reported.
 Softmax runs with each selection: tree+sketch (the default), sketch (every key's sketch) and
-tree (whole leaves). Medians over --steps steps.
+tree (whole leaves), each forced to the sparse path (dense_fallback=False); the "auto" row is
+the default cache, which times the sparse and the dense path every probe_every steps and keeps
+the faster (its path is named). Medians over --steps steps.
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ def quality(q, k, v, out, policy, selection, indexed):
     n = k.shape[2]
     errs, left = [], []
     offsets, ids, mask = selection if selection is not None else (None, None, None)
+    dense_step = selection is None and indexed > 0  # the cache read every key
     for h in range(k.shape[1]):
         kk, vv = k[0, h].double(), v[0, h].double()
         s = (q[0, h * group:(h + 1) * group, 0].double() @ kk.T) / math.sqrt(d)
         if isinstance(policy, hsr.Softmax):
             p = torch.softmax(s, -1)
-            for gi in range(group):
+            for gi in range(0 if dense_step else group):
                 seen = torch.zeros(n, dtype=torch.bool)
                 rows = slice(int(offsets[h]), int(offsets[h + 1]))
                 seen[ids[rows][mask[rows, gi]]] = True
@@ -70,11 +73,11 @@ def quality(q, k, v, out, policy, selection, indexed):
     return torch.cat(errs), max(left, default=0.0)
 
 
-def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bfloat16):
+def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bfloat16, fallback=False):
     group = heads_q // heads_kv
     q, k, v = make_stream(n, heads_kv, group, d)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    cache = hsr.HSRKVCache(1, heads_kv, d, dtype=dtype, leaf_size=64, policy=policy)
+    cache = hsr.HSRKVCache(1, heads_kv, d, dtype=dtype, leaf_size=64, policy=policy, dense_fallback=fallback)
     t = time.perf_counter()
     cache.prefill(k[:, :, :n - steps], v[:, :, :n - steps])
     prefill_s = time.perf_counter() - t
@@ -95,6 +98,8 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     dense_bytes = 2 * heads_kv * n * d * k.element_size()
     name = f"softmax eps={policy.eps:g} {policy.select}" if isinstance(policy, hsr.Softmax) else \
         f"relu 1% {policy.select}"
+    if fallback:
+        name += f" auto ({info.path})"
     return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,
@@ -152,6 +157,10 @@ def main():
             row = bench_case(n, policy, args.steps)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             rows.append(row)
+        # The default cache: times both paths every probe_every steps and keeps the faster.
+        row = bench_case(n, hsr.Softmax(eps=1e-3), args.steps, fallback=True)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        rows.append(row)
     print(format_table(rows, [("n", "n", "d"), ("policy", "policy", ""), ("step_ms", "step ms", ".1f"),
                               ("sdpa_ms", "SDPA ms", ".1f"), ("dense_ms", "hsr dense ms", ".1f"),
                               ("speedup_vs_sdpa", "vs SDPA", ".2f"), ("keys_read_fraction", "keys read", ".3f"),

@@ -16,17 +16,19 @@ from .index import (  # noqa: E402
 )
 from .ops import attention, merge_attention, sparse_attention  # noqa: E402
 from .sketch import KeySketch  # noqa: E402
-from .kvcache import DecodeInfo, HSRKVCache, ReLU, Softmax  # noqa: E402
-from .certified import (CertifiedInfo, ReportedInfo, certified_attention,
-                        relu_reported_attention, relu_sketch_attention)  # noqa: E402
+from .kvcache import DecodeInfo, HSRKVCache, ReLU, Softmax, TopK  # noqa: E402
+from .certified import (CertifiedInfo, ReportedInfo, certified_attention, fixed_set_attention,  # noqa: E402
+                        relu_reported_attention, relu_sketch_attention, threshold_attention, topk_attention)
 
 __version__ = "0.1.0"
 built_with_torch = _build_info.TORCH_VERSION
 built_with_cuda = bool(_build_info.WITH_CUDA)
 
 __all__ = [
-    "attention", "sparse_attention", "certified_attention", "CertifiedInfo",
-    "relu_reported_attention", "relu_sketch_attention", "ReportedInfo", "HSRKVCache", "Softmax", "ReLU", "DecodeInfo", "merge_attention", "KeySketch", "HSRIndex", "HSRIndexBatch", "IndexStats", "KeyStats", "paper_threshold",
-    "expected_reported_fraction", "read_index", "write_index", "TorchVersionMismatch",
-    "built_with_torch", "built_with_cuda", "__version__",
+    "attention", "sparse_attention", "merge_attention",
+    "certified_attention", "fixed_set_attention", "threshold_attention", "topk_attention", "CertifiedInfo",
+    "relu_reported_attention", "relu_sketch_attention", "ReportedInfo",
+    "HSRKVCache", "Softmax", "ReLU", "TopK", "DecodeInfo", "KeySketch",
+    "HSRIndex", "HSRIndexBatch", "IndexStats", "KeyStats", "paper_threshold", "expected_reported_fraction",
+    "read_index", "write_index", "TorchVersionMismatch", "built_with_torch", "built_with_cuda", "__version__",
 ]

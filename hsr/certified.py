@@ -157,6 +157,18 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, index_stats = \
             index._impl.certified_select(qf, *codes, bits, group, v_up_f.contiguous(), v_max.contiguous(), scale,
                                          eps_select)
+    return _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
+                               index_stats)
+
+
+def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats):
+    """Softmax over the selected keys and its certificate, from the per (batch, q head) log of
+    the left-out upper-bound mass and the largest value norms left out and kept."""
+    offsets_t, ids_t, mask_t = selection
+    B, Hq, _, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    qf = q[:, :, 0].float()
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
 
     # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t| <= gamma_D * scale * |q| |k|;
@@ -182,6 +194,107 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     keys_read = per_pair.view(B, Hkv)
     return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left, v_kept,
                               lse[:, :, 0], index_stats)
+
+
+def _left_out_by_sketch(qf, sketch, v_up_f, scale, chosen, b, h, G):
+    """For a fixed choice (G, n) of kv head (b, h): per q head the log of the sketch
+    upper-bound mass of the keys not chosen (rounded up; -inf when all are chosen) and the
+    largest value norm left out and kept (0 when none)."""
+    est, rad = _sketch_intervals(qf, sketch, b, h, G)
+    upper = (est.double() + rad.double()) * scale
+    upper = upper + upper.abs() * 1e-12 + 1e-300
+    left = torch.logsumexp(upper.masked_fill(chosen, float("-inf")), 1)
+    # The double sum's rounding (left is -inf when every key is chosen).
+    left = torch.where(torch.isinf(left), left, left + left.abs() * 1e-12 + (chosen.shape[1] + 4) * 2.3e-16)
+    vn = v_up_f[b, h].double().unsqueeze(0).expand_as(upper)
+    v_left = vn.masked_fill(chosen, 0.0).amax(1)
+    v_kept = vn.masked_fill(~chosen, 0.0).amax(1)
+    return left, v_left, v_kept
+
+
+def fixed_set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch,
+                        chosen: torch.Tensor, *, scale: float | None = None,
+                        v_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+    """Softmax attention of decode queries q (B, Hq, 1, D) over the keys chosen (B, Hq, n)
+    bool, with the certificate of what the choice leaves out, from the sketch's upper bounds
+    of the other keys (no promise on its size: the choice is the caller's, e.g. a fixed
+    threshold or the top k). Same info as certified_attention."""
+    what = "hsr.fixed_set_attention"
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    if n == 0:
+        raise ValueError(f"{what}: k and v must hold at least one key")
+    _check_sketch(what, sketch, B, Hkv, n, D)
+    if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or tuple(chosen.shape) != (B, Hq, n):
+        raise ValueError(f"{what}: chosen must be a bool tensor ({B}, {Hq}, {n})")
+    v_up_f = value_norm_bounds(v) if v_norms is None else v_norms
+    qf = q[:, :, 0].float()
+    selection, log_left, v_left, v_kept = _Selection(), [], [], []
+    for b in range(B):
+        for h in range(Hkv):
+            pick = chosen[b, h * G:(h + 1) * G]
+            selection.add(pick)
+            left, v_l, v_k = _left_out_by_sketch(qf, sketch, v_up_f, scale, pick, b, h, G)
+            log_left.append(left), v_left.append(v_l), v_kept.append(v_k)
+    per_head = [torch.cat(x).view(B, Hq) for x in (log_left, v_left, v_kept)]
+    return _attend_and_certify(q, k, v, scale, selection.tensors(), *per_head, chosen.sum(-1), None)
+
+
+def threshold_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, sketch: KeySketch, *,
+                        threshold, scale: float | None = None, v_norms: torch.Tensor | None = None,
+                        key_stats=None) -> tuple[torch.Tensor, CertifiedInfo]:
+    """The paper's fixed-threshold decoding: softmax over the keys the HSR index reports with
+    scale * <q, k> >= threshold (a float, in logits, or a (B, Hq) tensor), or, for
+    threshold="paper", <q, k> >= hsr.paper_threshold(q, key_stats, n) with key_stats a
+    KeyStats per kv head (a list in (b, h) order; computed from k when not given). The
+    certificate of the keys below the threshold is computed from the sketch and reported."""
+    from .index import KeyStats, paper_threshold
+
+    what = "hsr.threshold_attention"
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    _check_index(what, index, B, Hkv, n, D)
+    qf = q[:, :, 0].float()
+    if isinstance(threshold, str):
+        if threshold != "paper":
+            raise ValueError(f"{what}: threshold must be a number, a (B, Hq) tensor or 'paper', got {threshold!r}")
+        if n < 2:
+            raise ValueError(f"{what}: the paper's threshold needs at least 2 keys")
+        stats = key_stats if key_stats is not None else \
+            [KeyStats.from_keys(k[b, h]) for b in range(B) for h in range(Hkv)]
+        raw = torch.stack([paper_threshold(qf[b, h * G:(h + 1) * G], stats[b * Hkv + h], n)
+                           for b in range(B) for h in range(Hkv)]).view(B, Hq)
+    else:
+        t = torch.as_tensor(threshold, dtype=torch.float64)
+        if t.numel() not in (1, B * Hq) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: threshold must be finite, a number or ({B}, {Hq}), got {threshold!r}")
+        raw = t.expand(B, Hq) / scale if t.numel() == 1 else t.view(B, Hq) / scale
+    lims, _, ids = index.range_search(qf, raw.float())
+    chosen = _chosen_from_lists(lims, ids, B, Hq, n)
+    return fixed_set_attention(q, k, v, sketch, chosen, scale=scale, v_norms=v_norms)
+
+
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, sketch: KeySketch, *,
+                   k_top: int, scale: float | None = None,
+                   v_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+    """Softmax over exactly the k_top highest-scoring keys of each q head (the HSR index's exact
+    top-k search), as top-k attention systems do, with the certificate of the rest computed
+    from the sketch and reported."""
+    what = "hsr.topk_attention"
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    _check_index(what, index, B, Hkv, n, D)
+    if isinstance(k_top, bool) or not isinstance(k_top, int) or k_top < 1:
+        raise ValueError(f"{what}: k_top must be a positive integer, got {k_top!r}")
+    _, ids = index.search(q[:, :, 0].float(), min(k_top, n))
+    chosen = torch.zeros(B * Hq, n, dtype=torch.bool)
+    chosen.scatter_(1, ids.reshape(B * Hq, -1), True)
+    return fixed_set_attention(q, k, v, sketch, chosen.view(B, Hq, n), scale=scale, v_norms=v_norms)
+
+
+def _chosen_from_lists(lims, ids, B, Hq, n):
+    """(B, Hq, n) bool from range_search's (lims, ids) over the B * Hq queries."""
+    rows = torch.repeat_interleave(torch.arange(B * Hq), lims[1:] - lims[:-1])
+    chosen = torch.zeros(B * Hq, n, dtype=torch.bool)
+    chosen[rows, ids] = True
+    return chosen.view(B, Hq, n)
 
 
 def _select_by_sketch(qf, sketch, v_up_f, scale, eps, B, Hkv, G):

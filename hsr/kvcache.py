@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .certified import certified_attention, relu_reported_attention, relu_sketch_attention, value_norm_bounds
-from .index import HSRIndexBatch
+from .certified import (certified_attention, relu_reported_attention, relu_sketch_attention, threshold_attention,
+                        topk_attention, value_norm_bounds)
+from .index import HSRIndexBatch, KeyStats
 from .ops import attention, merge_attention
 from .sketch import KeySketch
 
@@ -50,12 +51,32 @@ class Softmax:
 
     eps: float = 1e-3
     select: str = "tree+sketch"
+    # The paper's fixed-threshold mode instead of eps: keys with scale * <q, k> >= threshold
+    # (a float, in logits) or the paper's rule ("paper", hsr.paper_threshold over the kv
+    # head's key statistics); the certificate is still computed and reported, with no promise.
+    threshold: float | str | None = None
 
     def __post_init__(self):
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 <= self.eps < 1.0:
             raise ValueError(f"hsr.Softmax: eps must be in [0, 1), got {self.eps!r}")
         if self.select not in _SOFTMAX_SELECT:
             raise ValueError(f"hsr.Softmax: select must be one of {_SOFTMAX_SELECT}, got {self.select!r}")
+        t = self.threshold
+        if not (t is None or t == "paper" or (isinstance(t, (int, float)) and not isinstance(t, bool)
+                                               and math.isfinite(t))):
+            raise ValueError(f"hsr.Softmax: threshold must be None, 'paper' or a finite number, got {t!r}")
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Softmax over exactly the k highest-scoring keys of each q head (the index's exact top-k
+    search), for comparison with top-k systems; the certificate of the rest is reported."""
+
+    k: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"hsr.TopK: k must be a positive integer, got {self.k!r}")
 
 
 @dataclass(frozen=True)
@@ -119,8 +140,9 @@ class HSRKVCache:
         if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"HSRKVCache: probe_every must be a positive integer, got {probe_every!r}")
         policy = Softmax() if policy is None else policy
-        if not isinstance(policy, (Softmax, ReLU)):
-            raise ValueError(f"HSRKVCache: policy must be hsr.Softmax(...) or hsr.ReLU(...), got {policy!r}")
+        if not isinstance(policy, (Softmax, ReLU, TopK)):
+            raise ValueError(f"HSRKVCache: policy must be hsr.Softmax(...), hsr.ReLU(...) or hsr.TopK(...), "
+                             f"got {policy!r}")
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         if not math.isfinite(self.scale) or self.scale <= 0:
             raise ValueError(f"HSRKVCache: scale must be positive and finite, got {scale!r}")
@@ -143,6 +165,10 @@ class HSRKVCache:
         self._sketch = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
         self._v_norms = torch.empty(self.batch, self.num_kv_heads, 0)
         self._v_norm_max = torch.zeros(self.batch, self.num_kv_heads)
+        # Running sums of the indexed keys and their squares, per (b, kv head): the key
+        # statistics of the paper's threshold.
+        self._k_sum = torch.zeros(self.batch, self.num_kv_heads, self.head_dim, dtype=torch.float64)
+        self._k_sumsq = torch.zeros_like(self._k_sum)
         # The path decode takes ("sparse" or "dense") and the steps until both are timed again.
         self._path, self._until_probe = "sparse", 0
 
@@ -214,7 +240,16 @@ class HSRKVCache:
         new_norms = value_norm_bounds(self._v[:, :, self._indexed:end])
         self._v_norms = torch.cat([self._v_norms, new_norms], 2)
         self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
+        k64 = k_new.double()
+        self._k_sum += k64.sum(2)
+        self._k_sumsq += (k64 * k64).sum(2)
         self._indexed = end
+
+    def _key_stats(self) -> list:
+        """KeyStats of the indexed keys per (b, kv head), in (b, h) order."""
+        mean = self._k_sum / self._indexed
+        std = (self._k_sumsq / self._indexed - mean * mean).clamp(min=0.0).sqrt()
+        return [KeyStats(mean[b, h], std[b, h]) for b in range(self.batch) for h in range(self.num_kv_heads)]
 
     def decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append one key and value per kv head, then attend q (B, Hq, 1, D) to every key.
@@ -257,7 +292,7 @@ class HSRKVCache:
         return self._path, sparse if self._path == "sparse" else dense
 
     def _dense_kwargs(self):
-        if isinstance(self.policy, Softmax):
+        if isinstance(self.policy, (Softmax, TopK)):
             return dict(kind="softmax")
         return dict(kind="relu", alpha=self.policy.alpha, bias=self.policy.bias, normalize=self.policy.normalize)
 
@@ -275,12 +310,34 @@ class HSRKVCache:
         """Bytes the certified selection read: every key's sketch and value norm without the
         tree; with it, the node summaries it visited (centroid and box, float32), the sketch
         of the keys in the leaves it opened and their value norms."""
+        if not isinstance(self.policy, Softmax) or self.policy.threshold is not None:
+            # Every key's sketch (for the certificate) and the points the index scored.
+            return self._sketch.nbytes + self._v_norms.numel() * 4 + \
+                self._index.last_stats.points_scored * self.head_dim * 4
         if info.index_stats is None:
             return self._sketch.nbytes + self._v_norms.numel() * 4
         nodes, _, sketched = (int(x) for x in info.index_stats)
         per_key = self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
         opened = sketched if self.policy.select != "tree" else int(info.keys_read.sum())
         return nodes * 3 * self.head_dim * 4 + sketched * per_key + opened * 4
+
+    def _select_and_attend(self, q, k_idx, v_idx):
+        """The softmax-family policies over the indexed keys: (out, CertifiedInfo)."""
+        policy = self.policy
+        if isinstance(policy, TopK):
+            return topk_attention(q, k_idx, v_idx, self._index, self._sketch, k_top=policy.k, scale=self.scale,
+                                  v_norms=self._v_norms)
+        if policy.threshold is not None:
+            stats = self._key_stats() if policy.threshold == "paper" else None
+            if policy.threshold == "paper" and self._indexed < 2:
+                return certified_attention(q, k_idx, v_idx, self._sketch, eps=0.0, scale=self.scale,
+                                           v_norms=self._v_norms)
+            return threshold_attention(q, k_idx, v_idx, self._index, self._sketch, threshold=policy.threshold,
+                                       scale=self.scale, v_norms=self._v_norms, key_stats=stats)
+        select = policy.select
+        return certified_attention(q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=policy.eps,
+                                   scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
+                                   index=None if select == "sketch" else self._index)
 
     def _attend(self, q):
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
@@ -293,18 +350,14 @@ class HSRKVCache:
         read = torch.full((B, Hkv), tail, dtype=torch.int64)
         bytes_read = B * Hkv * tail * 2 * D * elem
         parts, selection = [], None
-        softmax = isinstance(self.policy, Softmax)
+        softmax = isinstance(self.policy, (Softmax, TopK))
         k_tail, v_tail = self._k[:, :, n_idx:], self._v[:, :, n_idx:]
         if tail:
             parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True, **self._dense_kwargs()))
         if n_idx:
             k_idx, v_idx = self._k[:, :, :n_idx], self._v[:, :, :n_idx]
             if softmax:
-                select = self.policy.select
-                out, info = certified_attention(
-                    q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=self.policy.eps,
-                    scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
-                    index=None if select == "sketch" else self._index)
+                out, info = self._select_and_attend(q, k_idx, v_idx)
                 mass = info.mass_bound
                 # Left-out mass is measured against the kept keys only; the tail adds to what is
                 # kept, so the bound stays valid, and its values join the kept ones.

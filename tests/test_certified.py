@@ -66,8 +66,8 @@ def check_certificate(q, k, v, out, info, eps, out_tol=1e-5):
                 assert left <= bound * (1 + 1e-9) + 1e-300, f"left-out mass {left} > bound {bound}"
                 assert bound <= eps, f"certificate {bound} above eps {eps}"
                 o = p @ v[b, h].double()
-                p_sel = torch.softmax(s.masked_fill(~sel, float("-inf")), 0)
-                o_sel = p_sel @ v[b, h].double()
+                p_sel = torch.softmax(s.masked_fill(~sel, float("-inf")), 0) if sel.any() else torch.zeros(n)
+                o_sel = p_sel.double() @ v[b, h].double()  # no key selected: the output is 0
                 err = float((o - o_sel).norm())
                 assert err <= float(info.error_bound[b, hq]) * (1 + 1e-9) + 1e-300
                 torch.testing.assert_close(out[b, hq, 0].double(), o_sel, atol=out_tol, rtol=out_tol)
@@ -277,3 +277,64 @@ def test_select_by_bounds_bad_inputs_and_opcheck():
     with pytest.raises(ValueError, match="NaN"):
         torch.ops.hsr.select_by_bounds(est * float("nan"), rad, vn, 0.1, 0.1)
     torch.library.opcheck(torch.ops.hsr.select_by_bounds.default, (est, rad, vn, 0.1, 0.1))
+
+
+@pytest.mark.parametrize("rule", ["topk", "threshold", "paper"])
+def test_fixed_choices_report_a_valid_certificate(rule):
+    g = torch.Generator().manual_seed(7)
+    B, Hkv, G, n, D = 2, 2, 3, 500, 64
+    k = keys_for("clustered", B, Hkv, n, D, g)
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+    sketch, index = hsr.KeySketch.from_keys(k), hsr.HSRIndexBatch(k)
+    scores = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].double(), k.repeat_interleave(G, 1).double()) / math.sqrt(D)
+    if rule == "topk":
+        out, info = hsr.topk_attention(q, k, v, index, sketch, k_top=37)
+        assert (info.keys_selected == 37).all()
+        expect = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(37, dim=2).indices, True)
+    elif rule == "threshold":
+        out, info = hsr.threshold_attention(q, k, v, index, sketch, threshold=1.5)
+        expect = scores >= 1.5
+    else:
+        out, info = hsr.threshold_attention(q, k, v, index, sketch, threshold="paper")
+        stats = [hsr.KeyStats.from_keys(k[b, h]) for b in range(B) for h in range(Hkv)]
+        b_raw = torch.stack([hsr.paper_threshold(q[b, h * G:(h + 1) * G, 0], stats[b * Hkv + h], n)
+                             for b in range(B) for h in range(Hkv)]).view(B, Hkv * G, 1)
+        expect = scores * math.sqrt(D) >= b_raw
+    got = torch.zeros_like(expect)
+    for b in range(B):
+        for h in range(Hkv):
+            rows = slice(int(info.offsets[b * Hkv + h]), int(info.offsets[b * Hkv + h + 1]))
+            for gi in range(G):
+                got[b, h * G + gi, info.ids[rows][info.mask[rows, gi]]] = True
+    # Exact up to float rounding at the threshold: only keys within 1e-4 of it may differ.
+    differ = got != expect
+    if rule == "threshold":
+        assert (differ <= ((scores - 1.5).abs() < 1e-4)).all()
+    elif rule == "paper":
+        assert (differ <= ((scores * math.sqrt(D) - b_raw).abs() < 1e-3)).all()
+    else:
+        assert not differ.any()
+    check_certificate(q, k, v, out, info, 1.0)
+
+
+def test_fixed_choice_bad_inputs():
+    k = torch.randn(1, 2, 10, 64)
+    v = torch.randn(1, 2, 10, 64)
+    q = torch.randn(1, 4, 1, 64)
+    sk, index = hsr.KeySketch.from_keys(k), hsr.HSRIndexBatch(k)
+    with pytest.raises(ValueError, match="chosen"):
+        hsr.fixed_set_attention(q, k, v, sk, torch.ones(1, 4, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="chosen"):
+        hsr.fixed_set_attention(q, k, v, sk, torch.ones(1, 4, 10))
+    with pytest.raises(ValueError, match="k_top"):
+        hsr.topk_attention(q, k, v, index, sk, k_top=0)
+    with pytest.raises(ValueError, match="threshold"):
+        hsr.threshold_attention(q, k, v, index, sk, threshold="median")
+    with pytest.raises(ValueError, match="threshold"):
+        hsr.threshold_attention(q, k, v, index, sk, threshold=float("nan"))
+    with pytest.raises(ValueError, match="index"):
+        hsr.topk_attention(q, k, v, hsr.HSRIndexBatch(k[:, :, :3]), sk, k_top=2)
+    # More than n: every key, nothing left out.
+    out, info = hsr.topk_attention(q, k, v, index, sk, k_top=50)
+    assert (info.keys_selected == 10).all() and (info.mass_bound == 0).all()

@@ -65,6 +65,24 @@ def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps, select):
         assert info.bytes_read > 0 and info.seconds > 0
 
 
+@pytest.mark.parametrize("policy", [hsr.TopK(20), hsr.Softmax(threshold="paper"), hsr.Softmax(threshold=1.0)])
+def test_fixed_rules_report_valid_certificates_over_many_steps(policy):
+    B, Hkv, G, D, prompt, steps = 2, 2, 3, 64, 100, 40
+    k, v, g = stream("clustered", B, Hkv, prompt + steps, D)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=policy, dense_fallback=False)
+    cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    for t in range(prompt, prompt + steps):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+        err = (out.double() - ref).norm(dim=-1)[..., 0]
+        assert (err <= info.error_bound + 1e-5).all()
+        tv = left_out_mass(q, k[:, :, :t + 1], info.selection, cache.indexed_length)
+        assert (tv <= info.mass_bound * (1 + 1e-9) + 1e-300).all()
+        if isinstance(policy, hsr.TopK):
+            assert (info.keys_attended == 20 + cache.length - cache.indexed_length).all()
+
+
 @pytest.mark.parametrize("select", ["sketch", "index"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_relu_equals_dense_relu_over_many_steps(normalize, select):
@@ -155,6 +173,12 @@ def test_bad_construction_and_policies():
         hsr.ReLU(select="tree")
     with pytest.raises(ValueError, match="select"):
         hsr.Softmax(select="index")
+    with pytest.raises(ValueError, match="threshold"):
+        hsr.Softmax(threshold="median")
+    with pytest.raises(ValueError, match="threshold"):
+        hsr.Softmax(threshold=math.inf)
+    with pytest.raises(ValueError, match="k must be"):
+        hsr.TopK(0)
     with pytest.raises(ValueError, match="head_dim"):
         hsr.HSRKVCache(1, 1, 0)
     with pytest.raises(ValueError, match="dtype"):

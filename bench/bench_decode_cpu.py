@@ -12,7 +12,9 @@ torch SDPA (enable_gqa) and hsr.attention. Quality is measured against fp64 dens
 the true left-out softmax mass (total-variation distance of the selection; the largest over
 every step and head) and the output error, next to the certified bounds the step reported.
 Softmax runs with each selection: tree+sketch (the default), sketch (every key's sketch) and
-tree (whole leaves), each forced to the sparse path (dense_fallback=False); the "auto" row is
+tree (whole leaves); top-1024 (the index's exact top-k) and the paper's threshold
+(hsr.paper_threshold; its keys read is the fraction reported, 1 - TV the mass it covers) report
+their certificate without a promise; each forced to the sparse path (dense_fallback=False); the "auto" row is
 the default cache, which times the sparse and the dense path every probe_every steps and keeps
 the faster (its path is named). Medians over --steps steps.
 """
@@ -58,7 +60,7 @@ def quality(q, k, v, out, policy, selection, indexed):
     for h in range(k.shape[1]):
         kk, vv = k[0, h].double(), v[0, h].double()
         s = (q[0, h * group:(h + 1) * group, 0].double() @ kk.T) / math.sqrt(d)
-        if isinstance(policy, hsr.Softmax):
+        if not isinstance(policy, hsr.ReLU):
             p = torch.softmax(s, -1)
             for gi in range(0 if dense_step else group):
                 seen = torch.zeros(n, dtype=torch.bool)
@@ -91,13 +93,20 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     kw = dict(scale=1 / math.sqrt(d))
     if isinstance(policy, hsr.ReLU):
         kw = dict(kind="relu", alpha=policy.alpha, bias=policy.bias, normalize=policy.normalize)
+    softmax = not isinstance(policy, hsr.ReLU)
     t_dense = median_ms_cpu(lambda: hsr.attention(q, k, v, **kw), iters=3)
     t_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=3) \
-        if isinstance(policy, hsr.Softmax) else float("nan")
+        if softmax else float("nan")
     err, _ = quality(q, k, v, out, policy, info.selection, cache.indexed_length)
     dense_bytes = 2 * heads_kv * n * d * k.element_size()
-    name = f"softmax eps={policy.eps:g} {policy.select}" if isinstance(policy, hsr.Softmax) else \
-        f"relu 1% {policy.select}"
+    if isinstance(policy, hsr.TopK):
+        name = f"top-{policy.k}"
+    elif isinstance(policy, hsr.Softmax) and policy.threshold is not None:
+        name = f"softmax threshold={policy.threshold}"
+    elif isinstance(policy, hsr.Softmax):
+        name = f"softmax eps={policy.eps:g} {policy.select}"
+    else:
+        name = f"relu 1% {policy.select}"
     if fallback:
         name += f" auto ({info.path})"
     return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
@@ -126,7 +135,7 @@ def plot(rows, path):
     for policy in sorted({r["policy"] for r in rows}):
         sel = [r for r in rows if r["policy"] == policy]
         ax.plot([r["n"] for r in sel], [r["step_ms"] for r in sel], "o-", label=f"HSRKVCache {policy}")
-    sel = [r for r in rows if r["policy"].startswith("softmax")]
+    sel = [r for r in rows if r["policy"] == "softmax eps=0.001 tree+sketch"]
     ax.plot([r["n"] for r in sel], [r["sdpa_ms"] for r in sel], "s--", label="torch SDPA (dense)")
     ax.plot([r["n"] for r in sel], [r["dense_ms"] for r in sel], "^:", label="hsr.attention (dense)")
     ax.set_xscale("log", base=2)
@@ -152,8 +161,8 @@ def main():
     for n in args.n:
         bias = relu_bias_for(n, 0.01)
         for policy in (hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.Softmax(eps=1e-3, select="sketch"),
-                       hsr.Softmax(eps=1e-3, select="tree"), hsr.ReLU(alpha=2, bias=bias, select="sketch"),
-                       hsr.ReLU(alpha=2, bias=bias, select="index")):
+                       hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(1024), hsr.Softmax(threshold="paper"),
+                       hsr.ReLU(alpha=2, bias=bias, select="sketch"), hsr.ReLU(alpha=2, bias=bias, select="index")):
             row = bench_case(n, policy, args.steps)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             rows.append(row)

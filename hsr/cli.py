@@ -1,4 +1,4 @@
-"""Command line: `hsr demo` (the main job) and friends."""
+"""Command line: `hsr demo` (the main job), `hsr capture`, `hsr corpus`, `hsr dense`."""
 
 from __future__ import annotations
 
@@ -60,8 +60,7 @@ def run_dense_demo(device: str, dtype: torch.dtype, quick: bool) -> dict:
                               ("sdpa_ms", "SDPA ms", ".2f"), ("speedup", "SDPA/hsr", ".2f"),
                               ("err_hsr", "hsr err vs fp64", ".2e"), ("err_sdpa", "SDPA err vs fp64", ".2e"),
                               ("diff", "|hsr-SDPA|", ".2e")]))
-    print("\nThe real-model demo (SmolLM2 decoding through the HSR index) is not built yet; "
-          "this is the dense reference that sparse decoding is measured against.")
+    print("\nThe real-model job (SmolLM2 decoding through the HSR index) is `hsr demo`.")
     return {"device": device, "dtype": str(dtype), "environment": environment(device), "rows": rows}
 
 
@@ -73,17 +72,61 @@ def _parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+def _run_demo(args) -> int:
+    from hsr import demo
+    from hsr.benchmarking import write_json
+
+    result = demo.run(args)
+    demo.print_report(result)
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        demo.plot(result, args.plot)
+    return 0
+
+
+def _run_capture(args) -> int:
+    from hsr import capture
+
+    path = capture.capture_to_file(args.out, text=args.text, context=args.context, queries=args.queries)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hsr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compare hsr's dense attention with torch SDPA and print a table")
-    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    demo.add_argument("--dtype", type=_parse_dtype, default=torch.bfloat16)
-    demo.add_argument("--quick", action="store_true", help="skip the 128k-key case")
-    demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    demo = sub.add_parser("demo", help="the main job: SmolLM2 decodes a long real text densely and through HSR, "
+                                       "side by side (agreement, perplexity, keys read, certificates)")
+    from hsr.demo import add_arguments
+    add_arguments(demo)
+    dense = sub.add_parser("dense", help="compare hsr's dense attention with torch SDPA and print a table")
+    dense.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    dense.add_argument("--dtype", type=_parse_dtype, default=torch.bfloat16)
+    dense.add_argument("--quick", action="store_true", help="skip the 128k-key case")
+    dense.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    cap = sub.add_parser("capture", help="save SmolLM2's post-RoPE q/k/v of every layer for a text (real keys "
+                                         "for bench/bench_index.py and bench/bench_decode_cpu.py)")
+    cap.add_argument("--out", required=True, help="output file (torch.save)")
+    cap.add_argument("--text", help="a UTF-8 text file (default: alice29.txt of the Canterbury corpus)")
+    cap.add_argument("--context", type=int, default=8192, help="tokens of the text to run")
+    cap.add_argument("--queries", type=int, default=32, help="how many of the last positions keep their queries")
+    sub.add_parser("corpus", help="fetch and cache the default public-domain corpus (done by `make demo`)")
     args = parser.parse_args(argv)
 
-    if args.command == "demo":
+    try:
+        if args.command == "demo":
+            return _run_demo(args)
+        if args.command == "capture":
+            return _run_capture(args)
+        if args.command == "corpus":
+            from hsr.realdata import ensure_corpus
+            print(ensure_corpus())
+            return 0
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"hsr {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "dense":
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

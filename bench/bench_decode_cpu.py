@@ -75,6 +75,17 @@ def quality(q, k, v, out, policy, selection, indexed):
     return torch.cat(errs), max(left, default=0.0)
 
 
+def policy_name(policy):
+    """The row label of a policy (ReLU rows use a bias at the 1% quantile)."""
+    if isinstance(policy, hsr.TopK):
+        return f"top-{policy.k}"
+    if isinstance(policy, hsr.Softmax) and policy.threshold is not None:
+        return f"softmax threshold={policy.threshold}"
+    if isinstance(policy, hsr.Softmax):
+        return f"softmax eps={policy.eps:g} {policy.select}"
+    return f"relu 1% {policy.select}"
+
+
 def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bfloat16, fallback=False):
     group = heads_q // heads_kv
     q, k, v = make_stream(n, heads_kv, group, d)
@@ -99,14 +110,7 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
         if softmax else float("nan")
     err, _ = quality(q, k, v, out, policy, info.selection, cache.indexed_length)
     dense_bytes = 2 * heads_kv * n * d * k.element_size()
-    if isinstance(policy, hsr.TopK):
-        name = f"top-{policy.k}"
-    elif isinstance(policy, hsr.Softmax) and policy.threshold is not None:
-        name = f"softmax threshold={policy.threshold}"
-    elif isinstance(policy, hsr.Softmax):
-        name = f"softmax eps={policy.eps:g} {policy.select}"
-    else:
-        name = f"relu 1% {policy.select}"
+    name = policy_name(policy)
     if fallback:
         name += f" auto ({info.path})"
     return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,

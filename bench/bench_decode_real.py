@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import hsr
 from hsr.benchmarking import environment, format_table, median_ms_cpu, write_json
 from hsr.capture import load_capture
-from bench_decode_cpu import quality
+from bench_decode_cpu import policy_name, quality
 
 
 def oracle_fractions(q, k, eps):
@@ -45,14 +45,6 @@ def oracle_fractions(q, k, eps):
         per_head += (need.double() / n).tolist()
         union.append(chosen.double().mean().item())
     return float(np.mean(per_head)), float(np.mean(union))
-
-
-def policy_name(policy):
-    if isinstance(policy, hsr.TopK):
-        return f"top-{policy.k}"
-    if policy.threshold is not None:
-        return f"threshold={policy.threshold}"
-    return f"eps={policy.eps:g} {policy.select}"
 
 
 def run_layer(q_all, k_all, v_all, policy, dtype, eps_oracle, sketch):

@@ -18,7 +18,6 @@ Thresholds for a selectivity s are each query's exact (1 - s) score quantile.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 

@@ -31,6 +31,7 @@ def capture(model, ids: torch.Tensor, queries: int, chunk: int = 1024) -> dict:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from .demo import prefill_dense
+    from .integrations.transformers import attention_modules
 
     n = ids.shape[1]
     if not 1 <= queries <= n:
@@ -39,7 +40,7 @@ def capture(model, ids: torch.Tensor, queries: int, chunk: int = 1024) -> dict:
     cache, _ = prefill_dense(model, ids[:, :head], chunk) if head else (None, None)
     AttentionInterface.register(_ATTN_NAME, _capturing_attention)
     AttentionMaskInterface.register(_ATTN_NAME, sdpa_mask)
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    modules = attention_modules(model)
     previous = model.config._attn_implementation
     model.set_attn_implementation(_ATTN_NAME)
     for m in modules:

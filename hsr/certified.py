@@ -71,6 +71,13 @@ def _sketch_intervals(qf, sketch, b, h, G):
                                                 sketch.delta[b, h], sketch.bits, sketch.group)
 
 
+def _scaled_upper(est, rad, scale):
+    """Upper bounds of the scaled scores in float64 from sketch intervals, widened by a hair
+    for the float64 arithmetic itself."""
+    upper = (est.double() + rad.double()) * scale
+    return upper + upper.abs() * 1e-12 + 1e-300
+
+
 class _Selection:
     """The keys each (batch, kv head) reads, in hsr.sparse_attention's form, built pair by
     pair in (b, h) order from the (G, n) choices of the group's q heads."""
@@ -200,9 +207,7 @@ def _left_out_by_sketch(qf, sketch, v_up_f, scale, chosen, b, h, G):
     """For a fixed choice (G, n) of kv head (b, h): per q head the log of the sketch
     upper-bound mass of the keys not chosen (rounded up; -inf when all are chosen) and the
     largest value norm left out and kept (0 when none)."""
-    est, rad = _sketch_intervals(qf, sketch, b, h, G)
-    upper = (est.double() + rad.double()) * scale
-    upper = upper + upper.abs() * 1e-12 + 1e-300
+    upper = _scaled_upper(*_sketch_intervals(qf, sketch, b, h, G), scale)
     left = torch.logsumexp(upper.masked_fill(chosen, float("-inf")), 1)
     # The double sum's rounding (left is -inf when every key is chosen).
     left = torch.where(torch.isinf(left), left, left + left.abs() * 1e-12 + (chosen.shape[1] + 4) * 2.3e-16)
@@ -363,14 +368,11 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     lims, _, reported = index.range_search(q[:, :, 0].float(), float(bias) / scale)
     stats = index.last_stats
     counts = (lims[1:] - lims[:-1]).view(B, Hq)
+    chosen = _chosen_from_lists(lims, reported, B, Hq, n)
     selection = _Selection()
     for b in range(B):
         for h in range(Hkv):
-            chosen = torch.zeros(G, n, dtype=torch.bool)
-            for g in range(G):
-                r = b * Hq + h * G + g
-                chosen[g, reported[lims[r]:lims[r + 1]]] = True
-            selection.add(chosen)
+            selection.add(chosen[b, h * G:(h + 1) * G])
     return _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, stats)
 
 
@@ -390,9 +392,7 @@ def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ske
     selection = _Selection()
     for b in range(B):
         for h in range(Hkv):
-            est, rad = _sketch_intervals(qf, sketch, b, h, G)
-            upper = (est.double() + rad.double()) * scale
-            chosen = upper + upper.abs() * 1e-12 + 1e-300 > float(bias)  # (G, n)
+            chosen = _scaled_upper(*_sketch_intervals(qf, sketch, b, h, G), scale) > float(bias)  # (G, n)
             counts[b, h * G:(h + 1) * G] = chosen.sum(1)
             selection.add(chosen)
     return _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, None)

@@ -199,12 +199,13 @@ def run(args) -> dict:
         htf.disable(model)
     stats = hsr_cache.stats()
     per_step = torch.stack([torch.stack(layer.stats.mass_bound).amax((1, 2)) for layer in hsr_cache.layers])
+    env = environment("cpu")
     config = dict(model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
                   text=str(args.text or DEFAULT_TEXT), context=args.context, steps=args.steps,
                   policy=repr(policy), eps=args.eps, dense_fallback=args.fallback,
                   prefill_s=prefill_s, index_build_s=index_s,
-                  machine=f"{environment('cpu')['cpu']}, {torch.get_num_threads()} threads",
-                  environment=environment("cpu"), hsr_version=hsr.__version__)
+                  machine=f"{env['cpu']}, {env['cpu_threads']} threads", environment=env,
+                  hsr_version=hsr.__version__)
     result = summarize(rows, stats, config)
     result["mass_bound_per_step"] = per_step.amax(0).tolist()
     return result

@@ -310,7 +310,7 @@ class HSRKVCache:
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
         out = attention(q, self._k, self._v, scale=self.scale, **self._dense_kwargs())
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = self.dtype.itemsize
         info = (zeros, zeros.clone(), torch.full((B, Hq), self._length, dtype=torch.int64),
                 torch.full((B, Hkv), self._length, dtype=torch.int64), B * Hkv * self._length * 2 * D * elem)
         return out, info, None
@@ -352,7 +352,7 @@ class HSRKVCache:
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
         G = Hq // Hkv
         n_idx, tail = self._indexed, self._length - self._indexed
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = self.dtype.itemsize
         mass = torch.zeros(B, Hq, dtype=torch.float64)
         error = torch.zeros(B, Hq, dtype=torch.float64)
         attended = torch.full((B, Hq), tail, dtype=torch.int64)

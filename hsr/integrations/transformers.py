@@ -99,6 +99,10 @@ class HSRLayer(CacheLayerMixin):
             self._pending = (key_states.contiguous(), value_states.contiguous())
             return key_states, value_states
         self.hsr.extend(key_states.contiguous(), value_states.contiguous())
+        return self._expose_kv()
+
+    def _expose_kv(self):
+        """Points keys/values (what transformers may read off a layer) at the cache's K/V."""
         self.keys, self.values = self.hsr._k, self.hsr._v
         return self.keys, self.values
 
@@ -111,7 +115,7 @@ class HSRLayer(CacheLayerMixin):
         k_new, v_new = self._pending
         self._pending = None
         out, info = self.hsr.decode(query.to(self.hsr.dtype).contiguous(), k_new, v_new)
-        self.keys, self.values = self.hsr._k, self.hsr._v
+        self._expose_kv()
         s = self.stats
         s.keys_read.append(info.keys_read.double() / self.hsr.length)
         s.mass_bound.append(info.mass_bound)
@@ -184,7 +188,7 @@ class HSRCache(Cache):
                 continue
             layer.lazy_initialization(source.keys, source.values)
             layer.hsr.prefill(source.keys.contiguous(), source.values.contiguous())
-            layer.keys, layer.values = layer.hsr._k, layer.hsr._v
+            layer._expose_kv()
         return cache
 
     def stats(self) -> dict:
@@ -272,7 +276,8 @@ AttentionInterface.register(ATTN_NAME, hsr_attention_forward)
 AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-def _attention_modules(model):
+def attention_modules(model):
+    """The model's attention modules (Llama family: they have layer_idx and q_proj)."""
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
 
 
@@ -313,7 +318,7 @@ def enable(model, policy=None, **cache_kwargs):
     _check_config(config)
     policy = Softmax() if policy is None else policy
     HSRCache(model.config, policy, **cache_kwargs)       # rejects a bad policy or cache argument
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
         raise ValueError("hsr.integrations.transformers.enable: no attention modules with layer_idx and q_proj "
                          "found (a Llama-family model is expected)")
@@ -333,7 +338,7 @@ def disable(model):
     if state is None:
         raise ValueError("hsr.integrations.transformers.disable: HSR is not enabled on this model")
     state.hook.remove()
-    for m in _attention_modules(model):
+    for m in attention_modules(model):
         if hasattr(m, _STATE_ATTR):
             delattr(m, _STATE_ATTR)
     delattr(model, _STATE_ATTR)

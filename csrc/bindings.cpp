@@ -6,13 +6,24 @@
 #include "index_holders.h"
 
 TORCH_LIBRARY(hsr, m) {
-  // Dense attention in torch SDPA layout. Returns (out, lse): out (B, Hq, Lq, D) in q's
+  // Dense attention in torch SDPA layout; v (B, Hkv, Lk, Dv) may be wider or narrower than
+  // q and k. Returns (out, lse): out (B, Hq, Lq, Dv) in q's
   // dtype and lse (B, Hq, Lq) float32, the natural log of each row's normaliser (softmax:
   // logsumexp of the scaled scores; relu: log of the row sum of A; -inf for a row that sees
   // no key), so partial results over disjoint key sets can be merged exactly.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, str kind=\"softmax\", float? scale=None, "
       "int alpha=1, float bias=0.0, bool normalize=True, bool causal=False) -> (Tensor, Tensor)");
+
+  // GTA's decode attention (arXiv 2506.17286, DESIGN 1): query groups q (B, n_q, Lq, D)
+  // attend to key heads k (B, n_k, Lk, D) and sum value latents c (B, n_c, Lk, d_l) (n_k and
+  // n_c divide n_q; one pass over the cache), then head i of group g = i / (n_h / n_q)
+  // decodes: out_i = (z_g W_P,i) * sigmoid(gate_i), with w_p (n_h, d_l, d_out) and gate
+  // logits (B, n_h, Lq, d_out) optional. Returns out (B, n_h, Lq, d_out) in q's dtype and
+  // lse (B, n_q, Lq) float32. Softmax scores; causal as in attention.
+  m.def(
+      "gta_attention(Tensor q, Tensor k, Tensor c, Tensor w_p, Tensor? gate=None, float? scale=None, "
+      "bool causal=False) -> (Tensor, Tensor)");
 
   // The same attention over a selection of keys (CPU): pair bh = b * Hkv + kv_head attends to
   // the keys ids[offsets[bh] .. offsets[bh + 1]) of k/v (positions along Lk); mask, when

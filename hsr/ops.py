@@ -15,41 +15,49 @@ _SCORE_KINDS = ("softmax", "relu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_attention_args(q, k, v, kind, alpha, bias):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_attention_tensors(op, q, k, v, v_name):
+    """The checks every attention op shares (the C++ check_attention_tensors): ranks, one
+    dtype and device, batch, the key width, one nonempty key length for keys and values."""
+    for name, t in (("q", q), ("k", k), (v_name, v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"hsr.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            layout = "(B, Hq, Lq, D)" if name == "q" else "(B, Hkv, Lk, D)"
-            raise ValueError(f"hsr.attention: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+            layout = {"q": "(B, Hq, Lq, D)", "k": "(B, Hkv, Lk, D)"}.get(name, "(B, Hkv, Lk, Dv)")
+            raise ValueError(f"{op}: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"hsr.attention: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
+        raise ValueError(f"{op}: q, k and {v_name} must share one dtype, got q {q.dtype}, k {k.dtype}, "
+                         f"{v_name} {v.dtype}")
     if q.dtype not in _DTYPES:
-        raise ValueError(f"hsr.attention: q must be float32, float16 or bfloat16, got {q.dtype}")
+        raise ValueError(f"{op}: q must be float32, float16 or bfloat16, got {q.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"hsr.attention: q, k and v must be on one device, got q on {q.device}, "
-            f"k on {k.device}, v on {v.device}"
-        )
-    if k.shape != v.shape:
-        raise ValueError(
-            f"hsr.attention: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}"
-        )
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"hsr.attention: k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+        raise ValueError(f"{op}: q, k and {v_name} must be on one device, got q on {q.device}, "
+                         f"k on {k.device}, {v_name} on {v.device}")
+    if not (k.shape[0] == v.shape[0] == q.shape[0]):
+        raise ValueError(f"{op}: k has batch {k.shape[0]} and {v_name} has batch {v.shape[0]} but q has "
+                         f"batch {q.shape[0]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{op}: k and {v_name} must hold the same number of keys, got {k.shape[2]} and "
+                         f"{v.shape[2]}")
     if q.shape[3] <= 0:
-        raise ValueError("hsr.attention: head_dim (q.shape[3]) must be positive")
+        raise ValueError(f"{op}: head_dim (q.shape[3]) must be positive")
+    if v.shape[3] <= 0:
+        raise ValueError(f"{op}: the value width ({v_name}.shape[3]) must be positive")
     if k.shape[3] != q.shape[3]:
-        raise ValueError(f"hsr.attention: k has head_dim {k.shape[3]} but q has head_dim {q.shape[3]}")
+        raise ValueError(f"{op}: k has head_dim {k.shape[3]} but q has head_dim {q.shape[3]}")
+    if k.shape[2] == 0:
+        raise ValueError(f"{op}: k and {v_name} must hold at least one key (Lk = 0)")
+
+
+def _check_attention_args(q, k, v, kind, alpha, bias):
+    _check_attention_tensors("hsr.attention", q, k, v, "v")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"hsr.attention: k and v must have the same shape but for the last dimension, "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"hsr.attention: the number of q heads ({q.shape[1]}) must be a multiple of the "
             f"number of kv heads ({k.shape[1]})"
         )
-    if k.shape[2] == 0:
-        raise ValueError("hsr.attention: k and v must hold at least one key (Lk = 0)")
     if kind not in _SCORE_KINDS:
         raise ValueError(f'hsr.attention: kind must be "softmax" or "relu", got {kind!r}')
     if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 1:
@@ -67,16 +75,16 @@ def _scale_arg(scale, what: str) -> float | None:
     return float(scale)
 
 
-def _empty_attention_outputs(q):
-    """out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, as the kernels return."""
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+def _empty_attention_outputs(q, v):
+    """out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32, as the kernels return."""
+    return (torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
 
 
 @torch.library.register_fake("hsr::attention")
 def _attention_fake(q, k, v, kind="softmax", scale=None, alpha=1, bias=0.0, normalize=True, causal=False):
     _check_attention_args(q, k, v, kind, alpha, bias)
-    return _empty_attention_outputs(q)
+    return _empty_attention_outputs(q, v)
 
 
 def attention(
@@ -94,8 +102,9 @@ def attention(
 ):
     """Dense attention in torch SDPA layout, on CPU or CUDA.
 
-    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (GQA: query head h
-    uses kv head h // (Hq // Hkv)). float32, float16 or bfloat16; fp32 accumulation.
+    q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv) (Dv may differ from D), with Hq
+    a multiple of Hkv (GQA: query head h uses kv head h // (Hq // Hkv)). float32, float16 or
+    bfloat16; fp32 accumulation. CUDA kernels exist for (D, Dv) in 64/64, 128/128, 64/128.
 
     kind="softmax": softmax(scale * q k^T) v, as torch SDPA.
     kind="relu": A = relu(scale * q k^T - bias) ** alpha (alpha a positive integer); the
@@ -105,7 +114,7 @@ def attention(
     FlashAttention does: query i sees keys j <= i + Lk - Lq, and a query that sees no key
     gives 0.
 
-    Returns out (B, Hq, Lq, D) in q's dtype, and with ``return_lse`` also lse (B, Hq, Lq)
+    Returns out (B, Hq, Lq, Dv) in q's dtype, and with ``return_lse`` also lse (B, Hq, Lq)
     float32: the natural log of each row's normaliser (softmax: logsumexp of the scaled
     scores; relu: log rowsum(A); -inf for a row that sees no key), so outputs over disjoint
     key sets can be merged exactly.
@@ -135,7 +144,7 @@ def _sparse_attention_fake(q, k, v, offsets, ids, mask=None, kind="softmax", sca
                            normalize=True):
     _check_attention_args(q, k, v, kind, alpha, bias)
     _check_selection_args(q, k, offsets, ids, mask)
-    return _empty_attention_outputs(q)
+    return _empty_attention_outputs(q, v)
 
 
 def sparse_attention(
@@ -180,3 +189,61 @@ def merge_attention(outs, lses):
     weights = torch.exp(lse - total).nan_to_num(0.0)
     out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
     return out.to(outs[0].dtype), total
+
+
+def _check_gta_args(q, k, c, w_p, gate):
+    _check_attention_tensors("hsr.gta_attention", q, k, c, "c")
+    nq, nk, nc = q.shape[1], k.shape[1], c.shape[1]
+    if nk == 0 or nc == 0 or nq % nk or nq % nc:
+        raise ValueError(f"hsr.gta_attention: the number of query groups (q.shape[1] = {nq}) must be a multiple "
+                         f"of the number of key heads ({nk}) and of value latents ({nc})")
+    if not isinstance(w_p, torch.Tensor) or w_p.dim() != 3 or w_p.shape[1] != c.shape[3] or w_p.shape[0] == 0 \
+            or w_p.shape[0] % nq or w_p.shape[2] == 0:
+        got = tuple(w_p.shape) if isinstance(w_p, torch.Tensor) else type(w_p).__name__
+        raise ValueError(f"hsr.gta_attention: w_p must be (n_h, d_l = {c.shape[3]}, d_out) with n_h a multiple "
+                         f"of the {nq} query groups, got {got}")
+    for name, t in (("w_p", w_p), ("gate", gate)):
+        if t is not None and (t.dtype != q.dtype or t.device != q.device):
+            raise ValueError(f"hsr.gta_attention: {name} must be {q.dtype} on {q.device}, got {t.dtype} on "
+                             f"{t.device}")
+    want = (q.shape[0], w_p.shape[0], q.shape[2], w_p.shape[2])
+    if gate is not None and tuple(gate.shape) != want:
+        raise ValueError(f"hsr.gta_attention: gate must be (B, n_h, Lq, d_out) = {want}, got {tuple(gate.shape)}")
+
+
+@torch.library.register_fake("hsr::gta_attention")
+def _gta_attention_fake(q, k, c, w_p, gate=None, scale=None, causal=False):
+    _check_gta_args(q, k, c, w_p, gate)
+    return (torch.empty(q.shape[0], w_p.shape[0], q.shape[2], w_p.shape[2], dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+
+
+def gta_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    c: torch.Tensor,
+    w_p: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+):
+    """GTA's attention (arXiv 2506.17286) over its compressed cache, on CPU or CUDA.
+
+    q (B, n_q, Lq, D): one query per query group (its heads share one attention map);
+    k (B, n_k, Lk, D): the cached post-RoPE key heads; c (B, n_c, Lk, d_l): the cached value
+    latents. n_k and n_c divide n_q: group g reads key head g // (n_q // n_k) and latent
+    g // (n_q // n_c). One pass over the cache gives z_g = softmax(scale q_g K^T) C; then head
+    i of group g = i // (n_h // n_q) outputs (z_g W_P,i) * sigmoid(gate_i), with w_p
+    (n_h, d_l, d_out) and gate (B, n_h, Lq, d_out) logits (None: no gate). The decoder runs in
+    fp32. ``causal`` as in hsr.attention. CUDA kernels exist for (D, d_l) in 64/64, 128/128,
+    64/128.
+
+    Returns out (B, n_h, Lq, d_out) in q's dtype, and with ``return_lse`` also lse
+    (B, n_q, Lq) float32.
+    """
+    _check_gta_args(q, k, c, w_p, gate)
+    out, lse = torch.ops.hsr.gta_attention(q, k, c, w_p, gate, _scale_arg(scale, "hsr.gta_attention"),
+                                           bool(causal))
+    return (out, lse) if return_lse else out

@@ -33,11 +33,12 @@ def shape_cases(head_dims):
     return cases
 
 
-def make_qkv(batch, heads_kv, ratio, lq, lk, d, dtype, device, seed=0, spread=1.0):
+def make_qkv(batch, heads_kv, ratio, lq, lk, d, dtype, device, seed=0, spread=1.0, dv=None):
+    """q (B, Hkv * ratio, Lq, d), k (B, Hkv, Lk, d) and v (B, Hkv, Lk, dv; dv defaults to d)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads_kv * ratio, lq, d, generator=g) * spread
     k = torch.randn(batch, heads_kv, lk, d, generator=g) * spread
-    v = torch.randn(batch, heads_kv, lk, d, generator=g)
+    v = torch.randn(batch, heads_kv, lk, d if dv is None else dv, generator=g)
     return (t.to(dtype=dtype, device=device) for t in (q, k, v))
 
 
@@ -47,7 +48,7 @@ def check_against_reference(out, lse, q, k, v, **kw):
     ref, ref_lse = attention_ref(qc, kc, vc, **kw)
     low, _ = attention_ref(qc, kc, vc, compute_dtype=q.dtype, **kw)
     out64 = out.detach().cpu().to(torch.float64)
-    assert out.shape == q.shape and out.dtype == q.dtype
+    assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype
     assert torch.isfinite(out64).all(), "non-finite output"
     baseline = (low.to(torch.float64) - ref).abs().max().item() if ref.numel() else 0.0
     floor = _FLOOR[q.dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)

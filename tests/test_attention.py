@@ -35,6 +35,20 @@ def test_softmax_head_dims_and_gqa(device, d, ratio, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d,dv", [(64, 128), (64, 64), (33, 97), (128, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lk", [1, 97, 5000])
+def test_value_width_differs_from_head_dim(device, d, dv, dtype, lk):
+    # GTA attends with 64-wide keys over 128-wide value latents (DESIGN 1).
+    if device == "cuda" and (d, dv) not in ((64, 64), (128, 128), (64, 128)):
+        pytest.skip("no CUDA kernel for this (head_dim, value width)")
+    q, k, v = make_qkv(2, 2, 4, 3, lk, d, dtype, device, seed=d + dv + lk, dv=dv)
+    for causal in (False, True):
+        out, lse = hsr.attention(q, k, v, causal=causal, return_lse=True)
+        check_against_reference(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_torch_sdpa(device, dtype, causal):
@@ -155,7 +169,9 @@ def _qkv(dtype=torch.float32):
 BAD_INPUTS = [
     ("q must be 4-D", lambda q, k, v: (q[0], k, v), {}),
     ("k must be 4-D", lambda q, k, v: (q, k[0], v), {}),
-    ("k and v must have the same shape", lambda q, k, v: (q, k, v[:, :, :4]), {}),
+    ("must hold the same number of keys", lambda q, k, v: (q, k, v[:, :, :4]), {}),
+    ("k and v must have the same shape but for the last dimension", lambda q, k, v: (q, k, v[:, :1]), {}),
+    ("value width", lambda q, k, v: (q, k, v[..., :0]), {}),
     ("batch", lambda q, k, v: (q.expand(2, -1, -1, -1), k, v), {}),
     ("head_dim", lambda q, k, v: (q[..., :32], k, v), {}),
     ("must be a multiple of the number of kv heads", lambda q, k, v: (q[:, :3], k, v), {}),

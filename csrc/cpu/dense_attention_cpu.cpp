@@ -1,5 +1,6 @@
-// CPU entry points of hsr::attention and hsr::sparse_attention (the same kernel over a
-// selection of keys): validation, output allocation, threads.
+// CPU entry points of hsr::attention, hsr::sparse_attention (the same kernel over a
+// selection of keys) and hsr::gta_attention (the kernel over GTA's key heads and value
+// latents, then the per-head decoder): validation, output allocation, threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -7,6 +8,7 @@
 
 #include "attention_checks.h"
 #include "hsr/cpu/dense_attention.h"
+#include "latent_decoder.h"
 
 namespace hsr {
 namespace {
@@ -128,10 +130,25 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> gta_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& c_in, const at::Tensor& w_p,
+                                                     const std::optional<at::Tensor>& gate,
+                                                     std::optional<double> scale, bool causal) {
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor k = last_dim_contiguous(k_in);
+  const at::Tensor c = last_dim_contiguous(c_in);
+  const DenseAttentionProblem p = make_latent_problem(q, k, c, scale, causal);
+  check_latent_decoder(p, q, w_p, gate);
+  auto [z, lse] = empty_attention_outputs(p, q);
+  if (z.numel() != 0) run_attention_for_dtype(p, q, k, c, z, lse);
+  return {decode_latent_heads(z, w_p, gate), lse};
+}
+
 }  // namespace
 }  // namespace hsr
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("attention", &hsr::attention_cpu);
   m.impl("sparse_attention", &hsr::sparse_attention_cpu);
+  m.impl("gta_attention", &hsr::gta_attention_cpu);
 }

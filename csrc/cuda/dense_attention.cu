@@ -3,8 +3,8 @@
 //
 // Block layout: kWarpsPerBlock warps; warp w owns rows [w*RPW, (w+1)*RPW) of the block's
 // row tile. Keys stream through shared memory in tiles of 32, one key per lane for the
-// scores; the probabilities are then broadcast lane by lane and every lane accumulates D/32
-// output columns of each of its rows. K and V are read from global memory once per block and
+// scores; the probabilities are then broadcast lane by lane and every lane accumulates DV/32
+// output columns of each of its rows (DV, the value width, is D except for GTA's latents). K and V are read from global memory once per block and
 // shared by all rows of the GQA group, which is what makes grouped decode cheap.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -118,34 +118,34 @@ struct TileKernelArgs {
   int64_t keys_per_split;
 };
 
-// Final output of one row from its (m, l, acc); each lane writes its D/32 columns.
-template <typename T, int D>
+// Final output of one row from its (m, l, acc); each lane writes its DV/32 columns.
+template <typename T, int DV>
 __device__ __forceinline__ void write_final_row(const DenseAttentionProblem& p, int64_t b,
                                                 int64_t hkv, int64_t row, float m, float l,
-                                                const float (&acc)[D / 32], void* out_raw,
+                                                const float (&acc)[DV / 32], void* out_raw,
                                                 float* lse, int lane) {
-  constexpr int kEpl = D / 32;
+  constexpr int kEpl = DV / 32;
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t qpos = row / group, h = hkv * group + row % group;
   const int64_t flat = (b * p.heads_q + h) * p.len_q + qpos;
   const bool divide = p.kind == ScoreKind::kSoftmax || p.normalize;
   const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  T* out = static_cast<T*>(out_raw) + flat * D + lane * kEpl;
+  T* out = static_cast<T*>(out_raw) + flat * DV + lane * kEpl;
 #pragma unroll
   for (int e = 0; e < kEpl; ++e) out[e] = from_f<T>(divide ? acc[e] * inv : acc[e]);
   if (lane == 0) lse[flat] = l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
-template <typename T, int D, int RPW>
+template <typename T, int D, int DV, int RPW>
 __global__ void __launch_bounds__(kThreads)
     dense_attention_tile_kernel(const TileKernelArgs a) {
   constexpr int kRows = kWarpsPerBlock * RPW;
-  constexpr int kEpl = D / 32;
+  constexpr int kEpl = DV / 32;
   constexpr int kLd = D + row_pad<T>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* q_s = reinterpret_cast<float*>(smem_raw);          // kRows x D, pre-scaled
   T* k_s = reinterpret_cast<T*>(q_s + kRows * D);           // kTile x kLd
-  T* v_s = k_s + kTile * kLd;                               // kTile x D
+  T* v_s = k_s + kTile * kLd;                               // kTile x DV
 
   const DenseAttentionProblem& p = a.p;
   const int64_t unit = blockIdx.x;
@@ -188,14 +188,15 @@ __global__ void __launch_bounds__(kThreads)
   int64_t key_end = min64(p.len_k, key_begin + a.keys_per_split);
   // Rows are ordered by query position: the block's last row sees the most keys.
   key_end = min64(key_end, p.last_visible_key((row0 + nrows - 1) / group) + 1);
-  const T* kbase = static_cast<const T*>(a.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
-  const T* vbase = static_cast<const T*>(a.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+  const T* kbase = static_cast<const T*>(a.k) + b * p.k_stride[0] + p.key_head(hkv) * p.k_stride[1];
+  const T* vbase =
+      static_cast<const T*>(a.v) + b * p.v_stride[0] + p.value_head(hkv) * p.v_stride[1];
 
   for (int64_t t0 = key_begin; t0 < key_end; t0 += kTile) {
     const int tn = int(min64(kTile, key_end - t0));
     __syncthreads();  // the previous tile is consumed (and q_s is complete on entry)
     load_tile<T, D, kLd>(kbase + t0 * p.k_stride[2], p.k_stride[2], tn, k_s);
-    load_tile<T, D, D>(vbase + t0 * p.v_stride[2], p.v_stride[2], tn, v_s);
+    load_tile<T, DV, DV>(vbase + t0 * p.v_stride[2], p.v_stride[2], tn, v_s);
     __syncthreads();
     const T* krow = k_s + lane * kLd;
 #pragma unroll
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       for (int t = 0; t < tn; ++t) {
         const float pt = __shfl_sync(kFullMask, prob, t);
-        const T* vrow = v_s + t * D + lane * kEpl;
+        const T* vrow = v_s + t * DV + lane * kEpl;
 #pragma unroll
         for (int e = 0; e < kEpl; ++e) acc[rr][e] = fmaf(pt, to_f(vrow[e]), acc[rr][e]);
       }
@@ -233,9 +234,9 @@ __global__ void __launch_bounds__(kThreads)
     const int r = warp * RPW + rr;
     if (r >= nrows) continue;
     if (a.splits == 1) {
-      write_final_row<T, D>(p, b, hkv, row0 + r, m[rr], l[rr], acc[rr], a.out, a.lse, lane);
+      write_final_row<T, DV>(p, b, hkv, row0 + r, m[rr], l[rr], acc[rr], a.out, a.lse, lane);
     } else {
-      float* part = a.partials + (unit * kRows + r) * (D + 2);
+      float* part = a.partials + (unit * kRows + r) * (DV + 2);
 #pragma unroll
       for (int e = 0; e < kEpl; ++e) part[2 + lane * kEpl + e] = acc[rr][e];
       if (lane == 0) {
@@ -258,9 +259,9 @@ struct CombineKernelArgs {
 
 // One warp per output row: merges the row's split partials, weighting each by exp(m_s - M).
 // Splits that saw no key (l = 0) carry no weight.
-template <typename T, int D>
+template <typename T, int DV>
 __global__ void __launch_bounds__(kThreads) dense_attention_combine_kernel(const CombineKernelArgs a) {
-  constexpr int kEpl = D / 32;
+  constexpr int kEpl = DV / 32;
   const DenseAttentionProblem& p = a.p;
   const int lane = threadIdx.x % 32;
   const int64_t gw = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -272,21 +273,21 @@ __global__ void __launch_bounds__(kThreads) dense_attention_combine_kernel(const
 
   float m = -INFINITY;
   for (int64_t s = 0; s < a.splits; ++s) {
-    const float* part = a.partials + ((row_group * a.splits + s) * a.rows_per_block + r) * (D + 2);
+    const float* part = a.partials + ((row_group * a.splits + s) * a.rows_per_block + r) * (DV + 2);
     if (part[1] > 0.0f) m = fmaxf(m, part[0]);
   }
   float l = 0.0f, acc[kEpl];
 #pragma unroll
   for (int e = 0; e < kEpl; ++e) acc[e] = 0.0f;
   for (int64_t s = 0; s < a.splits; ++s) {
-    const float* part = a.partials + ((row_group * a.splits + s) * a.rows_per_block + r) * (D + 2);
+    const float* part = a.partials + ((row_group * a.splits + s) * a.rows_per_block + r) * (DV + 2);
     if (!(part[1] > 0.0f)) continue;
     const float w = __expf(part[0] - m);
     l = fmaf(w, part[1], l);
 #pragma unroll
     for (int e = 0; e < kEpl; ++e) acc[e] = fmaf(w, part[2 + lane * kEpl + e], acc[e]);
   }
-  write_final_row<T, D>(p, bh / p.heads_kv, bh % p.heads_kv, row, m, l, acc, a.out, a.lse, lane);
+  write_final_row<T, DV>(p, bh / p.heads_kv, bh % p.heads_kv, row, m, l, acc, a.out, a.lse, lane);
 }
 
 void check_launch(const char* what) {
@@ -311,7 +312,7 @@ void allow_large_shared_memory(Kernel* kernel, size_t bytes) {
   done_devices.fetch_or(bit);
 }
 
-template <typename T, int D, int RPW>
+template <typename T, int D, int DV, int RPW>
 void launch_tile_and_combine(const DenseAttentionCudaArgs& args, const DenseAttentionCudaPlan& plan,
                              cudaStream_t stream) {
   const DenseAttentionProblem& p = args.problem;
@@ -321,8 +322,8 @@ void launch_tile_and_combine(const DenseAttentionCudaArgs& args, const DenseAtte
   constexpr int kRows = kWarpsPerBlock * RPW;
   constexpr size_t kSmem = size_t(kRows) * D * sizeof(float) +
                            size_t(kTile) * (D + row_pad<T>()) * sizeof(T) +
-                           size_t(kTile) * D * sizeof(T);
-  auto* tile_kernel = dense_attention_tile_kernel<T, D, RPW>;
+                           size_t(kTile) * DV * sizeof(T);
+  auto* tile_kernel = dense_attention_tile_kernel<T, D, DV, RPW>;
   if (kSmem > 48 * 1024) allow_large_shared_memory(tile_kernel, kSmem);
   tile_kernel<<<unsigned(plan.num_blocks(p)), kThreads, kSmem, stream>>>(ta);
   check_launch("dense_attention_tile_kernel launch");
@@ -331,18 +332,18 @@ void launch_tile_and_combine(const DenseAttentionCudaArgs& args, const DenseAtte
                                plan.rows_per_block, plan.splits};
     const int64_t warps = plan.num_row_groups(p) * plan.rows_per_block;
     const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    dense_attention_combine_kernel<T, D><<<unsigned(blocks), kThreads, 0, stream>>>(ca);
+    dense_attention_combine_kernel<T, DV><<<unsigned(blocks), kThreads, 0, stream>>>(ca);
     check_launch("dense_attention_combine_kernel launch");
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int DV>
 void launch_for_rows(const DenseAttentionCudaArgs& args, const DenseAttentionCudaPlan& plan,
                      cudaStream_t stream) {
   switch (plan.rows_per_warp) {
-    case 1: return launch_tile_and_combine<T, D, 1>(args, plan, stream);
-    case 4: return launch_tile_and_combine<T, D, 4>(args, plan, stream);
-    case 16: return launch_tile_and_combine<T, D, 16>(args, plan, stream);
+    case 1: return launch_tile_and_combine<T, D, DV, 1>(args, plan, stream);
+    case 4: return launch_tile_and_combine<T, D, DV, 4>(args, plan, stream);
+    case 16: return launch_tile_and_combine<T, D, DV, 16>(args, plan, stream);
     default:
       throw std::invalid_argument("hsr.attention (CUDA): unsupported rows_per_warp " +
                                   std::to_string(plan.rows_per_warp));
@@ -352,23 +353,23 @@ void launch_for_rows(const DenseAttentionCudaArgs& args, const DenseAttentionCud
 template <typename T>
 void launch_for_head_dim(const DenseAttentionCudaArgs& args, const DenseAttentionCudaPlan& plan,
                          cudaStream_t stream) {
-  switch (args.problem.head_dim) {
-    case 64: return launch_for_rows<T, 64>(args, plan, stream);
-    case 128: return launch_for_rows<T, 128>(args, plan, stream);
-    default:
-      throw std::invalid_argument("hsr.attention (CUDA): head_dim " +
-                                  std::to_string(args.problem.head_dim) +
-                                  " is not supported (supported: 64, 128)");
-  }
+  const int64_t d = args.problem.head_dim, dv = args.problem.value_dim;
+  if (d == 64 && dv == 64) return launch_for_rows<T, 64, 64>(args, plan, stream);
+  if (d == 128 && dv == 128) return launch_for_rows<T, 128, 128>(args, plan, stream);
+  if (d == 64 && dv == 128) return launch_for_rows<T, 64, 128>(args, plan, stream);
+  throw std::invalid_argument("hsr.attention (CUDA): head_dim " + std::to_string(d) +
+                              " with value width " + std::to_string(dv) +
+                              " is not supported (supported: 64/64, 128/128, 64/128)");
 }
 
 }  // namespace
 
-bool dense_attention_cuda_supports_head_dim(int64_t head_dim) {
-  return head_dim == 64 || head_dim == 128;
+bool dense_attention_cuda_supports_dims(int64_t head_dim, int64_t value_dim) {
+  return (head_dim == 64 && value_dim == 64) || (head_dim == 128 && value_dim == 128) ||
+         (head_dim == 64 && value_dim == 128);
 }
 
-// The single dispatch point over dtype, head_dim and row-tile size.
+// The single dispatch point over dtype, head_dim, value width and row-tile size.
 void launch_dense_attention_cuda(const DenseAttentionCudaArgs& args,
                                  const DenseAttentionCudaPlan& plan, cudaStream_t stream) {
   if (plan.num_blocks(args.problem) == 0) return;

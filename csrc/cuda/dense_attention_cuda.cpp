@@ -1,4 +1,5 @@
-// CUDA entry point of hsr::attention: validation, layout fix-ups, allocation, launch.
+// CUDA entry points of hsr::attention and hsr::gta_attention: validation, layout fix-ups,
+// allocation, launch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +10,7 @@
 
 #include "attention_checks.h"
 #include "hsr/cuda/dense_attention.h"
+#include "latent_decoder.h"
 
 namespace hsr {
 namespace {
@@ -30,26 +32,9 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                  const at::Tensor& v_in, c10::string_view kind,
-                                                  std::optional<double> scale, int64_t alpha,
-                                                  double bias, bool normalize, bool causal) {
-  // Validate on the caller's tensors first so errors name the user's shapes.
-  make_dense_problem(q_in, k_in, v_in, std::string_view(kind.data(), kind.size()), scale, alpha,
-                     bias, normalize, causal);
-  TORCH_CHECK_VALUE(cuda::dense_attention_cuda_supports_head_dim(q_in.size(3)),
-                    "hsr.attention: head_dim ", q_in.size(3),
-                    " is not supported on CUDA (supported: 64, 128); use the CPU op for it");
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = last_dim_contiguous(q_in);
-  const at::Tensor k = with_aligned_rows(k_in);
-  const at::Tensor v = with_aligned_rows(v_in);
-  const DenseAttentionProblem p = make_dense_problem(
-      q, k, v, std::string_view(kind.data(), kind.size()), scale, alpha, bias, normalize, causal);
-
-  auto [out, lse] = empty_attention_outputs(p, q);
-  if (out.numel() == 0) return {out, lse};
-
+// Enqueues the kernel for a validated problem over tensors with the layout it needs.
+void run_attention_cuda(const DenseAttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
   const cuda::DenseAttentionCudaPlan plan =
       cuda::plan_dense_attention_cuda(p, multiprocessor_count(q.get_device()));
   at::Tensor workspace = at::empty({plan.workspace_floats(p)}, q.options().dtype(at::kFloat));
@@ -63,10 +48,54 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   args.lse = lse.mutable_data_ptr<float>();
   args.workspace = workspace.mutable_data_ptr<float>();
   cuda::launch_dense_attention_cuda(args, plan, c10::cuda::getCurrentCUDAStream());
+}
+
+void check_cuda_dims(const char* op, int64_t head_dim, int64_t value_dim) {
+  TORCH_CHECK_VALUE(cuda::dense_attention_cuda_supports_dims(head_dim, value_dim), op, ": head_dim ",
+                    head_dim, " with value width ", value_dim,
+                    " is not supported on CUDA (supported: 64/64, 128/128, 64/128); use the CPU op "
+                    "for it");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                  const at::Tensor& v_in, c10::string_view kind,
+                                                  std::optional<double> scale, int64_t alpha,
+                                                  double bias, bool normalize, bool causal) {
+  // Validate on the caller's tensors first so errors name the user's shapes.
+  make_dense_problem(q_in, k_in, v_in, std::string_view(kind.data(), kind.size()), scale, alpha,
+                     bias, normalize, causal);
+  check_cuda_dims("hsr.attention", q_in.size(3), v_in.size(3));
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor k = with_aligned_rows(k_in);
+  const at::Tensor v = with_aligned_rows(v_in);
+  const DenseAttentionProblem p = make_dense_problem(
+      q, k, v, std::string_view(kind.data(), kind.size()), scale, alpha, bias, normalize, causal);
+  auto [out, lse] = empty_attention_outputs(p, q);
+  if (out.numel() != 0) run_attention_cuda(p, q, k, v, out, lse);
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> gta_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& c_in, const at::Tensor& w_p,
+                                                      const std::optional<at::Tensor>& gate,
+                                                      std::optional<double> scale, bool causal) {
+  check_latent_decoder(make_latent_problem(q_in, k_in, c_in, scale, causal), q_in, w_p, gate);
+  check_cuda_dims("hsr.gta_attention", q_in.size(3), c_in.size(3));
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor k = with_aligned_rows(k_in);
+  const at::Tensor c = with_aligned_rows(c_in);
+  const DenseAttentionProblem p = make_latent_problem(q, k, c, scale, causal);
+  auto [z, lse] = empty_attention_outputs(p, q);
+  if (z.numel() != 0) run_attention_cuda(p, q, k, c, z, lse);
+  return {decode_latent_heads(z, w_p, gate), lse};
 }
 
 }  // namespace
 }  // namespace hsr
 
-TORCH_LIBRARY_IMPL(hsr, CUDA, m) { m.impl("attention", &hsr::attention_cuda); }
+TORCH_LIBRARY_IMPL(hsr, CUDA, m) {
+  m.impl("attention", &hsr::attention_cuda);
+  m.impl("gta_attention", &hsr::gta_attention_cuda);
+}

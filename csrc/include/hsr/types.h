@@ -93,15 +93,22 @@ inline bfloat16_t from_float<bfloat16_t>(float f) { return to_bfloat16(f); }
 
 enum class ScoreKind : int { kSoftmax = 0, kRelu = 1 };
 
-// One dense attention problem in torch SDPA layout: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D),
-// out (B, Hq, Lq, D) contiguous, lse (B, Hq, Lq) contiguous float32. Strides are in
-// elements for the batch, head and sequence dimensions; the last dimension is contiguous.
+// One dense attention problem in torch SDPA layout: q (B, Hq, Lq, D), k (B, Hk, Lk, D),
+// v (B, Hv, Lk, Dv), out (B, Hq, Lq, Dv) contiguous, lse (B, Hq, Lq) contiguous float32.
+// Strides are in elements for the batch, head and sequence dimensions; the last dimension
+// is contiguous.
 //
-// Inside one (batch, kv head) the rows of the GQA group are enumerated as
+// The work is organised by "kv heads": heads_kv (key head, value head) pairs. Plain
+// attention has Hk = Hv = heads_kv; GTA's latent attention (DESIGN 1) pairs n_k key heads
+// with n_c value latents of width Dv != D, heads_kv = lcm(n_k, n_c), pair p reading key head
+// p / (heads_kv / Hk) and value head p / (heads_kv / Hv).
+//
+// Inside one pair the rows of its query group are enumerated as
 // row = qpos * group + (head - kv_head * group), so one pass over the keys serves every
 // query head that shares them.
 struct DenseAttentionProblem {
   int64_t batch = 0, heads_q = 0, heads_kv = 0, len_q = 0, len_k = 0, head_dim = 0;
+  int64_t heads_k = 0, heads_v = 0, value_dim = 0;
   int64_t q_stride[3] = {0, 0, 0};
   int64_t k_stride[3] = {0, 0, 0};
   int64_t v_stride[3] = {0, 0, 0};
@@ -113,6 +120,8 @@ struct DenseAttentionProblem {
   bool causal = false;
 
   HSR_HOST_DEVICE int64_t group() const { return heads_q / heads_kv; }
+  HSR_HOST_DEVICE int64_t key_head(int64_t pair) const { return pair / (heads_kv / heads_k); }
+  HSR_HOST_DEVICE int64_t value_head(int64_t pair) const { return pair / (heads_kv / heads_v); }
   HSR_HOST_DEVICE int64_t rows_per_kv_head() const { return len_q * group(); }
   // Causal masking aligns the last query with the last key (FlashAttention's convention
   // for Lq != Lk): query i sees keys j <= i + Lk - Lq. Negative: the query sees no key.

@@ -37,9 +37,9 @@ struct DenseAttentionPlan {
   int64_t num_row_groups(const DenseAttentionProblem& p) const {
     return p.batch * p.heads_kv * row_blocks;
   }
-  // Partial results (m, l, acc[D]) per unit and row, merged after all units ran.
+  // Partial results (m, l, acc[Dv]) per unit and row, merged after all units ran.
   int64_t workspace_floats(const DenseAttentionProblem& p) const {
-    return splits > 1 ? num_units(p) * rows_per_block * (p.head_dim + 2) : 0;
+    return splits > 1 ? num_units(p) * rows_per_block * (p.value_dim + 2) : 0;
   }
 };
 
@@ -79,7 +79,7 @@ struct RowAccumulator {
 template <typename T>
 inline void finalize_row(const DenseAttentionProblem& p, RowAccumulator st, const float* acc,
                          T* out, float* lse) {
-  const int64_t d = p.head_dim;
+  const int64_t d = p.value_dim;
   const bool divide = p.kind == ScoreKind::kSoftmax || p.normalize;
   const float inv = (st.l > 0.0f) ? 1.0f / st.l : 0.0f;
   for (int64_t i = 0; i < d; ++i) {
@@ -105,13 +105,13 @@ class DenseAttentionCpu {
     const int64_t row_block = group_index % plan_.row_blocks;
     const int64_t bh = group_index / plan_.row_blocks;
     const int64_t b = bh / p_.heads_kv, hkv = bh % p_.heads_kv;
-    const int64_t d = p_.head_dim;
+    const int64_t d = p_.head_dim, dv = p_.value_dim;
     const int64_t group = p_.group();
     const int64_t row0 = row_block * plan_.rows_per_block;
     const int64_t nrows = std::min(plan_.rows_per_block, p_.rows_per_kv_head() - row0);
 
     Scratch& s = scratch();
-    s.resize(nrows, d);
+    s.resize(nrows, d, dv);
     for (int64_t r = 0; r < nrows; ++r) {
       const int64_t qpos = (row0 + r) / group, h = hkv * group + (row0 + r) % group;
       const T* src = q_ + b * p_.q_stride[0] + h * p_.q_stride[1] + qpos * p_.q_stride[2];
@@ -131,21 +131,21 @@ class DenseAttentionCpu {
     int64_t key_end = std::min(count, key_begin + plan_.keys_per_split);
     // Rows are ordered by query position, so the last row sees the most keys.
     if (!sel_.offsets) key_end = std::min(key_end, s.last_key[nrows - 1] + 1);
-    const T* kbase = k_ + b * p_.k_stride[0] + hkv * p_.k_stride[1];
-    const T* vbase = v_ + b * p_.v_stride[0] + hkv * p_.v_stride[1];
+    const T* kbase = k_ + b * p_.k_stride[0] + p_.key_head(hkv) * p_.k_stride[1];
+    const T* vbase = v_ + b * p_.v_stride[0] + p_.value_head(hkv) * p_.v_stride[1];
     for (int64_t t0 = key_begin; t0 < key_end; t0 += kKeyTile) {
       const int64_t tn = std::min(kKeyTile, key_end - t0);
       const float *ktile, *vtile;
       int64_t kld, vld;
       if (sel_.offsets) {
         const int64_t* ids = sel_.ids + sel_begin + t0;
-        gather_rows(kbase, p_.k_stride[2], ids, tn, s.k);
-        gather_rows(vbase, p_.v_stride[2], ids, tn, s.v);
-        ktile = s.k.data(), vtile = s.v.data(), kld = vld = d;
+        gather_rows(kbase, p_.k_stride[2], ids, tn, d, s.k);
+        gather_rows(vbase, p_.v_stride[2], ids, tn, dv, s.v);
+        ktile = s.k.data(), vtile = s.v.data(), kld = d, vld = dv;
       } else {
-        ktile = tile_rows(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, s.k);
-        vtile = tile_rows(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, s.v);
-        kld = tile_stride(p_.k_stride[2]), vld = tile_stride(p_.v_stride[2]);
+        ktile = tile_rows(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, d, s.k);
+        vtile = tile_rows(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, dv, s.v);
+        kld = tile_stride(p_.k_stride[2], d), vld = tile_stride(p_.v_stride[2], dv);
       }
       float* w = s.scores.data();
       int64_t r = 0;
@@ -157,12 +157,12 @@ class DenseAttentionCpu {
       for (r = 0; r < nrows; ++r) {
         const int64_t visible =
             sel_.offsets ? tn : std::max<int64_t>(0, std::min(tn, s.last_key[r] - t0 + 1));
-        scores_to_weights(w + r * kKeyTile, tn, visible, s.state[r], s.acc.data() + r * d);
+        scores_to_weights(w + r * kKeyTile, tn, visible, s.state[r], s.acc.data() + r * dv);
       }
       for (r = 0; r + 4 <= nrows; r += 4)
-        accumulate_pv_rows<4>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * d, d);
+        accumulate_pv_rows<4>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * dv, dv);
       for (; r < nrows; ++r)
-        accumulate_pv_rows<1>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * d, d);
+        accumulate_pv_rows<1>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * dv, dv);
     }
     store_rows(unit, b, hkv, row0, nrows, s);
   }
@@ -172,7 +172,7 @@ class DenseAttentionCpu {
     const int64_t row_block = row_group % plan_.row_blocks;
     const int64_t bh = row_group / plan_.row_blocks;
     const int64_t b = bh / p_.heads_kv, hkv = bh % p_.heads_kv;
-    const int64_t d = p_.head_dim;
+    const int64_t d = p_.value_dim;
     const int64_t row0 = row_block * plan_.rows_per_block;
     const int64_t nrows = std::min(plan_.rows_per_block, p_.rows_per_kv_head() - row0);
     std::vector<float> acc(d);
@@ -200,11 +200,11 @@ class DenseAttentionCpu {
     std::vector<float> q, acc, k, v, scores;
     std::vector<int64_t> last_key;
     std::vector<RowAccumulator> state;
-    void resize(int64_t rows, int64_t d) {
+    void resize(int64_t rows, int64_t d, int64_t dv) {
       q.resize(rows * d);
-      acc.resize(rows * d);
+      acc.resize(rows * dv);
       k.resize(kKeyTile * d);
-      v.resize(kKeyTile * d);
+      v.resize(kKeyTile * dv);
       scores.resize(rows * kKeyTile);
       last_key.resize(rows);
       state.resize(rows);
@@ -215,24 +215,23 @@ class DenseAttentionCpu {
     return s;
   }
 
-  // fp32 rows are read in place; 16-bit rows are converted into the scratch tile.
-  const float* tile_rows(const T* src, int64_t stride, int64_t n, std::vector<float>& buf) const {
+  // fp32 rows (of d elements) are read in place; 16-bit rows are converted into the scratch tile.
+  const float* tile_rows(const T* src, int64_t stride, int64_t n, int64_t d,
+                         std::vector<float>& buf) const {
     if constexpr (std::is_same_v<T, float>) {
       return src;
     } else {
-      const int64_t d = p_.head_dim;
       for (int64_t t = 0; t < n; ++t) convert_row(src + t * stride, buf.data() + t * d, d);
       return buf.data();
     }
   }
-  int64_t tile_stride(int64_t stride) const {
-    return std::is_same_v<T, float> ? stride : p_.head_dim;
+  static int64_t tile_stride(int64_t stride, int64_t d) {
+    return std::is_same_v<T, float> ? stride : d;
   }
 
   // The selected rows ids[0..n) of one (batch, kv head), converted into the scratch tile.
-  void gather_rows(const T* base, int64_t stride, const int64_t* ids, int64_t n,
-                   std::vector<float>& buf) const {
-    const int64_t d = p_.head_dim;
+  static void gather_rows(const T* base, int64_t stride, const int64_t* ids, int64_t n, int64_t d,
+                          std::vector<float>& buf) {
     for (int64_t t = 0; t < n; ++t) convert_row(base + ids[t] * stride, buf.data() + t * d, d);
   }
 
@@ -264,7 +263,7 @@ class DenseAttentionCpu {
       const float correction = exp_nonpositive(st.m - m_new);
       exp_shifted_inplace(w, visible, m_new);
       for (int64_t t = 0; t < visible; ++t) sum += w[t];
-      if (correction != 1.0f) scale_in_place(correction, acc, p_.head_dim);
+      if (correction != 1.0f) scale_in_place(correction, acc, p_.value_dim);
       st.l = st.l * correction + sum;
       st.m = m_new;
     } else {
@@ -276,12 +275,12 @@ class DenseAttentionCpu {
   }
 
   float* partial(int64_t unit, int64_t r) const {
-    return ws_ + (unit * plan_.rows_per_block + r) * (p_.head_dim + 2);
+    return ws_ + (unit * plan_.rows_per_block + r) * (p_.value_dim + 2);
   }
 
   void store_rows(int64_t unit, int64_t b, int64_t hkv, int64_t row0, int64_t nrows,
                   const Scratch& s) const {
-    const int64_t d = p_.head_dim;
+    const int64_t d = p_.value_dim;
     for (int64_t r = 0; r < nrows; ++r) {
       if (plan_.splits == 1) {
         write_row(b, hkv, row0 + r, s.state[r], s.acc.data() + r * d);
@@ -298,7 +297,7 @@ class DenseAttentionCpu {
     const int64_t group = p_.group();
     const int64_t qpos = row / group, h = hkv * group + row % group;
     const int64_t flat = (b * p_.heads_q + h) * p_.len_q + qpos;
-    finalize_row(p_, st, acc, out_ + flat * p_.head_dim, lse_ + flat);
+    finalize_row(p_, st, acc, out_ + flat * p_.value_dim, lse_ + flat);
   }
 
   const DenseAttentionProblem& p_;

@@ -30,9 +30,9 @@ struct DenseAttentionCudaPlan {
     return p.batch * p.heads_kv * row_blocks;
   }
   int64_t num_blocks(const DenseAttentionProblem& p) const { return num_row_groups(p) * splits; }
-  // Partial (m, l, acc[D]) per block and row, only when the keys are split.
+  // Partial (m, l, acc[Dv]) per block and row, only when the keys are split.
   int64_t workspace_floats(const DenseAttentionProblem& p) const {
-    return splits > 1 ? num_blocks(p) * rows_per_block * (p.head_dim + 2) : 0;
+    return splits > 1 ? num_blocks(p) * rows_per_block * (p.value_dim + 2) : 0;
   }
 };
 
@@ -56,7 +56,7 @@ struct DenseAttentionCudaArgs {
   DenseAttentionProblem problem;
   DType dtype = DType::kFloat32;
   // q, k, v: last dimension contiguous; k and v rows 16-byte aligned (see
-  // dense_attention_cuda_needs_copy). out (B, Hq, Lq, D) and lse (B, Hq, Lq) contiguous.
+  // dense_attention_cuda_needs_copy). out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) contiguous.
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -65,8 +65,8 @@ struct DenseAttentionCudaArgs {
   float* workspace = nullptr;  // plan.workspace_floats(problem) floats
 };
 
-// Head dims with compiled kernels.
-bool dense_attention_cuda_supports_head_dim(int64_t head_dim);
+// (head_dim, value width) pairs with compiled kernels.
+bool dense_attention_cuda_supports_dims(int64_t head_dim, int64_t value_dim);
 
 // Enqueues the kernels on `stream`. Throws std::invalid_argument for an unsupported
 // dtype/head_dim and std::runtime_error for a CUDA launch error.

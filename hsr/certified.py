@@ -38,13 +38,14 @@ def value_norm_bounds(v: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_problem(what, q, k, v, scale):
-    """Validates decode queries q (B, Hq, 1, D) against k, v (B, Hkv, n, D); returns
-    (B, Hq, Hkv, n, D, G, scale) with the scale resolved (1/sqrt(D) by default)."""
+    """Validates decode queries q (B, Hq, 1, D) against k (B, Hkv, n, D) and v (B, Hkv, n, Dv);
+    returns (B, Hq, Hkv, n, D, G, scale) with the scale resolved (1/sqrt(D) by default)."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"{what}: q must be (B, Hq, 1, D) decode queries, got {tuple(q.shape)}")
-    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"{what}: k and v must be (B, Hkv, n, D) matching q, got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] \
+            or k.shape[3] != q.shape[3]:
+        raise ValueError(f"{what}: k and v must be (B, Hkv, n, D) and (B, Hkv, n, Dv) matching q, got k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
     B, Hq, _, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .buffers import TokenBuffers
 from .certified import (certified_attention, relu_reported_attention, relu_sketch_attention, threshold_attention,
                         topk_attention, value_norm_bounds)
 from .index import HSRIndexBatch, KeyStats
@@ -121,12 +122,21 @@ class DecodeInfo:
     path: str = "sparse"
 
 
+class _KV(TokenBuffers):
+    _names = ("k", "v")
+
+
 class HSRKVCache:
+    """value_dim: the width of the values (head_dim by default); GTA caches value latents
+    wider than its keys (hsr.gta.GTAAttention.hsr_cache)."""
+
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device="cpu", leaf_size: int = 64, sketch: str = "int8", policy=None,
-                 scale: float | None = None, dense_fallback: bool = True, probe_every: int = 32):
+                 scale: float | None = None, dense_fallback: bool = True, probe_every: int = 32,
+                 value_dim: int | None = None):
+        value_dim = head_dim if value_dim is None else value_dim
         for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("leaf_size", leaf_size)):
+                            ("leaf_size", leaf_size), ("value_dim", value_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"HSRKVCache: {name} must be a positive integer, got {value!r}")
         if head_dim > 256:
@@ -146,7 +156,7 @@ class HSRKVCache:
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         if not math.isfinite(self.scale) or self.scale <= 0:
             raise ValueError(f"HSRKVCache: scale must be positive and finite, got {scale!r}")
-        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.batch, self.num_kv_heads, self.head_dim, self.value_dim = batch, num_kv_heads, head_dim, value_dim
         self.dtype, self.leaf_size, self.policy = dtype, leaf_size, policy
         self.sketch_bits = 8 if sketch == "int8" else 4
         self.dense_fallback, self.probe_every = bool(dense_fallback), probe_every
@@ -155,10 +165,8 @@ class HSRKVCache:
     def reset(self) -> None:
         """Forget every key."""
         shape = (self.batch, self.num_kv_heads, 0, self.head_dim)
-        # K and V buffers with room to grow (doubling), so an append does not copy the cache.
-        self._kbuf = torch.empty(shape, dtype=self.dtype)
-        self._vbuf = torch.empty(shape, dtype=self.dtype)
-        self._length = 0
+        self._kv = _KV(self.batch, ((self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.value_dim)),
+                       self.dtype, "cpu")
         self._indexed = 0
         self._index = HSRIndexBatch(batch=self.batch, heads=self.num_kv_heads, d=self.head_dim,
                                     leaf_size=self.leaf_size)
@@ -174,28 +182,26 @@ class HSRKVCache:
 
     @property
     def length(self) -> int:
-        return self._length
+        return self._kv.length
 
     @property
-    def _k(self) -> torch.Tensor:
-        return self._kbuf[:, :, :self._length]
+    def _length(self) -> int:
+        return self._kv.length
 
     @property
-    def _v(self) -> torch.Tensor:
-        return self._vbuf[:, :, :self._length]
+    def keys(self) -> torch.Tensor:
+        """Every key held, (B, Hkv, length, D), in arrival order (a view)."""
+        return self._kv._views()[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Every value held, (B, Hkv, length, value_dim), in arrival order (a view)."""
+        return self._kv._views()[1]
+
+    _k, _v = keys, values
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        need = self._length + k.shape[2]
-        if need > self._kbuf.shape[2]:
-            cap = max(need, 2 * self._kbuf.shape[2], 64)
-            grown = [torch.empty(self.batch, self.num_kv_heads, cap, self.head_dim, dtype=self.dtype)
-                     for _ in range(2)]
-            for new, old in zip(grown, (self._kbuf, self._vbuf)):
-                new[:, :, :self._length] = old[:, :, :self._length]
-            self._kbuf, self._vbuf = grown
-        self._kbuf[:, :, self._length:need] = k
-        self._vbuf[:, :, self._length:need] = v
-        self._length = need
+        self._kv._append(k, v)
 
     @property
     def indexed_length(self) -> int:
@@ -203,17 +209,17 @@ class HSRKVCache:
 
     def _check_kv(self, k, v, what, length=None):
         expect = (self.batch, self.num_kv_heads)
-        for name, t in (("k", k), ("v", v)):
+        for name, t, width in (("k", k, self.head_dim), ("v", v, self.value_dim)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:2]) != expect \
-                    or t.shape[3] != self.head_dim or (length is not None and t.shape[2] != length):
-                want = f"({self.batch}, {self.num_kv_heads}, {'L' if length is None else length}, {self.head_dim})"
+                    or t.shape[3] != width or (length is not None and t.shape[2] != length):
+                want = f"({self.batch}, {self.num_kv_heads}, {'L' if length is None else length}, {width})"
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"HSRKVCache.{what}: {name} must be {want}, got {got}")
             if t.dtype != self.dtype or t.device.type != "cpu":
                 raise ValueError(f"HSRKVCache.{what}: {name} must be a CPU {self.dtype} tensor, got "
                                  f"{t.dtype} on {t.device}")
-        if k.shape != v.shape:
-            raise ValueError(f"HSRKVCache.{what}: k and v must have the same shape")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"HSRKVCache.{what}: k and v must hold the same number of tokens")
         if k.numel() and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
             raise ValueError(f"HSRKVCache.{what}: k or v contains NaN or Inf")
 
@@ -307,13 +313,16 @@ class HSRKVCache:
 
     def _attend_dense(self, q):
         """Every key, read in full: exact (bounds 0)."""
-        B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
+        B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         out = attention(q, self._k, self._v, scale=self.scale, **self._dense_kwargs())
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
-        elem = self.dtype.itemsize
         info = (zeros, zeros.clone(), torch.full((B, Hq), self._length, dtype=torch.int64),
-                torch.full((B, Hkv), self._length, dtype=torch.int64), B * Hkv * self._length * 2 * D * elem)
+                torch.full((B, Hkv), self._length, dtype=torch.int64), B * Hkv * self._length * self._token_bytes())
         return out, info, None
+
+    def _token_bytes(self) -> int:
+        """Bytes of one key and its value in full precision (one kv head)."""
+        return (self.head_dim + self.value_dim) * self.dtype.itemsize
 
     def _selection_bytes(self, info) -> int:
         """Bytes the certified selection read: every key's sketch and value norm without the
@@ -352,12 +361,11 @@ class HSRKVCache:
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
         G = Hq // Hkv
         n_idx, tail = self._indexed, self._length - self._indexed
-        elem = self.dtype.itemsize
         mass = torch.zeros(B, Hq, dtype=torch.float64)
         error = torch.zeros(B, Hq, dtype=torch.float64)
         attended = torch.full((B, Hq), tail, dtype=torch.int64)
         read = torch.full((B, Hkv), tail, dtype=torch.int64)
-        bytes_read = B * Hkv * tail * 2 * D * elem
+        bytes_read = B * Hkv * tail * self._token_bytes()
         parts, selection = [], None
         softmax = isinstance(self.policy, (Softmax, TopK))
         k_tail, v_tail = self._k[:, :, n_idx:], self._v[:, :, n_idx:]
@@ -388,7 +396,7 @@ class HSRKVCache:
             keys = info.keys_selected if softmax else info.keys_reported
             attended += keys
             read += info.keys_read
-            bytes_read += int(info.keys_read.sum()) * 2 * D * elem
+            bytes_read += int(info.keys_read.sum()) * self._token_bytes()
             parts.append((out, info.lse.unsqueeze(-1)))
             selection = (info.offsets, info.ids, info.mask)
         if len(parts) == 1:

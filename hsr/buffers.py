@@ -1,0 +1,71 @@
+"""Per-token buffers that grow along the sequence: the storage of every cache in hsr."""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class TokenBuffers:
+    """Two (B, heads, length, width) tensors that grow together along length (doubling, so
+    an append does not copy what is held); subclasses name them in ``_names``."""
+
+    _names = ("first", "second")
+
+    def __init__(self, batch: int, shapes, dtype, device):
+        cls = type(self).__name__
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"{cls}: batch must be a positive integer, got {batch!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"{cls}: dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.batch, self.dtype, self.device = batch, dtype, torch.device(device)
+        self._shapes = shapes  # ((heads, width), (heads, width))
+        self._bufs = [torch.empty(batch, h, 0, w, dtype=dtype, device=self.device) for h, w in shapes]
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def _views(self):
+        return tuple(b[:, :, :self._length] for b in self._bufs)
+
+    def _append(self, *tensors) -> None:
+        cls = type(self).__name__
+        n = None
+        for name, t, (h, w) in zip(self._names, tensors, self._shapes):
+            want = (self.batch, h, w)
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{cls}.append: {name} must be ({self.batch}, {h}, L, {w}), got {got}")
+            if t.dtype != self.dtype or t.device != self.device:
+                raise ValueError(f"{cls}.append: {name} must be {self.dtype} on {self.device}, got {t.dtype} on "
+                                 f"{t.device}")
+            if n is not None and t.shape[2] != n:
+                raise ValueError(f"{cls}.append: {self._names[0]} and {name} must hold the same number of tokens")
+            n = t.shape[2]
+        need = self._length + n
+        if need > self._bufs[0].shape[2]:
+            cap = max(need, 2 * self._bufs[0].shape[2], 64)
+            grown = []
+            for old, (h, w) in zip(self._bufs, self._shapes):
+                new = torch.empty(self.batch, h, cap, w, dtype=self.dtype, device=self.device)
+                new[:, :, :self._length] = old[:, :, :self._length]
+                grown.append(new)
+            self._bufs = grown
+        for buf, t in zip(self._bufs, tensors):
+            buf[:, :, self._length:need] = t
+        self._length = need
+
+    def elements_per_token(self) -> int:
+        """Elements one token adds, all heads of the batch together."""
+        return self.batch * sum(h * w for h, w in self._shapes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of what is held (not of the spare capacity)."""
+        return self._length * self.elements_per_token() * self.dtype.itemsize
+
+    def reset(self) -> None:
+        self._length = 0

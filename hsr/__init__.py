@@ -14,7 +14,7 @@ from .index import (  # noqa: E402
     read_index,
     write_index,
 )
-from .ops import attention, merge_attention, sparse_attention  # noqa: E402
+from .ops import attention, gta_attention, merge_attention, sparse_attention  # noqa: E402
 from .sketch import KeySketch  # noqa: E402
 from .kvcache import DecodeInfo, HSRKVCache, ReLU, Softmax, TopK  # noqa: E402
 from .certified import (CertifiedInfo, ReportedInfo, certified_attention, fixed_set_attention,  # noqa: E402
@@ -25,7 +25,7 @@ built_with_torch = _build_info.TORCH_VERSION
 built_with_cuda = bool(_build_info.WITH_CUDA)
 
 __all__ = [
-    "attention", "sparse_attention", "merge_attention",
+    "attention", "sparse_attention", "merge_attention", "gta_attention",
     "certified_attention", "fixed_set_attention", "threshold_attention", "topk_attention", "CertifiedInfo",
     "relu_reported_attention", "relu_sketch_attention", "ReportedInfo",
     "HSRKVCache", "Softmax", "ReLU", "TopK", "DecodeInfo", "KeySketch",

@@ -29,12 +29,13 @@ from .config import GQAConfig, GTAConfig
 
 def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
     """Rotary position embedding of x (B, heads, L, d) at positions start .. start + L - 1,
-    over the full d (pairs (i, i + d/2), as Llama), computed in fp32."""
+    over the full d (pairs (i, i + d/2), as Llama), computed in fp32 (fp64 for fp64 x)."""
     d, length = x.shape[-1], x.shape[2]
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = torch.arange(start, start + length, device=x.device, dtype=torch.float32)[:, None] * inv
+    ct = torch.promote_types(x.dtype, torch.float32)
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=ct) / d)
+    angles = torch.arange(start, start + length, device=x.device, dtype=ct)[:, None] * inv
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
+    x1, x2 = x.to(ct)[..., : d // 2], x.to(ct)[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 

@@ -15,7 +15,7 @@ SMOKE_VENV := .venv-smoke
 GPU_PY ?= python3
 GPU_ARCHS ?= 90a
 
-.PHONY: all venv wheel install test test-fast wheel-smoke demo inplace bench-cpu gpu-check clean
+.PHONY: all venv wheel install test test-fast wheel-smoke demo inplace bench-cpu bench-gta train-tiny gpu-check clean
 
 all: test
 
@@ -60,6 +60,14 @@ demo: install
 
 bench-cpu: install
 	$(VPY) bench/bench_dense_cpu.py --json bench/results/dense_cpu.json --plot bench/results/dense_cpu.png
+
+# GTA: decode step vs GQA (1B shape), and the trained tiny-LM comparison (~15 min here).
+bench-gta: install
+	$(VPY) bench/bench_gta.py --json bench/results/gta_cpu.json --plot bench/results/gta_cpu.png
+
+train-tiny: install
+	$(VPY) -m hsr.cli corpus
+	$(VPY) bench/train_tiny.py --json bench/results/train_tiny.json --plot bench/results/train_tiny.png
 
 # In-place build for development: the library lands in hsr/, use PYTHONPATH=. to import it.
 inplace: $(VENV)/.deps

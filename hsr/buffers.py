@@ -28,10 +28,13 @@ class TokenBuffers:
     def length(self) -> int:
         return self._length
 
-    def _views(self):
+    def views(self):
+        """What is held: one (B, heads, length, width) view per buffer."""
         return tuple(b[:, :, :self._length] for b in self._bufs)
 
-    def _append(self, *tensors) -> None:
+    def append_tokens(self, *tensors) -> None:
+        """Appends one (B, heads, L, width) tensor per buffer; validated first, so bad
+        input raises and leaves the buffers unchanged."""
         cls = type(self).__name__
         n = None
         for name, t, (h, w) in zip(self._names, tensors, self._shapes):

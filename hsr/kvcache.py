@@ -191,17 +191,15 @@ class HSRKVCache:
     @property
     def keys(self) -> torch.Tensor:
         """Every key held, (B, Hkv, length, D), in arrival order (a view)."""
-        return self._kv._views()[0]
+        return self._kv.views()[0]
 
     @property
     def values(self) -> torch.Tensor:
         """Every value held, (B, Hkv, length, value_dim), in arrival order (a view)."""
-        return self._kv._views()[1]
-
-    _k, _v = keys, values
+        return self._kv.views()[1]
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._kv._append(k, v)
+        self._kv.append_tokens(k, v)
 
     @property
     def indexed_length(self) -> int:
@@ -245,14 +243,14 @@ class HSRKVCache:
         """Index, sketch and take value norms of the keys [indexed, end)."""
         if end <= self._indexed:
             return
-        k_new = self._k[:, :, self._indexed:end]
+        k_new = self.keys[:, :, self._indexed:end]
         self._index.add(k_new.float())
         new = KeySketch.from_keys(k_new, bits=self.sketch_bits)
         old = self._sketch
         self._sketch = KeySketch(torch.cat([old.codes, new.codes], 2), torch.cat([old.lo, new.lo], 2),
                                  torch.cat([old.delta, new.delta], 2), self.head_dim, self.sketch_bits,
                                  new.group)
-        new_norms = value_norm_bounds(self._v[:, :, self._indexed:end])
+        new_norms = value_norm_bounds(self.values[:, :, self._indexed:end])
         self._v_norms = torch.cat([self._v_norms, new_norms], 2)
         self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
         k64 = k_new.double()
@@ -314,7 +312,7 @@ class HSRKVCache:
     def _attend_dense(self, q):
         """Every key, read in full: exact (bounds 0)."""
         B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
-        out = attention(q, self._k, self._v, scale=self.scale, **self._dense_kwargs())
+        out = attention(q, self.keys, self.values, scale=self.scale, **self._dense_kwargs())
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
         info = (zeros, zeros.clone(), torch.full((B, Hq), self._length, dtype=torch.int64),
                 torch.full((B, Hkv), self._length, dtype=torch.int64), B * Hkv * self._length * self._token_bytes())
@@ -368,11 +366,11 @@ class HSRKVCache:
         bytes_read = B * Hkv * tail * self._token_bytes()
         parts, selection = [], None
         softmax = isinstance(self.policy, (Softmax, TopK))
-        k_tail, v_tail = self._k[:, :, n_idx:], self._v[:, :, n_idx:]
+        k_tail, v_tail = self.keys[:, :, n_idx:], self.values[:, :, n_idx:]
         if tail:
             parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True, **self._dense_kwargs()))
         if n_idx:
-            k_idx, v_idx = self._k[:, :, :n_idx], self._v[:, :, :n_idx]
+            k_idx, v_idx = self.keys[:, :, :n_idx], self.values[:, :, :n_idx]
             if softmax:
                 out, info = self._select_and_attend(q, k_idx, v_idx)
                 mass = info.mass_bound

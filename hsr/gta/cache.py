@@ -20,15 +20,15 @@ class GTACache(TokenBuffers):
         super().__init__(batch, ((num_k_heads, head_dim), (num_c_groups, latent_dim)), dtype, device)
 
     def append(self, k: torch.Tensor, c: torch.Tensor) -> None:
-        self._append(k, c)
+        self.append_tokens(k, c)
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._views()[0]
+        return self.views()[0]
 
     @property
     def latents(self) -> torch.Tensor:
-        return self._views()[1]
+        return self.views()[1]
 
 
 class KVCache(TokenBuffers):
@@ -40,12 +40,12 @@ class KVCache(TokenBuffers):
         super().__init__(batch, ((num_kv_heads, head_dim), (num_kv_heads, head_dim)), dtype, device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._append(k, v)
+        self.append_tokens(k, v)
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._views()[0]
+        return self.views()[0]
 
     @property
     def values(self) -> torch.Tensor:
-        return self._views()[1]
+        return self.views()[1]

@@ -103,7 +103,7 @@ class HSRLayer(CacheLayerMixin):
 
     def _expose_kv(self):
         """Points keys/values (what transformers may read off a layer) at the cache's K/V."""
-        self.keys, self.values = self.hsr._k, self.hsr._v
+        self.keys, self.values = self.hsr.keys, self.hsr.values
         return self.keys, self.values
 
     @property

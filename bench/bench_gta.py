@@ -8,6 +8,8 @@ One decode step of one attention layer at context L, batch B, bf16:
   cache read per token: 64 + 128 elements;
 - GQA (20 heads, 5 kv heads of 64): hsr.attention (hsr's dense decode) and torch SDPA
   (enable_gqa=True); cache read per token: 2 x 5 x 64 = 640 elements;
+- MLA (DeepSeek-V2 ratios: latent 256 + shared RoPE key 32 per token), decoded absorbed:
+  hsr.gta_attention with one query group per head over [c_kv, k_rope], then W_UV per head;
 - for reference, GTA's latent attention alone through torch SDPA (no decoder).
 The q/k/v/gate projections and W_O are not timed (the same kind of matmuls in both). Median
 of several runs; the caches are random (decode cost does not depend on the values).
@@ -25,7 +27,7 @@ from hsr.benchmarking import environment, format_table, median_ms_cpu, write_jso
 from hsr.gta import paper_configs
 
 
-def caches_for(batch, length, gta, gqa, dtype):
+def caches_for(batch, length, gta, gqa, mla, dtype):
     g = torch.Generator().manual_seed(batch)
 
     def rand(*shape):
@@ -33,25 +35,32 @@ def caches_for(batch, length, gta, gqa, dtype):
 
     return dict(
         k=rand(batch, gta.num_k_heads, length, gta.head_dim), c=rand(batch, gta.num_c_groups, length, gta.latent_dim),
-        kq=rand(batch, gqa.num_kv_heads, length, gqa.head_dim), vq=rand(batch, gqa.num_kv_heads, length, gqa.head_dim))
+        kq=rand(batch, gqa.num_kv_heads, length, gqa.head_dim), vq=rand(batch, gqa.num_kv_heads, length, gqa.head_dim),
+        mla=rand(batch, 1, length, mla.kv_cache_elements_per_token()))
 
 
-def bench_case(batch, length, store, gta, gqa, dtype, iters):
+def bench_case(batch, length, store, gta, gqa, mla, dtype, iters):
     g = torch.Generator().manual_seed(1)
     q_gta = torch.randn(batch, gta.num_q_groups, 1, gta.head_dim, generator=g).to(dtype)
     gate = torch.randn(batch, gta.num_heads, 1, gta.head_dim, generator=g).to(dtype)
     w_p = (torch.randn(gta.num_heads, gta.latent_dim, gta.head_dim, generator=g) / gta.latent_dim ** 0.5).to(dtype)
     q_gqa = torch.randn(batch, gqa.num_heads, 1, gqa.head_dim, generator=g).to(dtype)
+    q_mla = torch.randn(batch, mla.num_heads, 1, mla.kv_cache_elements_per_token(), generator=g).to(dtype)
+    w_uv = (torch.randn(mla.num_heads, mla.kv_rank, mla.v_head_dim, generator=g) / mla.kv_rank ** 0.5).to(dtype)
+    entries = store["mla"][:, :, :length]
     k, c = store["k"][:, :, :length], store["c"][:, :, :length]
     kq, vq = store["kq"][:, :, :length], store["vq"][:, :, :length]
     t_gta = median_ms_cpu(lambda: hsr.gta_attention(q_gta, k, c, w_p, gate), iters=iters)
     t_gqa = median_ms_cpu(lambda: hsr.attention(q_gqa, kq, vq), iters=iters)
     t_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q_gqa, kq, vq, enable_gqa=True), iters=iters)
+    mla_scale = (mla.qk_nope_dim + mla.rope_dim) ** -0.5
+    t_mla = median_ms_cpu(lambda: hsr.gta_attention(q_mla, entries, entries[..., :mla.kv_rank], w_uv,
+                                                    scale=mla_scale), iters=iters)
     t_gta_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q_gta, k, c, enable_gqa=True), iters=iters)
     elem = torch.tensor([], dtype=dtype).element_size()
     gta_bytes = batch * length * gta.kv_cache_elements_per_token() * elem
     gqa_bytes = batch * length * gqa.kv_cache_elements_per_token() * elem
-    return dict(batch=batch, context=length, gta_ms=t_gta, gqa_hsr_ms=t_gqa, gqa_sdpa_ms=t_sdpa,
+    return dict(batch=batch, context=length, gta_ms=t_gta, gqa_hsr_ms=t_gqa, gqa_sdpa_ms=t_sdpa, mla_ms=t_mla,
                 gta_sdpa_latent_ms=t_gta_sdpa, gta_over_gqa=t_gta / t_gqa, gta_over_gqa_sdpa=t_gta / t_sdpa,
                 gta_bytes=gta_bytes, gqa_bytes=gqa_bytes, byte_ratio=gta_bytes / gqa_bytes,
                 gta_gbps=gta_bytes / t_gta / 1e6, gqa_gbps=gqa_bytes / t_gqa / 1e6)
@@ -91,26 +100,27 @@ def main():
     args = ap.parse_args()
 
     cfgs = paper_configs("1B")
-    gta, gqa = cfgs["GTA"], cfgs["GQA"]
+    gta, gqa, mla = cfgs["GTA"], cfgs["GQA"], cfgs["MLA"]
     dtype = torch.bfloat16
     rows = []
     for batch in args.batches:
         fits = [n for n in args.contexts if batch * n * gqa.kv_cache_elements_per_token() * 2 <= args.max_gqa_gib * 2**30]
         if not fits:
             continue
-        store = caches_for(batch, max(fits), gta, gqa, dtype)
+        store = caches_for(batch, max(fits), gta, gqa, mla, dtype)
         for length in fits:
-            rows.append(bench_case(batch, length, store, gta, gqa, dtype, args.iters))
+            rows.append(bench_case(batch, length, store, gta, gqa, mla, dtype, args.iters))
             print(rows[-1], flush=True)
         del store
     print(format_table(rows, [
         ("batch", "B", "d"), ("context", "context", "d"), ("gta_ms", "GTA ms", ".2f"), ("gqa_hsr_ms", "GQA hsr ms", ".2f"),
-        ("gqa_sdpa_ms", "GQA SDPA ms", ".2f"), ("gta_over_gqa", "GTA/GQA hsr", ".2f"),
+        ("gqa_sdpa_ms", "GQA SDPA ms", ".2f"), ("mla_ms", "MLA ms", ".2f"), ("gta_over_gqa", "GTA/GQA hsr", ".2f"),
         ("gta_over_gqa_sdpa", "GTA/GQA SDPA", ".2f"), ("byte_ratio", "bytes ratio", ".2f"),
         ("gta_gbps", "GTA GB/s", ".1f"), ("gqa_gbps", "GQA GB/s", ".1f")]))
     if args.json:
         write_json(args.json, {"benchmark": "GTA vs GQA decode step, 1B shape, CPU", "environment": environment("cpu"),
-                               "gta": vars(gta), "gqa": vars(gqa), "dtype": "bfloat16", "rows": rows})
+                               "gta": vars(gta), "gqa": vars(gqa), "mla": vars(mla), "dtype": "bfloat16",
+                               "rows": rows})
     if args.plot:
         plot(rows, args.plot)
 

@@ -41,11 +41,11 @@ def load_bytes(holdout: float = 0.1):
     return torch.cat(train), torch.cat(held)
 
 
-def batches(data, steps, batch, seq, seed):
+def batches(data, steps, batch, seq, seed, device):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
-        yield torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
+        yield torch.stack([data[s:s + seq + 1] for s in starts.tolist()]).to(device)
 
 
 def lr_at(step, steps, peak, warmup):
@@ -58,7 +58,7 @@ def train(model, data, args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     curve = []
     start = time.perf_counter()
-    for step, xy in enumerate(batches(data, args.steps, args.batch, args.seq, args.seed)):
+    for step, xy in enumerate(batches(data, args.steps, args.batch, args.seq, args.seed, args.device)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss = F.cross_entropy(model(xy[:, :-1]).flatten(0, 1), xy[:, 1:].flatten())
@@ -73,12 +73,12 @@ def train(model, data, args):
 
 
 @torch.no_grad()
-def evaluate(model, data, seq, windows):
+def evaluate(model, data, seq, windows, device):
     """Mean next-byte cross entropy (nats) over `windows` evenly spaced held-out windows."""
     starts = torch.linspace(0, len(data) - seq - 2, windows).long().tolist()
     total = 0.0
     for s in starts:
-        xy = data[s:s + seq + 1].unsqueeze(0)
+        xy = data[s:s + seq + 1].unsqueeze(0).to(device)
         total += float(F.cross_entropy(model(xy[:, :-1]).flatten(0, 1), xy[:, 1:].flatten()))
     return total / len(starts)
 
@@ -92,6 +92,8 @@ def decode_run(model, prompt, steps, caches):
     for i in range(prompt.shape[1] - steps, prompt.shape[1]):
         t = time.perf_counter()
         out = model(prompt[:, i:i + 1], caches)
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
         logits.append(out[0, -1])
     times.sort()
@@ -113,6 +115,7 @@ def main():
     ap.add_argument("--decode-context", type=int, default=2048)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--eps", type=float, default=1e-3, help="certified softmax eps of GTA's HSR decode")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (HSR decode columns are CPU-only)")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
@@ -121,17 +124,17 @@ def main():
     print(f"train {len(train_data)} bytes, eval {len(eval_data)} bytes", flush=True)
     base = TinyLMConfig(attention="mha", hidden_size=args.hidden, num_layers=args.layers)
     budget = TinyLM(base).num_parameters()
-    prompt = eval_data[:args.decode_context + args.decode_steps].unsqueeze(0)
+    prompt = eval_data[:args.decode_context + args.decode_steps].unsqueeze(0).to(args.device)
     rows, curves = [], {}
     for variant in args.variants:
         cfg = matched_ffn_size(TinyLMConfig(attention=variant, hidden_size=args.hidden, num_layers=args.layers),
                                budget)
         torch.manual_seed(args.seed)
-        model = TinyLM(cfg)
+        model = TinyLM(cfg).to(args.device)
         print(f"{variant}: {model.num_parameters()} parameters, ffn {cfg.ffn_size}", flush=True)
         curve, seconds = train(model, train_data, args)
         model.eval()
-        loss = evaluate(model, eval_data, args.seq, args.eval_windows)
+        loss = evaluate(model, eval_data, args.seq, args.eval_windows, args.device)
         ms, dense_logits = decode_run(model, prompt, args.decode_steps, model.new_caches(1))
         caches = model.new_caches(1)
         model(prompt, caches)
@@ -140,7 +143,7 @@ def main():
                    cache_kib=sum(c.nbytes for c in caches) / 1024, context=prompt.shape[1],
                    eval_loss=loss, eval_ppl=math.exp(loss), bits_per_byte=loss / math.log(2),
                    train_seconds=seconds, decode_ms=ms)
-        if variant in ("gta", "relu"):
+        if variant in ("gta", "relu") and args.device == "cpu":
             # The sparse path on every step (no timed dense fallback), so the fraction read is the
             # selection's own.
             kw = dict(dense_fallback=False)
@@ -167,7 +170,7 @@ def main():
         ("hsr_decode_ms", "HSR ms", ".2f"), ("hsr_keys_read", "HSR keys read", ".3f")]))
     if args.json:
         write_json(args.json, {"benchmark": "tiny LM, attention variants, equal parameters", "environment":
-                               environment("cpu"), "args": vars(args), "rows": rows, "curves": curves})
+                               environment(args.device), "args": vars(args), "rows": rows, "curves": curves})
     if args.plot:
         import matplotlib
 

@@ -8,10 +8,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class TokenBuffers:
-    """Two (B, heads, length, width) tensors that grow together along length (doubling, so
-    an append does not copy what is held); subclasses name them in ``_names``."""
+    """(B, heads, length, width) tensors that grow together along length (doubling, so an
+    append does not copy what is held); subclasses name them in ``_names``, one name per
+    (heads, width) in ``shapes``."""
 
-    _names = ("first", "second")
+    _names: tuple = ()
 
     def __init__(self, batch: int, shapes, dtype, device):
         cls = type(self).__name__
@@ -20,7 +21,9 @@ class TokenBuffers:
         if dtype not in _DTYPES:
             raise ValueError(f"{cls}: dtype must be float32, float16 or bfloat16, got {dtype}")
         self.batch, self.dtype, self.device = batch, dtype, torch.device(device)
-        self._shapes = shapes  # ((heads, width), (heads, width))
+        if len(shapes) != len(self._names):
+            raise ValueError(f"{cls}: one (heads, width) per buffer {self._names}, got {shapes}")
+        self._shapes = shapes
         self._bufs = [torch.empty(batch, h, 0, w, dtype=dtype, device=self.device) for h, w in shapes]
         self._length = 0
 

@@ -1,7 +1,7 @@
 """A tiny decoder-only language model whose attention is chosen by name, for comparing GTA
 with MHA and GQA (and ReLU^alpha attention) at equal parameter budgets on real text.
 
-    cfg = TinyLMConfig(attention="gta")          # "mha" | "gqa" | "gta" | "relu"
+    cfg = TinyLMConfig(attention="gta")          # "mha" | "gqa" | "mla" | "gta" | "relu"
     model = TinyLM(cfg)
     logits = model(ids)                          # ids (B, L) int64 -> (B, L, vocab), training
     caches = model.new_caches(batch)             # one per layer (hsr.gta caches)
@@ -21,17 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gta import GQAAttention, GQAConfig, GTAAttention, GTAConfig, KVCache, causal_mask
+from .gta import GQAAttention, GQAConfig, GTAAttention, GTAConfig, KVCache, MLAAttention, MLAConfig, causal_mask
 from .ops import attention as hsr_attention
 
-ATTENTIONS = ("mha", "gqa", "gta", "relu")
+ATTENTIONS = ("mha", "gqa", "mla", "gta", "relu")
 
 
 @dataclass(frozen=True)
 class TinyLMConfig:
-    """attention: "mha" (num_heads kv heads), "gqa" (kv_heads), "gta" (q_groups query
-    groups, one key head, one latent of latent_dim) or "relu" (GQA-shaped, ReLU^relu_alpha
-    scores with a learned bias per layer, normalised)."""
+    """attention: "mha" (num_heads kv heads), "gqa" (kv_heads), "mla" (a latent of
+    mla_rank and a shared RoPE key of mla_rope_dim), "gta" (q_groups query groups, one key
+    head, one latent of latent_dim) or "relu" (GQA-shaped, ReLU^relu_alpha scores with a
+    learned bias per layer, normalised)."""
 
     attention: str = "gta"
     vocab_size: int = 256
@@ -44,12 +45,14 @@ class TinyLMConfig:
     latent_dim: int = 32
     ffn_size: int = 384
     relu_alpha: int = 2
+    mla_rank: int = 32
+    mla_rope_dim: int = 8
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"TinyLMConfig: attention must be one of {ATTENTIONS}, got {self.attention!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "kv_heads", "q_groups",
-                     "latent_dim", "ffn_size", "relu_alpha"):
+                     "latent_dim", "ffn_size", "relu_alpha", "mla_rank", "mla_rope_dim"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TinyLMConfig: {name} must be a positive integer, got {v!r}")
@@ -61,6 +64,8 @@ class TinyLMConfig:
             return GQAConfig(h, n, n, d)
         if self.attention in ("gqa", "relu"):
             return GQAConfig(h, n, self.kv_heads, d)
+        if self.attention == "mla":
+            return MLAConfig(h, n, self.mla_rank, d, self.mla_rope_dim, d)
         return GTAConfig(h, n, self.q_groups, 1, 1, d, self.latent_dim)
 
     def kv_cache_elements_per_token(self) -> int:
@@ -141,6 +146,8 @@ class Block(nn.Module):
             self.attn = GTAAttention(acfg)
         elif cfg.attention == "relu":
             self.attn = ReLUAttention(acfg, cfg.relu_alpha)
+        elif cfg.attention == "mla":
+            self.attn = MLAAttention(acfg)
         else:
             self.attn = GQAAttention(acfg)
         self.norm1, self.norm2 = RMSNorm(cfg.hidden_size), RMSNorm(cfg.hidden_size)

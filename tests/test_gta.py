@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import hsr
-from hsr.gta import (GQAAttention, GQAConfig, GTAAttention, GTACache, GTAConfig, KVCache, MHAConfig,
-                     accounting_table, paper_configs)
+from hsr.gta import (GQAAttention, GQAConfig, GTAAttention, GTACache, GTAConfig, KVCache, MHAConfig, MLAAttention,
+                     MLACache, MLAConfig, accounting_table, paper_configs)
 from hsr.models import ATTENTIONS, TinyLM, TinyLMConfig, matched_ffn_size
 from reference import attention_ref
 
@@ -29,12 +29,15 @@ def test_paper_1b_accounting():
     assert gta.attention_flops(1000) == 960 * 10 ** 6
     assert 1 - 192 / 640 == pytest.approx(0.70) and 1 - 960 / 2560 == pytest.approx(0.625)
     assert cfgs["MHA"].kv_cache_elements_per_token() == 2 * 20 * 64
+    mla = cfgs["MLA"]  # DeepSeek-V2 ratios: latent 4 d_h, shared RoPE key d_h / 2; absorbed decode
+    assert mla.kv_cache_elements_per_token() == 256 + 32
+    assert mla.attention_flops(1) == 20 * (256 + 32 + 256)
 
 
 def test_accounting_table_rows():
     rows = accounting_table()
     assert {(r["shape"], r["attention"]) for r in rows} == {(s, a) for s in ("160M", "500M", "1B")
-                                                          for a in ("MHA", "GQA", "GTA")}
+                                                          for a in ("MHA", "GQA", "MLA", "GTA")}
     for r in rows:
         assert r["kv_vs_gqa"] > 0 and r["flops_vs_gqa"] > 0
         if r["attention"] == "GTA":
@@ -43,7 +46,7 @@ def test_accounting_table_rows():
 
 def test_attention_params_match_the_modules():
     for cfg, cls in ((GTAConfig(64, 8, 4, 2, 1, 16, 32), GTAAttention), (GQAConfig(64, 8, 2, 16), GQAAttention),
-                     (MHAConfig(64, 4, 16), GQAAttention)):
+                     (MHAConfig(64, 4, 16), GQAAttention), (MLAConfig(64, 4, 24, 16, 8, 12), MLAAttention)):
         assert sum(p.numel() for p in cls(cfg).parameters()) == cfg.attention_params()
 
 
@@ -71,6 +74,10 @@ def test_bad_gqa_configs_are_rejected():
         GTAAttention(GQAConfig(64, 8, 2, 16))
     with pytest.raises(ValueError, match="one of"):
         paper_configs("7B")
+    with pytest.raises(ValueError, match="rope_dim must be even"):
+        MLAConfig(64, 4, 24, 16, 7, 12)
+    with pytest.raises(ValueError, match="kv_rank must be a positive integer"):
+        MLAConfig(64, 4, 0, 16, 8, 12)
 
 
 # ---------------------------------------------------------------- the kernel
@@ -179,6 +186,7 @@ MODULE_CASES = {
     "gta_nk1_nc3": lambda: GTAAttention(gta_cfg(num_c_groups=3)),
     "gqa": lambda: GQAAttention(GQAConfig(48, 6, 2, 8)),
     "mha": lambda: GQAAttention(MHAConfig(48, 6, 8)),
+    "mla": lambda: MLAAttention(MLAConfig(48, 6, 20, 8, 4, 10)),
 }
 
 
@@ -230,7 +238,7 @@ def test_rope_is_applied_at_the_cache_positions():
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("name", ["gta", "gqa"])
+@pytest.mark.parametrize("name", ["gta", "gqa", "mla"])
 def test_cache_path_with_autograd_runs_in_torch(name):
     torch.manual_seed(2)
     m = MODULE_CASES[name]()
@@ -254,6 +262,30 @@ def test_gta_gradcheck():
         return torch.func.functional_call(m, {**params, "w_p": w_p, "g_proj.weight": g_w, "k_proj.weight": k_w},
                                           (x.detach(),))
     assert torch.autograd.gradcheck(as_function, (params["w_p"], params["g_proj.weight"], params["k_proj.weight"]))
+
+
+def test_mla_gradcheck():
+    torch.manual_seed(5)
+    m = MLAAttention(MLAConfig(8, 2, 6, 4, 2, 3)).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: m(t), (x,))
+
+
+def test_mla_cache_holds_latent_and_rope_key():
+    torch.manual_seed(6)
+    m = MLAAttention(MLAConfig(48, 6, 20, 8, 4, 10))
+    x = torch.randn(2, 7, 48)
+    with torch.no_grad():
+        cache = m.new_cache(2)
+        m(x, cache=cache)
+        _, _, c_kv, k_rope = m.project(x, 0)
+    assert isinstance(cache, MLACache) and cache.entries.shape == (2, 1, 7, 24)
+    torch.testing.assert_close(cache.latents, c_kv)
+    torch.testing.assert_close(cache.entries[..., 20:], k_rope)
+    assert cache.nbytes == 7 * 2 * 24 * 4
+    with pytest.raises(ValueError, match="k_rope must be"):
+        cache.append(c_kv[:, :, :1], k_rope[:, :, :2])
+    assert cache.length == 7
 
 
 def test_gqa_gradcheck():
@@ -388,7 +420,7 @@ def test_tiny_lm_trains():
 
 def test_tiny_lm_bad_inputs():
     with pytest.raises(ValueError, match="attention must be one of"):
-        TinyLMConfig(attention="mla")
+        TinyLMConfig(attention="linear")
     with pytest.raises(ValueError, match="latent_dim"):
         TinyLMConfig(attention="gta", latent_dim=4, head_dim=16)
     model = TinyLM(small_lm("gqa"))

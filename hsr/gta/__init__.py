@@ -1,11 +1,12 @@
 """GTA, Grouped-head latenT Attention (arXiv 2506.17286): configs with their accounting,
-modules (GTA and the MHA/GQA baselines), compressed caches. Kernels: hsr.gta_attention."""
+modules (GTA and the MHA/GQA/MLA baselines), compressed caches. Kernels: hsr.gta_attention."""
 
-from .cache import GTACache, KVCache
-from .config import PAPER_SHAPES, GQAConfig, GTAConfig, MHAConfig, accounting_table, paper_configs
-from .modules import GQAAttention, GTAAttention, causal_mask, grouped_attention, rope
+from .cache import GTACache, KVCache, MLACache
+from .config import PAPER_SHAPES, GQAConfig, GTAConfig, MHAConfig, MLAConfig, accounting_table, paper_configs
+from .modules import GQAAttention, GTAAttention, MLAAttention, causal_mask, grouped_attention, rope
 
 __all__ = [
-    "GTAConfig", "GQAConfig", "MHAConfig", "PAPER_SHAPES", "paper_configs", "accounting_table",
-    "GTAAttention", "GQAAttention", "GTACache", "KVCache", "rope", "causal_mask", "grouped_attention",
+    "GTAConfig", "GQAConfig", "MHAConfig", "MLAConfig", "PAPER_SHAPES", "paper_configs", "accounting_table",
+    "GTAAttention", "GQAAttention", "MLAAttention", "GTACache", "KVCache", "MLACache", "rope", "causal_mask",
+    "grouped_attention",
 ]

@@ -49,3 +49,33 @@ class KVCache(TokenBuffers):
     @property
     def values(self) -> torch.Tensor:
         return self.views()[1]
+
+
+class MLACache(TokenBuffers):
+    """One MLA layer's cache: per token the latent c_kv (kv_rank) and the shared post-RoPE
+    key k_rope (rope_dim), stored side by side as one (B, 1, L, kv_rank + rope_dim) tensor so
+    that absorbed decoding reads it as its keys and its first kv_rank columns as its values."""
+
+    _names = ("latent",)
+
+    def __init__(self, batch: int, kv_rank: int, rope_dim: int, *, dtype=torch.float32, device="cpu"):
+        super().__init__(batch, ((1, kv_rank + rope_dim),), dtype, device)
+        self.kv_rank, self.rope_dim = kv_rank, rope_dim
+
+    def append(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+        for name, t, width in (("c_kv", c_kv, self.kv_rank), ("k_rope", k_rope, self.rope_dim)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:2]) != (self.batch, 1) \
+                    or t.shape[3] != width or t.shape[2] != c_kv.shape[2]:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"MLACache.append: {name} must be ({self.batch}, 1, L, {width}) with the L of c_kv, "
+                                 f"got {got}")
+        self.append_tokens(torch.cat([c_kv, k_rope.to(c_kv.dtype)], -1))
+
+    @property
+    def entries(self) -> torch.Tensor:
+        """(B, 1, L, kv_rank + rope_dim): [c_kv, k_rope] per token."""
+        return self.views()[0]
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.views()[0][..., :self.kv_rank]

@@ -110,6 +110,44 @@ class GQAConfig:
         return 2 * h * self.num_heads * d + 2 * h * self.num_kv_heads * d
 
 
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2), the other latent-cache baseline: per token
+    the cache holds one latent c_kv of kv_rank and one shared RoPE key of rope_dim; head i
+    scores q_nope_i . (c_kv W_UK,i) + q_rope_i . k_rope over qk_nope_dim + rope_dim and reads
+    values c_kv W_UV,i of v_head_dim. Decoding runs absorbed (q_nope_i W_UK,i^T against the
+    cached latent, W_UV after attention), so the accounting counts that form:
+    attention_flops(N) = N^2 n_h ((kv_rank + rope_dim) + kv_rank)."""
+
+    hidden_size: int
+    num_heads: int
+    kv_rank: int
+    qk_nope_dim: int
+    rope_dim: int
+    v_head_dim: int
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        cls = "MLAConfig"
+        for name in ("hidden_size", "num_heads", "kv_rank", "qk_nope_dim", "rope_dim", "v_head_dim"):
+            _positive_int(cls, name, getattr(self, name))
+        if self.rope_dim % 2:
+            raise ValueError(f"{cls}: rope_dim must be even for RoPE, got {self.rope_dim}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"{cls}: rope_theta must be positive, got {self.rope_theta!r}")
+
+    def kv_cache_elements_per_token(self) -> int:
+        return self.kv_rank + self.rope_dim
+
+    def attention_flops(self, n: int) -> int:
+        return n * n * self.num_heads * (2 * self.kv_rank + self.rope_dim)
+
+    def attention_params(self) -> int:
+        h, n = self.hidden_size, self.num_heads
+        return (h * n * (self.qk_nope_dim + self.rope_dim) + h * self.kv_rank + h * self.rope_dim
+                + n * self.kv_rank * (self.qk_nope_dim + self.v_head_dim) + n * self.v_head_dim * h)
+
+
 def MHAConfig(hidden_size: int, num_heads: int, head_dim: int, rope_theta: float = 10000.0) -> GQAConfig:
     """Multi-head attention: GQA with one key/value head per query head."""
     return GQAConfig(hidden_size, num_heads, num_heads, head_dim, rope_theta)
@@ -118,6 +156,7 @@ def MHAConfig(hidden_size: int, num_heads: int, head_dim: int, rope_theta: float
 # The 1B shape is the paper's (DESIGN 1). The 160M and 500M rows follow the same recipe
 # (d_h 64, heads in query groups of 4, one key head, one latent of 2 d_h, GQA with one kv
 # head per query group); the paper's exact 160M/500M dimensions were not available offline.
+# MLA follows DeepSeek-V2's ratios: kv_rank 4 d_h, a shared RoPE key of d_h / 2.
 PAPER_SHAPES = {
     "160M": dict(hidden_size=768, num_heads=12, num_q_groups=3, head_dim=64),
     "500M": dict(hidden_size=1024, num_heads=16, num_q_groups=4, head_dim=64),
@@ -126,7 +165,7 @@ PAPER_SHAPES = {
 
 
 def paper_configs(name: str) -> dict:
-    """{"MHA": ..., "GQA": ..., "GTA": ...} configs of one of PAPER_SHAPES."""
+    """{"MHA": ..., "GQA": ..., "MLA": ..., "GTA": ...} configs of one of PAPER_SHAPES."""
     if name not in PAPER_SHAPES:
         raise ValueError(f"paper_configs: name must be one of {sorted(PAPER_SHAPES)}, got {name!r}")
     s = PAPER_SHAPES[name]
@@ -134,6 +173,7 @@ def paper_configs(name: str) -> dict:
     return {
         "MHA": MHAConfig(h, n, d),
         "GQA": GQAConfig(h, n, g, d),
+        "MLA": MLAConfig(h, n, 4 * d, d, d // 2, d),
         "GTA": GTAConfig(h, n, g, 1, 1, d, 2 * d),
     }
 

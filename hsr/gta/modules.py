@@ -1,6 +1,7 @@
 """GTA and its baselines as nn.Modules with one interface:
 
-    attn = GTAAttention(cfg)              # or GQAAttention(cfg) (MHA: GQAAttention(MHAConfig(...)))
+    attn = GTAAttention(cfg)              # or GQAAttention(cfg) (MHA: GQAAttention(MHAConfig(...))),
+                                          # MLAAttention(cfg)
     y = attn(x)                           # training: x (B, L, H), full causal sequence, autograd
     cache = attn.new_cache(batch)         # GTACache / KVCache in the module's dtype and device
     y = attn(x_prompt, cache=cache)       # prefill: appends, attends causally to the cache
@@ -23,8 +24,8 @@ from torch import nn
 
 from ..ops import attention as hsr_attention
 from ..ops import gta_attention as hsr_gta_attention
-from .cache import GTACache, KVCache
-from .config import GQAConfig, GTAConfig
+from .cache import GTACache, KVCache, MLACache
+from .config import GQAConfig, GTAConfig, MLAConfig
 
 
 def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
@@ -47,17 +48,18 @@ def causal_mask(len_q: int, len_k: int, device) -> torch.Tensor:
     return j <= i + (len_k - len_q)
 
 
-def grouped_attention(q, k, v):
+def grouped_attention(q, k, v, scale=None):
     """Softmax attention in torch (autograd), causal with the last query aligned to the last
     key: q (B, Hq, Lq, d), k (B, Hk, Lk, d), v (B, Hv, Lk, dv) with Hk and Hv dividing Hq
-    (query head h reads key head h // (Hq / Hk) and value head h // (Hq / Hv))."""
+    (query head h reads key head h // (Hq / Hk) and value head h // (Hq / Hv)); scale
+    defaults to 1/sqrt(d)."""
     hq = q.shape[1]
     k = k.repeat_interleave(hq // k.shape[1], dim=1)
     v = v.repeat_interleave(hq // v.shape[1], dim=1)
     lq, lk = q.shape[2], k.shape[2]
     if lq == lk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(lq, lk, q.device))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(lq, lk, q.device), scale=scale)
 
 
 def _use_kernels(module: nn.Module) -> bool:
@@ -211,3 +213,64 @@ class GQAAttention(nn.Module):
             else:
                 o = grouped_attention(q, cache.keys, cache.values)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, c.num_heads * c.head_dim))
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2) with GTAAttention's interface, the
+    latent-cache baseline: training expands the latent into per-head keys and values;
+    decoding runs absorbed: q_nope_i W_UK,i^T and q_rope_i against the cached [c_kv, k_rope]
+    (hsr.gta_attention with one query group per head), then W_UV,i per head."""
+
+    def __init__(self, config: MLAConfig, *, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, MLAConfig):
+            raise ValueError(f"MLAAttention: config must be an MLAConfig, got {type(config).__name__}")
+        self.config = c = config
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * (c.qk_nope_dim + c.rope_dim), **kw)
+        self.kv_down = nn.Linear(c.hidden_size, c.kv_rank, **kw)
+        self.k_rope_proj = nn.Linear(c.hidden_size, c.rope_dim, **kw)
+        self.w_uk = nn.Parameter(torch.empty(c.num_heads, c.kv_rank, c.qk_nope_dim, device=device, dtype=dtype))
+        self.w_uv = nn.Parameter(torch.empty(c.num_heads, c.kv_rank, c.v_head_dim, device=device, dtype=dtype))
+        self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, **kw)
+        nn.init.normal_(self.w_uk, std=1.0 / math.sqrt(c.kv_rank))
+        nn.init.normal_(self.w_uv, std=1.0 / math.sqrt(c.kv_rank))
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.config.qk_nope_dim + self.config.rope_dim)
+
+    def new_cache(self, batch: int) -> MLACache:
+        c, p = self.config, self.o_proj.weight
+        return MLACache(batch, c.kv_rank, c.rope_dim, dtype=p.dtype, device=p.device)
+
+    def project(self, x: torch.Tensor, start: int):
+        """q_nope (B, n_h, L, nope), q_rope (B, n_h, L, rope) after RoPE, the latent c_kv
+        (B, 1, L, kv_rank) and the shared k_rope (B, 1, L, rope) after RoPE."""
+        c = self.config
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, c.num_heads, c.qk_nope_dim + c.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q[..., :c.qk_nope_dim], rope(q[..., c.qk_nope_dim:], start, c.rope_theta)
+        c_kv = self.kv_down(x).unsqueeze(1)
+        k_rope = rope(self.k_rope_proj(x).unsqueeze(1), start, c.rope_theta)
+        return q_nope, q_rope, c_kv, k_rope
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        _check_input("MLAAttention", self, x, cache, (MLACache,))
+        c = self.config
+        B, L, _ = x.shape
+        q_nope, q_rope, c_kv, k_rope = self.project(x, 0 if cache is None else cache.length)
+        if cache is None:
+            k = torch.cat([torch.matmul(c_kv, self.w_uk), k_rope.expand(-1, c.num_heads, -1, -1)], -1)
+            v = torch.matmul(c_kv, self.w_uv)
+            o = grouped_attention(torch.cat([q_nope, q_rope], -1), k, v, scale=self.scale)
+        else:
+            cache.append(c_kv, k_rope)
+            q = torch.cat([torch.matmul(q_nope, self.w_uk.transpose(-1, -2)), q_rope], -1)
+            if _use_kernels(self):
+                o = hsr_gta_attention(q, cache.entries, cache.latents, self.w_uv, None, scale=self.scale,
+                                      causal=True)
+            else:
+                z = grouped_attention(q, cache.entries, cache.latents, scale=self.scale)
+                o = torch.matmul(z, self.w_uv)
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, c.num_heads * c.v_head_dim))

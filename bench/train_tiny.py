@@ -67,8 +67,8 @@ def train(model, data, args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 20 == 0 or step == args.steps - 1:
-            curve.append((step, float(loss)))
-            print(f"  step {step:4d} loss {float(loss):.4f}", flush=True)
+            curve.append((step, loss.item()))
+            print(f"  step {step:4d} loss {loss.item():.4f}", flush=True)
     return curve, time.perf_counter() - start
 
 

@@ -29,6 +29,27 @@ double log_add_up(double a, double b) {
   return hi + std::log1p(std::exp(lo - hi)) * (1.0 + 1e-12) + std::fabs(hi) * 1e-15;
 }
 
+// Per-bin bounds of e^{x - top} for the histogram, so that filling it costs no exp per key:
+// a logit x in bin j (top - x in [j, j + 1) / per_logit) has e^{x - top} <= upper[j] =
+// e^{-j / per_logit} and >= lower[j] = e^{-(j + 1) / per_logit}; the deepest bin holds
+// everything below kSelectDepth (upper e^{-kSelectDepth}, lower 0). Widened by far more than
+// the exp's and the bin arithmetic's rounding.
+struct BinBounds {
+  std::vector<double> upper, lower;
+  BinBounds() : upper(kSelectBins + 1), lower(kSelectBins + 1, 0.0) {
+    const double per_logit = kSelectBins / kSelectDepth;
+    for (int32_t j = 0; j <= kSelectBins; ++j) {
+      upper[j] = std::exp(-j / per_logit) * (1.0 + 1e-12);
+      if (j < kSelectBins) lower[j] = std::exp(-(j + 1) / per_logit) * (1.0 - 1e-12);
+    }
+  }
+};
+
+const BinBounds& bin_bounds() {
+  static const BinBounds bounds;
+  return bounds;
+}
+
 RowSelection select_row(const float* estimate, const float* radius, const float* v_norms, int64_t n,
                         double scale, double eps, bool* chosen, const LeftOut& before) {
   RowSelection out{before.log_mass, before.v_max, 0.0, 0};
@@ -39,15 +60,19 @@ RowSelection select_row(const float* estimate, const float* radius, const float*
   std::vector<int32_t> bin_of(size_t(n), 0);
   int32_t last = kSelectBins;
   if (eps > 0.0) {
+    // The cut is chosen from bin bounds (no exp per key); the mass finally reported as left
+    // out is summed key by key below.
+    const BinBounds& table = bin_bounds();
     std::vector<double> up(kSelectBins + 1, 0.0), lo(kSelectBins + 1, 0.0);
     const double per_logit = kSelectBins / kSelectDepth;
     for (int64_t i = 0; i < n; ++i) {
       const double u = upper_logit(estimate[i], radius[i], scale);
       const double l = lower_logit(estimate[i], radius[i], scale);
       const int32_t b = int32_t(std::min<double>(std::floor((top - u) * per_logit), kSelectBins));
+      const int32_t bl = int32_t(std::min<double>(std::floor((top - l) * per_logit), kSelectBins));
       bin_of[i] = b;
-      up[b] += std::exp(u - top);
-      lo[b] += std::exp(l - top);
+      up[b] += table.upper[b];
+      lo[b] += table.lower[bl];
     }
     // left_after[j] = sum of up over bins > j; kept[j] = sum of lo over bins <= j.
     std::vector<double> left_after(kSelectBins + 1, 0.0);

@@ -112,7 +112,7 @@ class ReLUAttention(GQAAttention):
         from .kvcache import HSRKVCache, ReLU
         c, p = self.config, self.o_proj.weight
         return HSRKVCache(batch, c.num_kv_heads, c.head_dim, dtype=p.dtype, device=p.device,
-                          policy=ReLU(alpha=self.alpha, bias=float(self.bias), normalize=True), **kwargs)
+                          policy=ReLU(alpha=self.alpha, bias=self.bias.item(), normalize=True), **kwargs)
 
     def forward(self, x, cache=None):
         from .kvcache import HSRKVCache
@@ -121,6 +121,8 @@ class ReLUAttention(GQAAttention):
                              f"hsr_cache), got {type(cache).__name__}")
         c = self.config
         B, L, _ = x.shape
+        if isinstance(cache, HSRKVCache) and torch.is_grad_enabled():
+            raise ValueError("ReLUAttention: an HSRKVCache is for inference; run under torch.no_grad()")
         q, k, v = self.project(x, 0 if cache is None else cache.length)
         if isinstance(cache, HSRKVCache) and L == 1 and cache.length > 0:
             o, self.last_decode_info = cache.decode(q, k, v)
@@ -132,7 +134,7 @@ class ReLUAttention(GQAAttention):
             if cache is not None:
                 k, v = cache.keys, cache.values
             if cache is not None and not torch.is_grad_enabled():
-                o = hsr_attention(q, k, v, kind="relu", alpha=self.alpha, bias=float(self.bias), causal=True)
+                o = hsr_attention(q, k, v, kind="relu", alpha=self.alpha, bias=self.bias.item(), causal=True)
             else:
                 o = self._attend(q, k, v)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, c.num_heads * c.head_dim))

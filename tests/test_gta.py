@@ -392,6 +392,8 @@ def test_tiny_lm_hsr_caches_are_exact_when_asked(attention):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="gta' or 'relu'"):
         TinyLM(small_lm("gqa")).hsr_caches(1)
+    with pytest.raises(ValueError, match="is for inference"):
+        model(ids[:, :5], model.hsr_caches(1, **kw))  # autograd on
 
 
 def test_matched_parameter_budgets():

@@ -57,7 +57,7 @@ def bench_case(batch, length, store, gta, gqa, mla, dtype, iters):
     t_mla = median_ms_cpu(lambda: hsr.gta_attention(q_mla, entries, entries[..., :mla.kv_rank], w_uv,
                                                     scale=mla_scale), iters=iters)
     t_gta_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q_gta, k, c, enable_gqa=True), iters=iters)
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     gta_bytes = batch * length * gta.kv_cache_elements_per_token() * elem
     gqa_bytes = batch * length * gqa.kv_cache_elements_per_token() * elem
     return dict(batch=batch, context=length, gta_ms=t_gta, gqa_hsr_ms=t_gqa, gqa_sdpa_ms=t_sdpa, mla_ms=t_mla,
@@ -104,7 +104,8 @@ def main():
     dtype = torch.bfloat16
     rows = []
     for batch in args.batches:
-        fits = [n for n in args.contexts if batch * n * gqa.kv_cache_elements_per_token() * 2 <= args.max_gqa_gib * 2**30]
+        fits = [n for n in args.contexts
+                if batch * n * gqa.kv_cache_elements_per_token() * dtype.itemsize <= args.max_gqa_gib * 2**30]
         if not fits:
             continue
         store = caches_for(batch, max(fits), gta, gqa, mla, dtype)

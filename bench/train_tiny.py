@@ -86,7 +86,7 @@ def evaluate(model, data, seq, windows, device):
 @torch.no_grad()
 def decode_run(model, prompt, steps, caches):
     """Prefill `prompt` (1, L) into `caches`, then `steps` one-byte steps on the bytes that
-    follow: (median ms per step, logits of every step (steps, vocab), the caches)."""
+    follow: (median ms per step, logits of every step (steps, vocab))."""
     model(prompt[:, :-steps], caches)
     times, logits = [], []
     for i in range(prompt.shape[1] - steps, prompt.shape[1]):
@@ -135,9 +135,8 @@ def main():
         curve, seconds = train(model, train_data, args)
         model.eval()
         loss = evaluate(model, eval_data, args.seq, args.eval_windows, args.device)
-        ms, dense_logits = decode_run(model, prompt, args.decode_steps, model.new_caches(1))
-        caches = model.new_caches(1)
-        model(prompt, caches)
+        caches = model.new_caches(1)  # after decode_run they hold the whole prompt
+        ms, dense_logits = decode_run(model, prompt, args.decode_steps, caches)
         row = dict(variant=variant, params=model.num_parameters(), ffn=cfg.ffn_size,
                    kv_elements_per_token=cfg.kv_cache_elements_per_token(),
                    cache_kib=sum(c.nbytes for c in caches) / 1024, context=prompt.shape[1],

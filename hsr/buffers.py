@@ -75,3 +75,27 @@ class TokenBuffers:
 
     def reset(self) -> None:
         self._length = 0
+
+
+
+class KVCache(TokenBuffers):
+    """One attention layer's keys (B, Hkv, L, D) and values (B, Hkv, L, value_dim; D by
+    default): the cache of hsr.gta.GQAAttention and the storage of hsr.HSRKVCache."""
+
+    _names = ("k", "v")
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, value_dim: int | None = None,
+                 dtype=torch.float32, device="cpu"):
+        value_dim = head_dim if value_dim is None else value_dim
+        super().__init__(batch, ((num_kv_heads, head_dim), (num_kv_heads, value_dim)), dtype, device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.append_tokens(k, v)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.views()[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.views()[1]

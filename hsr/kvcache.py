@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffers import TokenBuffers
+from .buffers import KVCache
 from .certified import (certified_attention, relu_reported_attention, relu_sketch_attention, threshold_attention,
                         topk_attention, value_norm_bounds)
 from .index import HSRIndexBatch, KeyStats
@@ -122,10 +122,6 @@ class DecodeInfo:
     path: str = "sparse"
 
 
-class _KV(TokenBuffers):
-    _names = ("k", "v")
-
-
 class HSRKVCache:
     """value_dim: the width of the values (head_dim by default); GTA caches value latents
     wider than its keys (hsr.gta.GTAAttention.hsr_cache)."""
@@ -165,8 +161,8 @@ class HSRKVCache:
     def reset(self) -> None:
         """Forget every key."""
         shape = (self.batch, self.num_kv_heads, 0, self.head_dim)
-        self._kv = _KV(self.batch, ((self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.value_dim)),
-                       self.dtype, "cpu")
+        self._kv = KVCache(self.batch, self.num_kv_heads, self.head_dim, value_dim=self.value_dim,
+                           dtype=self.dtype)
         self._indexed = 0
         self._index = HSRIndexBatch(batch=self.batch, heads=self.num_kv_heads, d=self.head_dim,
                                     leaf_size=self.leaf_size)
@@ -185,21 +181,17 @@ class HSRKVCache:
         return self._kv.length
 
     @property
-    def _length(self) -> int:
-        return self._kv.length
-
-    @property
     def keys(self) -> torch.Tensor:
         """Every key held, (B, Hkv, length, D), in arrival order (a view)."""
-        return self._kv.views()[0]
+        return self._kv.keys
 
     @property
     def values(self) -> torch.Tensor:
         """Every value held, (B, Hkv, length, value_dim), in arrival order (a view)."""
-        return self._kv.views()[1]
+        return self._kv.values
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._kv.append_tokens(k, v)
+        self._kv.append(k, v)
 
     @property
     def indexed_length(self) -> int:
@@ -225,7 +217,7 @@ class HSRKVCache:
         """Store the prompt's keys and values (B, Hkv, L, D) in an empty cache; every whole
         leaf of them is indexed and sketched, the rest forms the tail."""
         self._check_kv(k, v, "prefill")
-        if self._length:
+        if self.length:
             raise ValueError("HSRKVCache.prefill: the cache is not empty (call reset() first, or extend())")
         self._extend_checked(k, v)
 
@@ -237,7 +229,7 @@ class HSRKVCache:
 
     def _extend_checked(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self._append(k, v)
-        self._index_up_to(self._length - (self._length - self._indexed) % self.leaf_size)
+        self._index_up_to(self.length - (self.length - self._indexed) % self.leaf_size)
 
     def _index_up_to(self, end: int) -> None:
         """Index, sketch and take value norms of the keys [indexed, end)."""
@@ -277,8 +269,8 @@ class HSRKVCache:
             raise ValueError(f"HSRKVCache.decode: q must be a CPU {self.dtype} tensor, got {q.dtype} on {q.device}")
         start = time.perf_counter()
         self._append(k_new, v_new)
-        if self._length - self._indexed >= self.leaf_size:
-            self._index_up_to(self._length)
+        if self.length - self._indexed >= self.leaf_size:
+            self._index_up_to(self.length)
         if not self.dense_fallback:
             path, result = "sparse", self._attend(q)
         elif self._until_probe == 0:
@@ -314,8 +306,8 @@ class HSRKVCache:
         B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         out = attention(q, self.keys, self.values, scale=self.scale, **self._dense_kwargs())
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
-        info = (zeros, zeros.clone(), torch.full((B, Hq), self._length, dtype=torch.int64),
-                torch.full((B, Hkv), self._length, dtype=torch.int64), B * Hkv * self._length * self._token_bytes())
+        info = (zeros, zeros.clone(), torch.full((B, Hq), self.length, dtype=torch.int64),
+                torch.full((B, Hkv), self.length, dtype=torch.int64), B * Hkv * self.length * self._token_bytes())
         return out, info, None
 
     def _token_bytes(self) -> int:
@@ -358,7 +350,7 @@ class HSRKVCache:
     def _attend(self, q):
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
         G = Hq // Hkv
-        n_idx, tail = self._indexed, self._length - self._indexed
+        n_idx, tail = self._indexed, self.length - self._indexed
         mass = torch.zeros(B, Hq, dtype=torch.float64)
         error = torch.zeros(B, Hq, dtype=torch.float64)
         attended = torch.full((B, Hq), tail, dtype=torch.int64)

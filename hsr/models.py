@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gta import GQAAttention, GQAConfig, GTAAttention, GTAConfig, KVCache, MLAAttention, MLAConfig, causal_mask
+from .buffers import KVCache
+from .gta import GQAAttention, GQAConfig, GTAAttention, GTAConfig, MLAAttention, MLAConfig, causal_mask
+from .gta.config import check_positive_int
 from .ops import attention as hsr_attention
 
 ATTENTIONS = ("mha", "gqa", "mla", "gta", "relu")
@@ -53,9 +55,7 @@ class TinyLMConfig:
             raise ValueError(f"TinyLMConfig: attention must be one of {ATTENTIONS}, got {self.attention!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "kv_heads", "q_groups",
                      "latent_dim", "ffn_size", "relu_alpha", "mla_rank", "mla_rope_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TinyLMConfig: {name} must be a positive integer, got {v!r}")
+            check_positive_int("TinyLMConfig", name, getattr(self, name))
         self.attention_config()  # validates the attention shape
 
     def attention_config(self):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def _positive_int(cls, name, value):
+def check_positive_int(cls, name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{cls}: {name} must be a positive integer, got {value!r}")
 
@@ -48,7 +48,7 @@ class GTAConfig:
         cls = "GTAConfig"
         for name in ("hidden_size", "num_heads", "num_q_groups", "num_k_heads", "num_c_groups", "head_dim",
                      "latent_dim"):
-            _positive_int(cls, name, getattr(self, name))
+            check_positive_int(cls, name, getattr(self, name))
         _divides(cls, "num_q_groups", self.num_q_groups, "num_heads", self.num_heads)
         _divides(cls, "num_k_heads", self.num_k_heads, "num_q_groups", self.num_q_groups)
         _divides(cls, "num_c_groups", self.num_c_groups, "num_q_groups", self.num_q_groups)
@@ -92,7 +92,7 @@ class GQAConfig:
     def __post_init__(self):
         cls = type(self).__name__
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
-            _positive_int(cls, name, getattr(self, name))
+            check_positive_int(cls, name, getattr(self, name))
         _divides(cls, "num_kv_heads", self.num_kv_heads, "num_heads", self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"{cls}: head_dim must be even for RoPE, got {self.head_dim}")
@@ -130,7 +130,7 @@ class MLAConfig:
     def __post_init__(self):
         cls = "MLAConfig"
         for name in ("hidden_size", "num_heads", "kv_rank", "qk_nope_dim", "rope_dim", "v_head_dim"):
-            _positive_int(cls, name, getattr(self, name))
+            check_positive_int(cls, name, getattr(self, name))
         if self.rope_dim % 2:
             raise ValueError(f"{cls}: rope_dim must be even for RoPE, got {self.rope_dim}")
         if not self.rope_theta > 0:

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..ops import attention as hsr_attention
 from ..ops import gta_attention as hsr_gta_attention
-from .cache import GTACache, KVCache, MLACache
+from ..buffers import KVCache
+from .cache import GTACache, MLACache
 from .config import GQAConfig, GTAConfig, MLAConfig
 
 
@@ -62,6 +63,17 @@ def grouped_attention(q, k, v, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(lq, lk, q.device), scale=scale)
 
 
+def split_heads(t: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """A projection (B, L, heads * width) as (B, heads, L, width)."""
+    return t.view(t.shape[0], t.shape[1], heads, width).transpose(1, 2)
+
+
+def _check_config(name: str, config, cls) -> None:
+    if not isinstance(config, cls):
+        raise ValueError(f"{name}: config must be a{'n' if cls.__name__[0] in 'AEIMO' else ''} {cls.__name__}, "
+                         f"got {type(config).__name__}")
+
+
 def _use_kernels(module: nn.Module) -> bool:
     return not (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
 
@@ -83,8 +95,7 @@ class GTAAttention(nn.Module):
 
     def __init__(self, config: GTAConfig, *, device=None, dtype=None):
         super().__init__()
-        if not isinstance(config, GTAConfig):
-            raise ValueError(f"GTAAttention: config must be a GTAConfig, got {type(config).__name__}")
+        _check_config("GTAAttention", config, GTAConfig)
         self.config = c = config
         kw = dict(bias=False, device=device, dtype=dtype)
         self.q_proj = nn.Linear(c.hidden_size, c.num_q_groups * c.head_dim, **kw)
@@ -118,15 +129,10 @@ class GTAAttention(nn.Module):
         """q (B, n_q, L, d_h) and k (B, n_k, L, d_h) after RoPE at positions start.., the
         latents c (B, n_c, L, d_l) and the gate logits (B, n_h, L, d_h)."""
         c = self.config
-        B, L, _ = x.shape
-
-        def heads(t, n, d):
-            return t.view(B, L, n, d).transpose(1, 2)
-
-        q = rope(heads(self.q_proj(x), c.num_q_groups, c.head_dim), start, c.rope_theta)
-        k = rope(heads(self.k_proj(x), c.num_k_heads, c.head_dim), start, c.rope_theta)
-        lat = heads(self.c_proj(x), c.num_c_groups, c.latent_dim)
-        gate = heads(self.g_proj(x), c.num_heads, c.head_dim)
+        q = rope(split_heads(self.q_proj(x), c.num_q_groups, c.head_dim), start, c.rope_theta)
+        k = rope(split_heads(self.k_proj(x), c.num_k_heads, c.head_dim), start, c.rope_theta)
+        lat = split_heads(self.c_proj(x), c.num_c_groups, c.latent_dim)
+        gate = split_heads(self.g_proj(x), c.num_heads, c.head_dim)
         return q, k, lat, gate
 
     def decode_heads(self, z: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -174,8 +180,7 @@ class GQAAttention(nn.Module):
 
     def __init__(self, config: GQAConfig, *, device=None, dtype=None):
         super().__init__()
-        if not isinstance(config, GQAConfig):
-            raise ValueError(f"GQAAttention: config must be a GQAConfig, got {type(config).__name__}")
+        _check_config("GQAAttention", config, GQAConfig)
         self.config = c = config
         kw = dict(bias=False, device=device, dtype=dtype)
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, **kw)
@@ -190,14 +195,9 @@ class GQAAttention(nn.Module):
     def project(self, x: torch.Tensor, start: int):
         """q (B, n_h, L, d), k and v (B, Hkv, L, d); q and k after RoPE at positions start.."""
         c = self.config
-        B, L, _ = x.shape
-
-        def heads(t, n):
-            return t.view(B, L, n, c.head_dim).transpose(1, 2)
-
-        q = rope(heads(self.q_proj(x), c.num_heads), start, c.rope_theta)
-        k = rope(heads(self.k_proj(x), c.num_kv_heads), start, c.rope_theta)
-        return q, k, heads(self.v_proj(x), c.num_kv_heads)
+        q = rope(split_heads(self.q_proj(x), c.num_heads, c.head_dim), start, c.rope_theta)
+        k = rope(split_heads(self.k_proj(x), c.num_kv_heads, c.head_dim), start, c.rope_theta)
+        return q, k, split_heads(self.v_proj(x), c.num_kv_heads, c.head_dim)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         _check_input("GQAAttention", self, x, cache, (KVCache,))
@@ -223,8 +223,7 @@ class MLAAttention(nn.Module):
 
     def __init__(self, config: MLAConfig, *, device=None, dtype=None):
         super().__init__()
-        if not isinstance(config, MLAConfig):
-            raise ValueError(f"MLAAttention: config must be an MLAConfig, got {type(config).__name__}")
+        _check_config("MLAAttention", config, MLAConfig)
         self.config = c = config
         kw = dict(bias=False, device=device, dtype=dtype)
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * (c.qk_nope_dim + c.rope_dim), **kw)
@@ -248,8 +247,7 @@ class MLAAttention(nn.Module):
         """q_nope (B, n_h, L, nope), q_rope (B, n_h, L, rope) after RoPE, the latent c_kv
         (B, 1, L, kv_rank) and the shared k_rope (B, 1, L, rope) after RoPE."""
         c = self.config
-        B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, c.num_heads, c.qk_nope_dim + c.rope_dim).transpose(1, 2)
+        q = split_heads(self.q_proj(x), c.num_heads, c.qk_nope_dim + c.rope_dim)
         q_nope, q_rope = q[..., :c.qk_nope_dim], rope(q[..., c.qk_nope_dim:], start, c.rope_theta)
         c_kv = self.kv_down(x).unsqueeze(1)
         k_rope = rope(self.k_rope_proj(x).unsqueeze(1), start, c.rope_theta)

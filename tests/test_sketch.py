@@ -86,7 +86,7 @@ def test_worst_case_quantization_error_is_covered(bits):
     assert err.abs().max() > 0.45 * (d - 4)  # the construction really is the worst case
 
 
-@pytest.mark.parametrize("d,group", [(1, 32), (33, 32), (64, 32), (70, 32), (97, 16), (128, 1),
+@pytest.mark.parametrize("d,group", [(1, 32), (33, 32), (64, 32), (64, 16), (70, 32), (97, 16), (128, 1), (128, 48),
                                      (128, 128), (100, 1000), (256, 32)])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_awkward_dims_and_groups(d, group, bits):

@@ -8,6 +8,10 @@
 #include <vector>
 
 #include "hsr/cpu/vec_math.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include "hsr/types.h"
 
 namespace hsr::sketch {
@@ -29,6 +33,26 @@ struct QueryTerms {
   const float* q;       // m x dim
   const float* qabs;    // m x groups: an upper bound of sum |q| over the group
 };
+
+// The radius of key `row` for m queries (see intervals_tile_as), written to rad[i * ld + j].
+__attribute__((always_inline)) inline void radius_of_key(const SketchLayout& l, const QueryTerms& qt, int64_t m,
+                                                         const float* lo, const float* delta, int64_t row,
+                                                         float rounding, float inflate, float* rad, int64_t ld,
+                                                         int64_t j) {
+  const int ng = l.groups();
+  const float levels = float(l.levels());
+  const float* lo_r = lo + row * ng;
+  const float* de_r = delta + row * ng;
+  for (int64_t i = 0; i < m; ++i) {
+    float quant = 0.0f, magnitude = 0.0f;
+    for (int g = 0; g < ng; ++g) {
+      const float qa = qt.qabs[i * ng + g];
+      quant += qa * de_r[g];
+      magnitude += qa * (std::fabs(lo_r[g]) + levels * de_r[g]);
+    }
+    rad[i * ld + j] = (0.5f * quant + rounding * magnitude) * inflate;
+  }
+}
 
 // Keys per tile: the dequantized tile (tile x dim floats) and its scores stay in L1/L2.
 constexpr int64_t kTile = 64;
@@ -81,8 +105,7 @@ __attribute__((always_inline)) inline void intervals_tile_as(const SketchLayout&
                                                              int64_t count, float rounding, float inflate,
                                                              float* est, float* rad, int64_t ld,
                                                              float* tile) {
-  const int d = l.dim, ng = l.groups();
-  const float levels = float(l.levels());
+  const int d = l.dim;
   dequantize_tile<V>(l, codes, lo, delta, rows, j0, count, tile);
   for (int64_t i = 0; i < m; i += 4) {
     const int rb = int(std::min<int64_t>(4, m - i));
@@ -95,20 +118,9 @@ __attribute__((always_inline)) inline void intervals_tile_as(const SketchLayout&
       default: cpu::scores_rows<4, V>(qi, d, tile, d, count, e, ld); break;
     }
   }
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t row = rows == nullptr ? j0 + j : rows[j0 + j];
-    const float* lo_r = lo + row * ng;
-    const float* de_r = delta + row * ng;
-    for (int64_t i = 0; i < m; ++i) {
-      float quant = 0.0f, magnitude = 0.0f;
-      for (int g = 0; g < ng; ++g) {
-        const float qa = qt.qabs[i * ng + g];
-        quant += qa * de_r[g];
-        magnitude += qa * (std::fabs(lo_r[g]) + levels * de_r[g]);
-      }
-      rad[i * ld + j0 + j] = (0.5f * quant + rounding * magnitude) * inflate;
-    }
-  }
+  for (int64_t j = 0; j < count; ++j)
+    radius_of_key(l, qt, m, lo, delta, rows == nullptr ? j0 + j : rows[j0 + j], rounding, inflate, rad, ld,
+                  j0 + j);
 }
 
 // Vector values never cross a call boundary here (the templates are always inlined into the
@@ -134,11 +146,149 @@ __attribute__((target("avx"))) void intervals_tile_avx(const SketchLayout& l, co
 #endif
 #pragma GCC diagnostic pop
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HSR_HAVE_AVX512_TILE 1
+// GCC 12 reports its own AVX-512 headers' undefined-vector helpers as maybe uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// radius_of_key for int8 layouts with at most 4 groups, in one SSE register: the same terms
+// summed in another order (covered by `inflate`, which allows 2 * groups + 8 roundings).
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void radius_of_key_x4(
+    const QueryTerms& qt, int64_t m, int ng, const float* lo_r, const float* de_r, float levels, float rounding,
+    float inflate, float* rad, int64_t ld, int64_t j) {
+  const __mmask8 mask = __mmask8((1u << ng) - 1u);
+  const __m128 lo = _mm_maskz_loadu_ps(mask, lo_r), de = _mm_maskz_loadu_ps(mask, de_r);
+  const __m128 abs_lo = _mm_andnot_ps(_mm_set1_ps(-0.0f), lo);
+  // Per group: delta / 2 + rounding * (|lo| + levels * delta).
+  const __m128 w = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(0.5f), de),
+                              _mm_mul_ps(_mm_set1_ps(rounding), _mm_add_ps(abs_lo, _mm_mul_ps(_mm_set1_ps(levels), de))));
+  for (int64_t i = 0; i < m; ++i) {
+    const __m128 t = _mm_mul_ps(_mm_maskz_loadu_ps(mask, qt.qabs + i * ng), w);
+    const __m128 h = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    rad[i * ld + j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1))) * inflate;
+  }
+}
+// int8 codes with AVX-512: each key is dequantized in registers, 16 channels at a time (masked
+// at group ends, so any dim and group size work), and feeds up to 4 query rows; no tile is
+// written. The products and sums may fuse (FMA) and run in another order than the tile
+// kernels: the rounding bound holds for any order with at most d + 3 roundings per term.
+template <int RB>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void intervals_key_avx512(
+    const SketchLayout& l, const float* q, const uint8_t* c, const float* lo_r, const float* de_r, float* est,
+    int64_t ld) {
+  const int d = l.dim, ng = l.groups();
+  __m512 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int g = 0; g < ng; ++g) {
+    const int first = g * l.group, end = std::min(first + l.group, d);
+    const __m512 lv = _mm512_set1_ps(lo_r[g]), dv = _mm512_set1_ps(de_r[g]);
+    for (int t = first; t < end; t += 16) {
+      const __mmask16 mask = end - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (end - t)) - 1u);
+      const __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, c + t));
+      const __m512 k = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), dv, lv);
+      for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + r * d + t), k, acc[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) est[r * ld] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// The same for D = 16 * C channels in groups of a multiple of 16 (head dims 64 and 128 with
+// the default 32-channel groups): fully unrolled, two accumulators per row.
+constexpr int64_t kPrefetchKeys = 16;
+
+template <int C, int RB>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void intervals_key_avx512_fixed(
+    const int* group_of_chunk, const float* q, const uint8_t* c, const float* lo_r, const float* de_r, float* est,
+    int64_t ld) {
+  constexpr int D = 16 * C;
+  __m512 acc[RB][2];
+  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int t = 0; t < C; ++t) {
+    const int g = group_of_chunk[t];
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * t)));
+    const __m512 k = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), _mm512_set1_ps(de_r[g]), _mm512_set1_ps(lo_r[g]));
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+      acc[r][t & 1] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + 16 * t), k, acc[r][t & 1]);
+  }
+  for (int r = 0; r < RB; ++r) est[r * ld] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+// Scores of one key against m query rows, 4 rows at a time.
+template <int C>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void intervals_rows_fixed(
+    const int* group_of_chunk, const float* q, int64_t m, const uint8_t* c, const float* lo_r, const float* de_r,
+    float* est, int64_t ld) {
+  for (int64_t i = 0; i < m; i += 4) {
+    const float* qi = q + i * 16 * C;
+    float* e = est + i * ld;
+    switch (std::min<int64_t>(4, m - i)) {
+      case 1: intervals_key_avx512_fixed<C, 1>(group_of_chunk, qi, c, lo_r, de_r, e, ld); break;
+      case 2: intervals_key_avx512_fixed<C, 2>(group_of_chunk, qi, c, lo_r, de_r, e, ld); break;
+      case 3: intervals_key_avx512_fixed<C, 3>(group_of_chunk, qi, c, lo_r, de_r, e, ld); break;
+      default: intervals_key_avx512_fixed<C, 4>(group_of_chunk, qi, c, lo_r, de_r, e, ld); break;
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void intervals_tile_avx512(
+    const SketchLayout& l, const QueryTerms& qt, int64_t m, const uint8_t* codes, const float* lo,
+    const float* delta, const int64_t* rows, int64_t j0, int64_t count, float rounding, float inflate, float* est,
+    float* rad, int64_t ld, float* tile) {
+  if (l.bits != 8) {
+    intervals_tile_as<cpu::f32x8>(l, qt, m, codes, lo, delta, rows, j0, count, rounding, inflate, est, rad, ld,
+                                  tile);
+    return;
+  }
+  const int d = l.dim, ng = l.groups(), cb = l.code_bytes();
+  const bool fixed = l.group % 16 == 0 && (d == 64 || d == 128);
+  int group_of_chunk[8];
+  for (int t = 0; t < 8; ++t) group_of_chunk[t] = std::min(16 * t / l.group, ng - 1);
+  for (int64_t j = j0; j < j0 + count; ++j) {
+    const int64_t row = rows == nullptr ? j : rows[j];
+    const uint8_t* c = codes + row * cb;
+    const float* lo_r = lo + row * ng;
+    const float* de_r = delta + row * ng;
+    if (fixed) {
+      // The hardware prefetcher alone leaves the scan waiting on memory at long context.
+      if (j + kPrefetchKeys < j0 + count) {
+        const uint8_t* ahead = codes + (rows == nullptr ? j + kPrefetchKeys : rows[j + kPrefetchKeys]) * cb;
+        for (int b = 0; b < cb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+      }
+      if (d == 128)
+        intervals_rows_fixed<8>(group_of_chunk, qt.q, m, c, lo_r, de_r, est + j, ld);
+      else
+        intervals_rows_fixed<4>(group_of_chunk, qt.q, m, c, lo_r, de_r, est + j, ld);
+    }
+    for (int64_t i = 0; i < (fixed ? 0 : m); i += 4) {
+      const float* qi = qt.q + i * d;
+      float* e = est + i * ld + j;
+      switch (std::min<int64_t>(4, m - i)) {
+        case 1: intervals_key_avx512<1>(l, qi, c, lo_r, de_r, e, ld); break;
+        case 2: intervals_key_avx512<2>(l, qi, c, lo_r, de_r, e, ld); break;
+        case 3: intervals_key_avx512<3>(l, qi, c, lo_r, de_r, e, ld); break;
+        default: intervals_key_avx512<4>(l, qi, c, lo_r, de_r, e, ld); break;
+      }
+    }
+    if (ng <= 4)
+      radius_of_key_x4(qt, m, ng, lo_r, de_r, float(l.levels()), rounding, inflate, rad, ld, j);
+    else
+      radius_of_key(l, qt, m, lo, delta, row, rounding, inflate, rad, ld, j);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 using TileFn = void (*)(const SketchLayout&, const QueryTerms&, int64_t, const uint8_t*, const float*,
                         const float*, const int64_t*, int64_t, int64_t, float, float, float*, float*, int64_t,
                         float*);
 
 TileFn pick_tile_kernel() {
+#ifdef HSR_HAVE_AVX512_TILE
+  if (cpu::has_avx512()) return intervals_tile_avx512;
+#endif
 #ifdef HSR_HAVE_AVX_TILE
   if (__builtin_cpu_supports("avx")) return intervals_tile_avx;
 #endif

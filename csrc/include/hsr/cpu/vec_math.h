@@ -11,6 +11,19 @@
 
 namespace hsr::cpu {
 
+// Whether the CPU runs AVX-512 (F, BW, VL) and FMA: the widest kernels are compiled for it
+// with target attributes and chosen at run time, so the wheel still runs on the x86-64
+// baseline.
+inline bool has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }

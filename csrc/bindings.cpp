@@ -51,6 +51,21 @@ TORCH_LIBRARY(hsr, m) {
       "select_by_bounds(Tensor estimate, Tensor radius, Tensor v_norms, float scale, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // The per-key selection from the key sketch alone for every (batch, kv head), one streaming
+  // pass each (csrc/include/hsr/sketch/sketch_select.h). q (B, Hq, D) float32; codes
+  // (B, Hkv, n, code_bytes) uint8, lo and delta (B, Hkv, n, groups) float32 (hsr.sketch_keys
+  // of the keys); v_norms (B, Hkv, n) float32 value-norm bounds. Returns the selection in
+  // hsr.sparse_attention's form (offsets (B*Hkv + 1,), ids, mask (total, Hq/Hkv)), then per
+  // (batch, q head) log_left, v_left_max, v_kept_max (float64) and keys kept (int64).
+  m.def(
+      "sketch_select(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, Tensor v_norms, "
+      "float scale, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ReLU: every key whose scaled sketch upper bound exceeds bias; (offsets, ids, mask, keys per
+  // (batch, q head)).
+  m.def(
+      "sketch_relu_select(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, float scale, "
+      "float bias) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // The half-space reporting index over float32 points (CPU). Python wraps these as
   // hsr.HSRIndex / hsr.HSRIndexBatch (hsr/index.py). last_stats: [nodes_visited,
   // points_scored, results, queries_that_scanned, queries] of the last query call.

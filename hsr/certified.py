@@ -96,10 +96,6 @@ class _Selection:
         return (torch.tensor(self.offsets, dtype=torch.int64), torch.cat(self.ids),
                 torch.cat(self.masks).contiguous())
 
-    def keys_read(self, B: int, Hkv: int) -> torch.Tensor:
-        """(B, Hkv): keys each pair reads (its union)."""
-        return torch.tensor([len(ids) for ids in self.ids], dtype=torch.int64).view(B, Hkv)
-
 
 @dataclass(frozen=True)
 class CertifiedInfo:
@@ -155,7 +151,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     eps_select = eps * (1.0 - 1e-3)
     if index is None:
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected = _select_by_sketch(
-            qf, sketch, v_up_f, scale, eps_select, B, Hkv, G)
+            qf, sketch, v_up_f, scale, eps_select)
         index_stats = None
     else:
         _check_index(what, index, B, Hkv, n, D)
@@ -303,20 +299,12 @@ def _chosen_from_lists(lims, ids, B, Hq, n):
     return chosen.view(B, Hq, n)
 
 
-def _select_by_sketch(qf, sketch, v_up_f, scale, eps, B, Hkv, G):
-    """The per-key selection from every key's sketch interval, pair by pair: the selection
-    in sparse_attention's form and per (batch, q head) log_left, v_left_max, v_kept_max,
-    keys selected."""
-    selection, log_left, v_left, v_kept, selected = _Selection(), [], [], [], []
-    for b in range(B):
-        for h in range(Hkv):
-            est, rad = _sketch_intervals(qf, sketch, b, h, G)
-            chosen, left, v_l, v_k = torch.ops.hsr.select_by_bounds(est, rad, v_up_f[b, h].contiguous(), scale, eps)
-            selection.add(chosen)
-            log_left.append(left), v_left.append(v_l), v_kept.append(v_k), selected.append(chosen.sum(1))
-    offsets_t, ids_t, mask_t = selection.tensors()
-    per_head = [torch.cat(x).view(B, Hkv * G) for x in (log_left, v_left, v_kept, selected)]
-    return (offsets_t, ids_t, mask_t, *per_head)
+def _select_by_sketch(qf, sketch, v_up_f, scale, eps):
+    """The per-key selection from every key's sketch interval (hsr.sketch_select: one pass per
+    (batch, kv head), pairs in parallel): the selection in sparse_attention's form and per
+    (batch, q head) log_left, v_left_max, v_kept_max, keys selected."""
+    return torch.ops.hsr.sketch_select(qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group,
+                                       v_up_f, scale, eps)
 
 
 def _check_index(what, index, B, Hkv, n, D):
@@ -343,11 +331,12 @@ class ReportedInfo:
 
 
 def _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, stats):
-    """ReLU attention over the selected keys, with the ReportedInfo both ReLU paths return."""
-    offsets_t, ids_t, mask_t = selection.tensors()
+    """ReLU attention over the selected keys (offsets, ids, mask), with the ReportedInfo both
+    ReLU paths return."""
+    offsets_t, ids_t, mask_t = selection
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, kind="relu", scale=scale, alpha=alpha,
                                 bias=float(bias), normalize=normalize, return_lse=True)
-    keys_read = selection.keys_read(k.shape[0], k.shape[1])
+    keys_read = (offsets_t[1:] - offsets_t[:-1]).view(k.shape[0], k.shape[1])
     return out, ReportedInfo(counts, keys_read, stats, offsets_t, ids_t, mask_t, lse[:, :, 0])
 
 
@@ -374,7 +363,7 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     for b in range(B):
         for h in range(Hkv):
             selection.add(chosen[b, h * G:(h + 1) * G])
-    return _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, stats)
+    return _relu_over(selection.tensors(), q, k, v, scale, alpha, bias, normalize, counts, stats)
 
 
 def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *, bias: float,
@@ -388,12 +377,6 @@ def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ske
     B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
     _check_sketch(what, sketch, B, Hkv, n, D)
     _check_bias(what, bias)
-    qf = q[:, :, 0].float()
-    counts = torch.zeros(B, Hq, dtype=torch.int64)
-    selection = _Selection()
-    for b in range(B):
-        for h in range(Hkv):
-            chosen = _scaled_upper(*_sketch_intervals(qf, sketch, b, h, G), scale) > float(bias)  # (G, n)
-            counts[b, h * G:(h + 1) * G] = chosen.sum(1)
-            selection.add(chosen)
-    return _relu_over(selection, q, k, v, scale, alpha, bias, normalize, counts, None)
+    offsets_t, ids_t, mask_t, counts = torch.ops.hsr.sketch_relu_select(
+        q[:, :, 0].float(), sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, scale, float(bias))
+    return _relu_over((offsets_t, ids_t, mask_t), q, k, v, scale, alpha, bias, normalize, counts, None)

@@ -58,6 +58,34 @@ def _select_by_bounds_fake(estimate, radius, v_norms, scale, eps):
             estimate.new_empty(rows, dtype=torch.float64), estimate.new_empty(rows, dtype=torch.float64))
 
 
+def _check_sketch_select_shapes(what, q, codes, lo, delta, bits, group):
+    if q.dim() != 3 or codes.dim() != 4 or lo.dim() != 4 or delta.dim() != 4 or codes.shape[0] != q.shape[0] \
+            or codes.shape[1] < 1 or q.shape[1] % codes.shape[1]:
+        raise ValueError(f"{what}: q must be (B, Hq, D) and codes (B, Hkv, n, code_bytes) with Hq a multiple of Hkv")
+    _layout(q.shape[2], bits, group, what)
+    return q.shape[0], q.shape[1], codes.shape[1], q.shape[1] // codes.shape[1]
+
+
+def _selection_fake(q, B, Hkv, G):
+    """offsets, ids and mask of a selection whose size is known only after running."""
+    total = torch.library.get_ctx().new_dynamic_size()
+    return (q.new_empty(B * Hkv + 1, dtype=torch.int64), q.new_empty(total, dtype=torch.int64),
+            q.new_empty((total, G), dtype=torch.bool))
+
+
+@torch.library.register_fake("hsr::sketch_select")
+def _sketch_select_fake(q, codes, lo, delta, bits, group, v_norms, scale, eps):
+    B, Hq, Hkv, G = _check_sketch_select_shapes("hsr.sketch_select", q, codes, lo, delta, bits, group)
+    per_head = [q.new_empty((B, Hq), dtype=torch.float64) for _ in range(3)]
+    return (*_selection_fake(q, B, Hkv, G), *per_head, q.new_empty((B, Hq), dtype=torch.int64))
+
+
+@torch.library.register_fake("hsr::sketch_relu_select")
+def _sketch_relu_select_fake(q, codes, lo, delta, bits, group, scale, bias):
+    B, Hq, Hkv, G = _check_sketch_select_shapes("hsr.sketch_relu_select", q, codes, lo, delta, bits, group)
+    return (*_selection_fake(q, B, Hkv, G), q.new_empty((B, Hq), dtype=torch.int64))
+
+
 @dataclass(frozen=True)
 class KeySketch:
     """Sketch of keys (..., D): codes (..., code_bytes) uint8, lo and delta (..., groups)."""

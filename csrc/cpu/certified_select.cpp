@@ -7,19 +7,6 @@
 #include <vector>
 
 namespace hsr::sketch {
-namespace {
-
-// Scaled bounds in double, widened by a hair for the double arithmetic itself.
-double upper_logit(float est, float rad, double scale) {
-  const double u = (double(est) + double(rad)) * scale;
-  return u + std::fabs(u) * 1e-12 + 1e-300;
-}
-double lower_logit(float est, float rad, double scale) {
-  const double l = (double(est) - double(rad)) * scale;
-  return l - std::fabs(l) * 1e-12 - 1e-300;
-}
-
-}  // namespace
 
 double log_add_up(double a, double b) {
   if (a == -std::numeric_limits<double>::infinity()) return b;
@@ -29,59 +16,159 @@ double log_add_up(double a, double b) {
   return hi + std::log1p(std::exp(lo - hi)) * (1.0 + 1e-12) + std::fabs(hi) * 1e-15;
 }
 
-// Per-bin bounds of e^{x - top} for the histogram, so that filling it costs no exp per key:
-// a logit x in bin j (top - x in [j, j + 1) / per_logit) has e^{x - top} <= upper[j] =
-// e^{-j / per_logit} and >= lower[j] = e^{-(j + 1) / per_logit}; the deepest bin holds
-// everything below kSelectDepth (upper e^{-kSelectDepth}, lower 0). Widened by far more than
-// the exp's and the bin arithmetic's rounding.
-struct BinBounds {
-  std::vector<double> upper, lower;
-  BinBounds() : upper(kSelectBins + 1), lower(kSelectBins + 1, 0.0) {
-    const double per_logit = kSelectBins / kSelectDepth;
-    for (int32_t j = 0; j <= kSelectBins; ++j) {
-      upper[j] = std::exp(-j / per_logit) * (1.0 + 1e-12);
-      if (j < kSelectBins) lower[j] = std::exp(-(j + 1) / per_logit) * (1.0 - 1e-12);
+// e^{-x} for x >= 0 (a logit's distance below a reference), bounded both ways from a table
+// at steps of 1 / kPerLogit, so that no key needs an exp: with x = (j + f) / kPerLogit,
+//   upper: the chord (1 - f) e^{-j/p} + f e^{-(j+1)/p} (e^{-x} is convex), within a factor
+//          1 + (1/p)^2 / 8 of the truth;
+//   lower: e^{-j/p} (1 - f / p) (as e^{-y} >= 1 - y), within 1 + (1/p)^2 / 2.
+// Beyond kSelectDepth everything shares one bin with upper e^{-kSelectDepth} and lower 0. The
+// table is widened by far more than the exp's rounding.
+namespace {
+
+constexpr double kPerLogit = ScoreHistogram::kPerLogit;
+
+// e^{-x} for x >= 0 (a logit's distance below a reference), bounded both ways from a table
+// at steps of 1 / kPerLogit, so that no key needs an exp: with x = (j + f) / kPerLogit,
+//   upper: the chord (1 - f) e^{-j/p} + f e^{-(j+1)/p} (e^{-x} is convex), within a factor
+//          1 + (1/p)^2 / 8 of the truth;
+//   lower: e^{-j/p} (1 - f / p) (as e^{-y} >= 1 - y), within 1 + (1/p)^2 / 2.
+// Beyond kSelectDepth everything shares one bin with upper e^{-kSelectDepth} and lower 0. The
+// table is widened by far more than the exp's rounding.
+struct ExpTable {
+  std::vector<double> up, down;  // e^{-j/p} rounded up and down, j = 0..kSelectBins + 1
+  ExpTable() : up(kSelectBins + 2), down(kSelectBins + 2) {
+    for (int32_t j = 0; j <= kSelectBins + 1; ++j) {
+      const double e = std::exp(-std::min(j, kSelectBins) / kPerLogit);
+      up[j] = e * (1.0 + 1e-12);
+      down[j] = j > kSelectBins ? 0.0 : e * (1.0 - 1e-12);
     }
   }
 };
 
-const BinBounds& bin_bounds() {
-  static const BinBounds bounds;
-  return bounds;
+const ExpTable& exp_table() {
+  static const ExpTable table;
+  return table;
 }
 
-RowSelection select_row(const float* estimate, const float* radius, const float* v_norms, int64_t n,
-                        double scale, double eps, bool* chosen, const LeftOut& before) {
+// Grid position of logit x: x * kPerLogit = -(index + frac), frac in [0, 1). Indices are
+// clamped to +-2^30 (logits beyond 3e7): a clamped upper bound sits higher, a clamped lower
+// bound's mass is dropped, so every bound stays valid.
+struct GridPos {
+  int32_t index;
+  double frac;
+};
+GridPos grid_of(double x) {
+  constexpr double kLimit = 1073741824.0;
+  const double t = -x * kPerLogit;
+  if (!(t > -kLimit)) return {-int32_t(kLimit), 0.0};
+  if (!(t < kLimit)) return {int32_t(kLimit), 0.0};
+  const double j = std::floor(t);
+  return {int32_t(j), t - j};
+}
+
+}  // namespace
+
+double exp_neg_lower(double x) {
+  const GridPos p = grid_of(-std::max(x, 0.0));
+  if (p.index >= kSelectBins) return 0.0;
+  return exp_table().down[p.index] * (1.0 - p.frac / kPerLogit);
+}
+
+ScoreHistogram::ScoreHistogram()
+    : count_(kSelectBins + 1, 0.0), frac_(kSelectBins + 1, 0.0), low_(kSelectBins + 1, 0.0),
+      v_max_(kSelectBins + 1, 0.0f) {}
+
+void ScoreHistogram::lower_reference(int32_t grid) {
+  const int32_t target = grid - kHeadroom;
+  if (ref_ == kAll) {
+    ref_ = target;
+    return;
+  }
+  const int64_t s = int64_t(ref_) - target;  // bins every key moves down
+  const double scale_low = s > kSelectBins ? 0.0 : exp_table().down[s];
+  for (int32_t j = kSelectBins; j >= 0; --j) {
+    const int64_t to = std::min<int64_t>(j + s, kSelectBins);
+    if (to == j) continue;
+    if (to == kSelectBins) {
+      // Deeper than the table: the deepest bin counts e^{-kSelectDepth} per key.
+      count_[kSelectBins] += count_[j];
+      low_[kSelectBins] += low_[j] * scale_low;
+      v_max_[kSelectBins] = std::max(v_max_[kSelectBins], v_max_[j]);
+    } else {
+      count_[to] = count_[j];
+      frac_[to] = frac_[j];
+      low_[to] = low_[j] * scale_low;
+      v_max_[to] = v_max_[j];
+    }
+    count_[j] = frac_[j] = low_[j] = 0.0;
+    v_max_[j] = 0.0f;
+  }
+  frac_[kSelectBins] = 0.0;
+  total_low_ *= scale_low;
+  ref_ = target;
+}
+
+void ScoreHistogram::add(const float* estimate, const float* radius, const float* v_norms, int64_t count,
+                         double scale, int32_t* grid) {
+  const ExpTable& table = exp_table();
+  for (int64_t i = 0; i < count; ++i) {
+    const double u = upper_logit(estimate[i], radius[i], scale);
+    finite_ = finite_ && std::isfinite(u) && std::isfinite(double(radius[i]));
+    const GridPos pu = grid_of(u);
+    if (pu.index < ref_) lower_reference(pu.index);
+    grid[i] = pu.index;
+    max_abs_ = std::max(max_abs_, std::fabs(u));
+    const int64_t bin = int64_t(pu.index) - ref_;
+    if (bin >= kSelectBins) {
+      count_[kSelectBins] += 1.0;
+      v_max_[kSelectBins] = std::max(v_max_[kSelectBins], v_norms[i]);
+      continue;
+    }
+    count_[bin] += 1.0;
+    frac_[bin] += pu.frac;
+    v_max_[bin] = std::max(v_max_[bin], v_norms[i]);
+    const GridPos pl = grid_of(lower_logit(estimate[i], radius[i], scale));
+    const int64_t bin_l = int64_t(pl.index) - ref_;
+    if (bin_l < kSelectBins) {
+      const double low = table.down[bin_l] * (1.0 - pl.frac / kPerLogit);
+      low_[bin] += low;
+      total_low_ += low;
+    }
+  }
+  n_ += count;
+}
+
+double ScoreHistogram::log_kept_lower() const {
+  if (!(total_low_ > 0.0)) return -std::numeric_limits<double>::infinity();
+  // The running sum rounds at most 2n times plus once per reference move (each relative
+  // 2^-53; a move rescales by a lower bound).
+  return -ref_ / kPerLogit + std::log(total_low_ * (1.0 - double(4 * n_ + 8) * 1.2e-16));
+}
+
+RowSelection ScoreHistogram::finish(double eps, const LeftOut& before, int32_t* cut) const {
   RowSelection out{before.log_mass, before.v_max, 0.0, 0};
-  if (n == 0) return out;
-  double top = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) top = std::max(top, upper_logit(estimate[i], radius[i], scale));
-  // bin_of[i]: the key's bin; every key is kept when eps is 0.
-  std::vector<int32_t> bin_of(size_t(n), 0);
+  *cut = kAll;
+  if (n_ == 0) return out;
+  const ExpTable& table = exp_table();
+  const double top = -ref_ / kPerLogit;  // at or above every key's upper bound
+  // Upper mass per bin relative to e^{top}: the sum of chords, count * up_j - (up_j -
+  // up_{j+1}) * frac. Its roundings (n additions into count, frac and low, a few products) and
+  // the rounding of the grid positions (relative 2^-52 of |u| * kPerLogit, moving e^{-x} by
+  // 2^-52 |u|) are covered by `widen`.
+  const double widen = 1.0 + double(4 * n_ + 16) * 1.2e-16 + 4.5e-16 * (max_abs_ + std::fabs(top) + 1.0);
+  std::vector<double> up(kSelectBins + 1);
+  for (int32_t j = 0; j <= kSelectBins; ++j)
+    up[j] = (count_[j] * table.up[j] - (table.up[j] - table.up[j + 1]) * frac_[j]) * widen;
   int32_t last = kSelectBins;
   if (eps > 0.0) {
-    // The cut is chosen from bin bounds (no exp per key); the mass finally reported as left
-    // out is summed key by key below.
-    const BinBounds& table = bin_bounds();
-    std::vector<double> up(kSelectBins + 1, 0.0), lo(kSelectBins + 1, 0.0);
-    const double per_logit = kSelectBins / kSelectDepth;
-    for (int64_t i = 0; i < n; ++i) {
-      const double u = upper_logit(estimate[i], radius[i], scale);
-      const double l = lower_logit(estimate[i], radius[i], scale);
-      const int32_t b = int32_t(std::min<double>(std::floor((top - u) * per_logit), kSelectBins));
-      const int32_t bl = int32_t(std::min<double>(std::floor((top - l) * per_logit), kSelectBins));
-      bin_of[i] = b;
-      up[b] += table.upper[b];
-      lo[b] += table.lower[bl];
-    }
-    // left_after[j] = sum of up over bins > j; kept[j] = sum of lo over bins <= j.
+    // left_after[j] = sum of up over bins > j; kept = sum of low over bins <= j.
     std::vector<double> left_after(kSelectBins + 1, 0.0);
     for (int32_t j = kSelectBins - 1; j >= 0; --j) left_after[j] = left_after[j + 1] + up[j + 1];
     const double ratio = eps / (1.0 - eps);
     const double left_before = std::exp(before.log_mass - top);
     double kept = 0.0;
-    for (int32_t j = 0; j <= kSelectBins; ++j) {
-      kept += lo[j];
+    for (int32_t j = 0; j < kSelectBins; ++j) {
+      kept += low_[j] / widen;
       if (left_after[j] + left_before <= ratio * kept) {
         last = j;
         break;
@@ -89,22 +176,29 @@ RowSelection select_row(const float* estimate, const float* radius, const float*
     }
   }
   double left = 0.0;
-  out.v_left_max = before.v_max;
-  for (int64_t i = 0; i < n; ++i) {
-    chosen[i] = bin_of[i] <= last;
-    if (chosen[i]) {
-      ++out.kept;
-      out.v_kept_max = std::max(out.v_kept_max, double(v_norms[i]));
+  for (int32_t j = 0; j <= kSelectBins; ++j) {
+    if (j <= last) {
+      out.kept += int64_t(count_[j]);
+      out.v_kept_max = std::max(out.v_kept_max, double(v_max_[j]));
     } else {
-      left += std::exp(upper_logit(estimate[i], radius[i], scale) - top);
-      out.v_left_max = std::max(out.v_left_max, double(v_norms[i]));
+      left += up[j];
+      out.v_left_max = std::max(out.v_left_max, double(v_max_[j]));
     }
   }
-  // The double exps and their sum round: at most 2n + 4 roundings, each relative 2^-53.
-  if (left > 0.0) {
-    const double log_keys = top + std::log(left * (1.0 + double(2 * n + 4) * 1.2e-16));
-    out.log_left = log_add_up(before.log_mass, log_keys);
-  }
+  if (last < kSelectBins) *cut = ref_ + last;
+  // The sum over bins rounds at most kSelectBins + 1 times.
+  if (left > 0.0) out.log_left = log_add_up(before.log_mass, top + std::log(left * (1.0 + 2.5e-13)));
+  return out;
+}
+
+RowSelection select_row(const float* estimate, const float* radius, const float* v_norms, int64_t n,
+                        double scale, double eps, bool* chosen, const LeftOut& before) {
+  ScoreHistogram hist;
+  std::vector<int32_t> grid(static_cast<size_t>(n));
+  hist.add(estimate, radius, v_norms, n, scale, grid.data());
+  int32_t cut;
+  const RowSelection out = hist.finish(eps, before, &cut);
+  for (int64_t i = 0; i < n; ++i) chosen[i] = grid[i] <= cut;
   return out;
 }
 

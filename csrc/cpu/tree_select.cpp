@@ -38,11 +38,12 @@ struct HeadMass {
 class TwoLevelWalk {
  public:
   TwoLevelWalk(const index::HSRTree& tree, const float* q, int G, const SketchView* sketch,
-               double scale, double eps)
-      : tree_(tree), q_(q), G_(G), d_(tree.dim()), sketch_(sketch), scale_(scale),
+               const float* v_norms, double scale, double eps)
+      : tree_(tree), q_(q), G_(G), d_(tree.dim()), sketch_(sketch), v_norms_(v_norms), scale_(scale),
         stop_ratio_((sketch != nullptr ? kTreeShare : 1.0) * eps / (1.0 - eps)),
-        qnorm_(G), est_(G), rad_(G) {
+        qnorm_(G), hist_(G), grid_(G) {
     for (int g = 0; g < G; ++g) qnorm_[g] = tree.query_norm(q + int64_t(g) * d_);
+    if (sketch != nullptr) scanner_ = std::make_unique<IntervalScanner>(sketch->layout, q, G);
   }
 
   void run(TreeSelectStats& stats) {
@@ -94,8 +95,12 @@ class TwoLevelWalk {
   bool frontier_empty() const { return heap_.empty(); }
 
   const std::vector<int64_t>& candidates() const { return ids_; }
-  const std::vector<float>& estimate(int g) const { return est_[g]; }
-  const std::vector<float>& radius(int g) const { return rad_[g]; }
+  // With the sketch: head g's histogram of the candidates and their grid indices.
+  const ScoreHistogram& histogram(int g) const { return hist_[g]; }
+  const std::vector<int32_t>& grid(int g) const { return grid_[g]; }
+  bool finite() const {
+    return std::all_of(hist_.begin(), hist_.end(), [](const ScoreHistogram& h) { return h.finite(); });
+  }
 
  private:
   // Upper then lower logit bounds of node for the G heads, into out[0..2G).
@@ -149,22 +154,21 @@ class TwoLevelWalk {
     stats.keys_sketched += n;
     buf_est_.resize(size_t(G_) * n);
     buf_rad_.resize(size_t(G_) * n);
-    score_intervals_of_rows(sketch_->layout, q_, G_, sketch_->codes, sketch_->lo, sketch_->delta, ids, n,
-                            buf_est_.data(), buf_rad_.data(), n);
+    buf_v_.resize(size_t(n));
+    scanner_->run(sketch_->codes, sketch_->lo, sketch_->delta, ids, n, buf_est_.data(), buf_rad_.data(), n);
+    for (int64_t j = 0; j < n; ++j) buf_v_[j] = v_norms_[ids[j]];
     for (int g = 0; g < G_; ++g) {
-      const float* e = buf_est_.data() + int64_t(g) * n;
-      const float* r = buf_rad_.data() + int64_t(g) * n;
-      est_[g].insert(est_[g].end(), e, e + n);
-      rad_[g].insert(rad_[g].end(), r, r + n);
-      double best = kNegInf;
-      for (int64_t j = 0; j < n; ++j) best = std::max(best, (double(e[j]) - r[j]) * scale_);
-      raise_ref(g, best);
-      double add = 0.0;
-      for (int64_t j = 0; j < n; ++j)
-        add += std::exp(widen_down((double(e[j]) - r[j]) * scale_) - mass_[g].ref);
-      // The exps and the sum round up to 2n + 2 times: keep the kept mass a lower bound.
-      mass_[g].kept += add * (1.0 - double(2 * n + 4) * 1.2e-16);
+      const size_t at = grid_[g].size();
+      grid_[g].resize(at + n);
+      hist_[g].add(buf_est_.data() + int64_t(g) * n, buf_rad_.data() + int64_t(g) * n, buf_v_.data(), n, scale_,
+                   grid_[g].data() + at);
     }
+  }
+
+  // Head g's lower-bound mass of what was opened, relative to e^{ref}.
+  double kept_mass(int g) const {
+    if (sketch_ == nullptr) return mass_[g].kept;
+    return std::exp(hist_[g].log_kept_lower() - mass_[g].ref);
   }
 
   // Whether every head's frontier mass is within the tree's share of its kept mass; `exact`
@@ -175,7 +179,7 @@ class TwoLevelWalk {
         const double lf = log_frontier(g);
         mass_[g].frontier = lf == kNegInf ? 0.0 : std::exp(lf - mass_[g].ref);
       }
-      if (!(mass_[g].frontier <= stop_ratio_ * mass_[g].kept)) return false;
+      if (!(mass_[g].frontier <= stop_ratio_ * kept_mass(g))) return false;
     }
     return true;
   }
@@ -184,61 +188,48 @@ class TwoLevelWalk {
   const float* q_;
   int G_, d_;
   const SketchView* sketch_;
+  const float* v_norms_;
   double scale_, stop_ratio_;
   std::vector<double> qnorm_, root_upper_;
   std::vector<HeadMass> mass_;
   std::vector<Entry> heap_;
   std::vector<double> bounds_;
-  std::vector<int64_t> ids_;                        // opened keys, leaf after leaf
-  std::vector<std::vector<float>> est_, rad_;       // per head, aligned with ids_
-  std::vector<float> buf_est_, buf_rad_;
+  std::vector<int64_t> ids_;                  // opened keys, leaf after leaf
+  std::vector<ScoreHistogram> hist_;          // per head, over ids_ (with the sketch)
+  std::vector<std::vector<int32_t>> grid_;    // per head, aligned with ids_
+  std::unique_ptr<IntervalScanner> scanner_;
+  std::vector<float> buf_est_, buf_rad_, buf_v_;
 };
 
 }  // namespace
 
-void select_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView* sketch,
+bool select_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView* sketch,
                       const float* v_norms, double v_norm_max, double scale, double eps,
                       GroupSelection& out) {
   out = GroupSelection{};
   out.heads.assign(size_t(G), RowSelection{kNegInf, 0.0, 0.0, 0});
-  if (tree.size() == 0) return;
-  TwoLevelWalk walk(tree, q, G, sketch, scale, eps);
+  if (tree.size() == 0) return true;
+  TwoLevelWalk walk(tree, q, G, sketch, v_norms, scale, eps);
   walk.run(out.stats);
   const std::vector<int64_t>& ids = walk.candidates();
   const int64_t m = int64_t(ids.size());
-  std::vector<float> v_cand(static_cast<size_t>(m));
-  for (int64_t j = 0; j < m; ++j) v_cand[j] = v_norms[ids[j]];
-
-  std::vector<uint8_t> use(size_t(m) * G, 0);  // use[j * G + g]
-  std::vector<bool> any(size_t(m), false);
-  std::unique_ptr<bool[]> chosen(new bool[size_t(std::max<int64_t>(m, 1))]);
+  if (sketch == nullptr) {
+    // Opened leaves are kept whole.
+    for (int g = 0; g < G; ++g) {
+      RowSelection& sel = out.heads[g];
+      sel = RowSelection{walk.log_frontier(g), walk.frontier_empty() ? 0.0 : v_norm_max, 0.0, m};
+      for (int64_t j = 0; j < m; ++j) sel.v_kept_max = std::max(sel.v_kept_max, double(v_norms[ids[j]]));
+    }
+    collect_union(ids.data(), m, G, [](int, int64_t) { return true; }, out);
+    return true;
+  }
+  std::vector<int32_t> cut(static_cast<size_t>(G));
   for (int g = 0; g < G; ++g) {
     const LeftOut before{walk.log_frontier(g), walk.frontier_empty() ? 0.0 : v_norm_max};
-    RowSelection& sel = out.heads[g];
-    if (sketch != nullptr) {
-      sel = select_row(walk.estimate(g).data(), walk.radius(g).data(), v_cand.data(), m, scale, eps,
-                       chosen.get(), before);
-    } else {
-      std::fill(chosen.get(), chosen.get() + m, true);
-      sel = RowSelection{before.log_mass, before.v_max, 0.0, m};
-      for (int64_t j = 0; j < m; ++j) sel.v_kept_max = std::max(sel.v_kept_max, double(v_cand[j]));
-    }
-    for (int64_t j = 0; j < m; ++j)
-      if (chosen[j]) {
-        use[j * G + g] = 1;
-        any[j] = true;
-      }
+    out.heads[g] = walk.histogram(g).finish(eps, before, &cut[g]);
   }
-  std::vector<int64_t> order;
-  for (int64_t j = 0; j < m; ++j)
-    if (any[j]) order.push_back(j);
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
-  out.ids.reserve(order.size());
-  out.mask.reserve(order.size() * G);
-  for (const int64_t j : order) {
-    out.ids.push_back(ids[j]);
-    out.mask.insert(out.mask.end(), use.begin() + j * G, use.begin() + (j + 1) * G);
-  }
+  collect_union(ids.data(), m, G, [&](int g, int64_t j) { return walk.grid(g)[j] <= cut[g]; }, out);
+  return walk.finite();
 }
 
 }  // namespace hsr::sketch

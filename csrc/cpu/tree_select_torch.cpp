@@ -9,6 +9,7 @@
 
 #include "hsr/sketch/tree_select.h"
 #include "index_holders.h"
+#include "selection_pack.h"
 #include "sketch_checks.h"
 #include "value_checks.h"
 
@@ -65,60 +66,31 @@ IndexBatchHolder::certified_select(const at::Tensor& q_in, const std::optional<a
     check_per_key(*codes_in, at::kByte, batch, heads, rows, layout.code_bytes(), what, "codes");
     check_per_key(*lo_in, at::kFloat, batch, heads, rows, layout.groups(), what, "lo");
     check_per_key(*delta_in, at::kFloat, batch, heads, rows, layout.groups(), what, "delta");
-    codes = codes_in->contiguous(), lo = lo_in->contiguous(), delta = delta_in->contiguous();
+    codes = rows_contiguous(*codes_in), lo = rows_contiguous(*lo_in), delta = rows_contiguous(*delta_in);
   }
-  const at::Tensor q = q_in.contiguous(), v_norms = v_norms_in.contiguous();
+  const at::Tensor q = q_in.contiguous(), v_norms = rows_contiguous(v_norms_in);
   check_all_finite(q.const_data_ptr<float>(), q.numel(), what, "q");
   const int64_t hq = q.size(1), G = hq / heads, pairs = batch * heads;
-  const int64_t n = v_norms.size(2);
 
   std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
+  std::vector<char> finite(static_cast<size_t>(pairs), 1);
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       sketch::SketchView view{};
-      if (use_sketch) {
-        const int64_t rows_p = codes.size(2);
-        view = sketch::SketchView{layout, codes.const_data_ptr<uint8_t>() + p * rows_p * layout.code_bytes(),
-                                  lo.const_data_ptr<float>() + p * rows_p * layout.groups(),
-                                  delta.const_data_ptr<float>() + p * rows_p * layout.groups()};
-      }
+      if (use_sketch)
+        view = sketch::SketchView{layout, pair_rows<uint8_t>(codes, p, heads), pair_rows<float>(lo, p, heads),
+                                  pair_rows<float>(delta, p, heads)};
       const int64_t b = p / heads, h = p % heads;
-      sketch::select_two_level(trees[p], q.const_data_ptr<float>() + (b * hq + h * G) * dim, int(G),
-                               use_sketch ? &view : nullptr, v_norms.const_data_ptr<float>() + p * n,
-                               v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
+      finite[p] = sketch::select_two_level(trees[p], q.const_data_ptr<float>() + (b * hq + h * G) * dim, int(G),
+                                           use_sketch ? &view : nullptr, pair_rows<float>(v_norms, p, heads),
+                                           v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
     }
   });
+  for (int64_t p = 0; p < pairs; ++p)
+    TORCH_CHECK_VALUE(finite[p], what, ": a sketch score bound was not finite: codes, lo and delta must come from "
+                      "hsr.sketch_keys over finite keys");
 
-  int64_t total = 0;
-  for (const auto& s : sel) total += int64_t(s.ids.size());
-  at::Tensor offsets = at::empty({pairs + 1}, at::kLong);
-  at::Tensor ids = at::empty({total}, at::kLong);
-  at::Tensor mask = at::empty({total, G}, at::kBool);
-  at::Tensor log_left = at::empty({batch, hq}, at::kDouble);
-  at::Tensor v_left = at::empty({batch, hq}, at::kDouble), v_kept = at::empty({batch, hq}, at::kDouble);
-  at::Tensor kept = at::empty({batch, hq}, at::kLong);
-  at::Tensor stats_out = at::zeros({3}, at::kLong);
-  int64_t at_row = 0;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const auto& s = sel[p];
-    offsets.data_ptr<int64_t>()[p] = at_row;
-    std::copy(s.ids.begin(), s.ids.end(), ids.data_ptr<int64_t>() + at_row);
-    std::copy(s.mask.begin(), s.mask.end(), mask.data_ptr<bool>() + at_row * G);
-    at_row += int64_t(s.ids.size());
-    const int64_t b = p / heads, h = p % heads;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = b * hq + h * G + g;
-      log_left.data_ptr<double>()[r] = s.heads[g].log_left;
-      v_left.data_ptr<double>()[r] = s.heads[g].v_left_max;
-      v_kept.data_ptr<double>()[r] = s.heads[g].v_kept_max;
-      kept.data_ptr<int64_t>()[r] = s.heads[g].kept;
-    }
-    stats_out.data_ptr<int64_t>()[0] += s.stats.nodes_visited;
-    stats_out.data_ptr<int64_t>()[1] += s.stats.leaves_opened;
-    stats_out.data_ptr<int64_t>()[2] += s.stats.keys_sketched;
-  }
-  offsets.data_ptr<int64_t>()[pairs] = at_row;
-  return {offsets, ids, mask, log_left, v_left, v_kept, kept, stats_out};
+  return pack_selections(sel, batch, heads, G);
 }
 
 }  // namespace hsr

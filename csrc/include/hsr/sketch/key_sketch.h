@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace hsr::sketch {
 
@@ -39,6 +40,33 @@ struct SketchLayout {
 template <typename T>
 void quantize_keys(const SketchLayout& layout, const T* keys, int64_t n, uint8_t* codes,
                    float* lo, float* delta);
+
+// The sketch of one (batch, kv head)'s keys, rows indexed by key id.
+struct SketchView {
+  SketchLayout layout;
+  const uint8_t* codes;  // rows x code_bytes
+  const float* lo;       // rows x groups
+  const float* delta;    // rows x groups
+};
+
+// Score intervals of m fixed queries (row-major m x dim, float, finite), for keys streamed
+// through in blocks: the per-query terms are computed once. run() writes, for the keys
+// rows[0..count) (or 0..count when rows is null) of the sketch arrays given,
+// estimate[i * ld + j] and radius[i * ld + j] for key j (ld >= count): the exact <q_i, k_j>
+// lies in [estimate - radius, estimate + radius].
+class IntervalScanner {
+ public:
+  IntervalScanner(const SketchLayout& layout, const float* q, int64_t m);
+  void run(const uint8_t* codes, const float* lo, const float* delta, const int64_t* rows, int64_t count,
+           float* estimate, float* radius, int64_t ld);
+
+ private:
+  SketchLayout layout_;
+  const float* q_;
+  int64_t m_;
+  std::vector<float> qabs_, tile_;
+  float rounding_ = 0.0f, inflate_ = 0.0f;
+};
 
 // Score intervals of m queries (row-major m x dim, float, finite) against n sketched keys:
 // estimate[i * n + j] = <q_i, k_hat_j> (float) and radius[i * n + j] such that the exact

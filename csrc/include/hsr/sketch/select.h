@@ -1,11 +1,14 @@
 // Certified softmax selection from score intervals (DESIGN 4): per query row, keep the keys
 // in the fewest top bins of their upper bounds such that the upper-bound mass of the keys
 // left out is at most eps / (1 - eps) times the lower-bound mass of the keys kept. One
-// histogram and two prefix sums per row, no sort. Torch-free.
+// histogram and two prefix sums per row, no sort, no exp per key: each key's e^{u - top} is
+// bounded from a table (the chord between bin edges, within a factor 1 + 1.2e-4). Torch-free.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 namespace hsr::sketch {
 
@@ -14,12 +17,27 @@ namespace hsr::sketch {
 constexpr int kSelectBins = 2048;
 constexpr double kSelectDepth = 64.0;
 
+// Scaled bounds of a score interval est +- rad in double (logits), widened by a hair for the
+// double arithmetic itself.
+inline double upper_logit(float est, float rad, double scale) {
+  const double u = (double(est) + double(rad)) * scale;
+  return u + (u < 0 ? -u : u) * 1e-12 + 1e-300;
+}
+inline double lower_logit(float est, float rad, double scale) {
+  const double l = (double(est) - double(rad)) * scale;
+  return l - (l < 0 ? -l : l) * 1e-12 - 1e-300;
+}
+
 struct RowSelection {
   double log_left;    // log of sum e^{upper} over the keys left out (-inf when none)
   double v_left_max;  // largest value norm among the keys left out (0 when none)
   double v_kept_max;  // largest value norm among the keys kept
   int64_t kept;
 };
+
+// A lower bound of e^{-x} (x >= 0; e^0 = 1 below 0) within a factor 1 + 2e-4, from a table
+// (no exp call); 0 beyond kSelectDepth.
+double exp_neg_lower(double x);
 
 // log(e^a + e^b), rounded up (a or b may be -inf).
 double log_add_up(double a, double b);
@@ -30,6 +48,86 @@ struct LeftOut {
   double log_mass = -std::numeric_limits<double>::infinity();
   double v_max = 0.0;
 };
+
+// The certified cut of one row, built as keys stream in (blocks from a scan, or the leaves a
+// tree walk opens), in one pass: each key's upper bound lands in a bin of a grid at
+// 1 / kPerLogit logits (its grid index is returned, so the keys chosen are those whose index
+// is at most the cut), with bounds of its e^{upper} and e^{lower} taken from a table (no exp
+// per key). The histogram is kept relative to a reference at or above every upper bound so
+// far; a key above it moves the reference up and the bins down (at most kSelectBins of work,
+// and the reference keeps kHeadroom bins of room, so this is rare).
+class ScoreHistogram {
+ public:
+  static constexpr double kPerLogit = kSelectBins / kSelectDepth;  // a power of two: exact grid
+  static constexpr int32_t kHeadroom = 64;
+  static constexpr int32_t kAll = std::numeric_limits<int32_t>::max();
+
+  ScoreHistogram();
+  // Adds count keys with score intervals estimate +- radius (unscaled; scale > 0 makes
+  // logits) and value-norm bounds v_norms; writes their grid indices to grid[0..count).
+  void add(const float* estimate, const float* radius, const float* v_norms, int64_t count, double scale,
+           int32_t* grid);
+  // log of a lower bound of the softmax mass of every key added (-inf when none).
+  double log_kept_lower() const;
+  // The cut: keys with grid index <= *cut are kept (*cut = kAll keeps everything); see
+  // select_row for `before` and eps.
+  RowSelection finish(double eps, const LeftOut& before, int32_t* cut) const;
+  int64_t size() const { return n_; }
+  // False once a key with a non-finite interval was added (a corrupt sketch or query).
+  bool finite() const { return finite_; }
+
+ private:
+  void lower_reference(int32_t grid);
+
+  int32_t ref_ = kAll;  // grid index of bin 0: the reference e^{-ref / kPerLogit}
+  std::vector<double> count_, frac_, low_;
+  std::vector<float> v_max_;
+  double max_abs_ = 0.0;  // largest |upper logit|: sizes the rounding of the bin positions
+  double total_low_ = 0.0;  // sum of low_, relative to the reference
+  int64_t n_ = 0;
+  bool finite_ = true;
+};
+
+struct TreeSelectStats {
+  int64_t nodes_visited = 0;  // nodes whose bounds were computed
+  int64_t leaves_opened = 0;
+  int64_t keys_sketched = 0;  // keys whose sketch intervals were computed (all G heads)
+};
+
+// The selection for one (batch, kv head): the union of the heads' keys, ascending ids, with
+// mask[j * G + g] telling whether head g uses ids[j]; per head the certificate ingredients
+// (for ReLU, only `kept`).
+struct GroupSelection {
+  std::vector<int64_t> ids;
+  std::vector<uint8_t> mask;
+  std::vector<RowSelection> heads;
+  TreeSelectStats stats;
+};
+
+// Fills out.ids / out.mask from per-head choices: key j of `ids` (any order, no repeats) is
+// used by head g when chosen(g, j); the union comes out in ascending id order.
+template <typename Chosen>
+void collect_union(const int64_t* ids, int64_t count, int G, const Chosen& chosen, GroupSelection& out) {
+  std::vector<int64_t> order;
+  std::vector<uint8_t> use(size_t(count) * G);
+  for (int64_t j = 0; j < count; ++j) {
+    bool any = false;
+    for (int g = 0; g < G; ++g) {
+      use[j * G + g] = uint8_t(chosen(g, j));
+      any = any || use[j * G + g] != 0;
+    }
+    if (any) order.push_back(j);
+  }
+  bool sorted = true;
+  for (size_t i = 1; i < order.size() && sorted; ++i) sorted = ids[order[i - 1]] < ids[order[i]];
+  if (!sorted) std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  out.ids.reserve(order.size());
+  out.mask.reserve(order.size() * G);
+  for (const int64_t j : order) {
+    out.ids.push_back(ids[j]);
+    out.mask.insert(out.mask.end(), use.begin() + j * G, use.begin() + (j + 1) * G);
+  }
+}
 
 // One row of n keys: estimate +- radius are the (unscaled) score intervals, scale > 0 turns
 // them into logits; v_norms are upper bounds of the value norms. Writes chosen[0..n). The

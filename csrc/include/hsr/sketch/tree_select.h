@@ -8,8 +8,9 @@
 //    candidates). The walk stops once, for every head, the upper-bound mass of the nodes not
 //    expanded is at most a share of the lower-bound mass of the opened keys (checked exactly
 //    from the frontier before stopping).
-// 2. Key level: per head, the histogram rule of select_row over the opened keys' sketch
-//    intervals, with the unexpanded nodes' mass counted as already left out.
+// 2. Key level: per head, the histogram rule of select_row (a ScoreHistogram fed leaf by leaf)
+//    over the opened keys' sketch intervals, with the unexpanded nodes' mass counted as already
+//    left out.
 // Without the sketch level (tree only), opened leaves are kept whole and the walk stops when
 // the frontier's mass is within eps of the opened leaves' lower-bound mass.
 #pragma once
@@ -23,33 +24,11 @@
 
 namespace hsr::sketch {
 
-// The sketch of one tree's keys, rows indexed by the tree's point ids.
-struct SketchView {
-  SketchLayout layout;
-  const uint8_t* codes;  // rows x code_bytes
-  const float* lo;       // rows x groups
-  const float* delta;    // rows x groups
-};
-
-struct TreeSelectStats {
-  int64_t nodes_visited = 0;  // nodes whose bounds were computed
-  int64_t leaves_opened = 0;
-  int64_t keys_sketched = 0;  // keys whose sketch intervals were computed (all G heads)
-};
-
-// The selection for one (batch, kv head): the union of the heads' keys, ascending ids, with
-// mask[j * G + g] telling whether head g uses ids[j]; per head the certificate ingredients.
-struct GroupSelection {
-  std::vector<int64_t> ids;
-  std::vector<uint8_t> mask;
-  std::vector<RowSelection> heads;
-  TreeSelectStats stats;
-};
-
 // q: G rows of tree.dim() floats (finite). v_norms: upper bounds of the value norms, by id;
 // v_norm_max: an upper bound of all of them (what a pruned node's values are bounded by).
 // sketch: null for the tree-only selection. scale > 0; eps in [0, 1): 0 keeps every key.
-void select_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView* sketch,
+// Returns false when a sketch score bound came out non-finite (a corrupt sketch).
+bool select_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView* sketch,
                       const float* v_norms, double v_norm_max, double scale, double eps,
                       GroupSelection& out);
 

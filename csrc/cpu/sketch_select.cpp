@@ -1,0 +1,73 @@
+// Selection from the key sketch alone (see csrc/include/hsr/sketch/sketch_select.h).
+#include "hsr/sketch/sketch_select.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace hsr::sketch {
+namespace {
+
+// Keys per block: the block's G x kBlock intervals stay in L1/L2 between the scan and the
+// histograms.
+constexpr int64_t kBlock = 256;
+
+// Calls visit(j0, count, est, rad) for consecutive blocks of the n keys, with est/rad holding
+// G rows of kBlock intervals.
+template <typename Visit>
+void scan_blocks(const SketchView& sketch, int64_t n, const float* q, int G, const Visit& visit) {
+  const SketchLayout& l = sketch.layout;
+  IntervalScanner scanner(l, q, G);
+  std::vector<float> est(size_t(G) * kBlock), rad(size_t(G) * kBlock);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t count = std::min(kBlock, n - j0);
+    scanner.run(sketch.codes + j0 * l.code_bytes(), sketch.lo + j0 * l.groups(), sketch.delta + j0 * l.groups(),
+                nullptr, count, est.data(), rad.data(), kBlock);
+    visit(j0, count, est.data(), rad.data());
+  }
+}
+
+}  // namespace
+
+bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G, const float* v_norms,
+                      double scale, double eps, GroupSelection& out) {
+  out = GroupSelection{};
+  out.stats.keys_sketched = n;
+  std::vector<ScoreHistogram> hist(static_cast<size_t>(G));
+  std::vector<std::vector<int32_t>> grid(size_t(G), std::vector<int32_t>(static_cast<size_t>(n)));
+  scan_blocks(sketch, n, q, G, [&](int64_t j0, int64_t count, const float* est, const float* rad) {
+    for (int g = 0; g < G; ++g)
+      hist[g].add(est + g * kBlock, rad + g * kBlock, v_norms + j0, count, scale, grid[g].data() + j0);
+  });
+  std::vector<int32_t> cut(static_cast<size_t>(G));
+  for (int g = 0; g < G; ++g) out.heads.push_back(hist[g].finish(eps, LeftOut{}, &cut[g]));
+  std::vector<int64_t> ids(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) ids[j] = j;
+  collect_union(ids.data(), n, G, [&](int g, int64_t j) { return grid[g][j] <= cut[g]; }, out);
+  return std::all_of(hist.begin(), hist.end(), [](const ScoreHistogram& h) { return h.finite(); });
+}
+
+bool select_relu_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G, double scale, double bias,
+                           GroupSelection& out) {
+  out = GroupSelection{};
+  out.stats.keys_sketched = n;
+  out.heads.assign(size_t(G), RowSelection{0.0, 0.0, 0.0, 0});
+  std::vector<uint8_t> pass(size_t(G) * n);
+  bool finite = true;
+  scan_blocks(sketch, n, q, G, [&](int64_t j0, int64_t count, const float* est, const float* rad) {
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = 0; j < count; ++j) {
+        const double u = upper_logit(est[g * kBlock + j], rad[g * kBlock + j], scale);
+        finite = finite && std::isfinite(u);
+        const bool p = u > bias;
+        pass[g * n + j0 + j] = p;
+        out.heads[g].kept += p;
+      }
+  });
+  std::vector<int64_t> ids(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) ids[j] = j;
+  collect_union(ids.data(), n, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
+  return finite;
+}
+
+}  // namespace hsr::sketch

@@ -14,7 +14,9 @@ class TokenBuffers:
 
     _names: tuple = ()
 
-    def __init__(self, batch: int, shapes, dtype, device):
+    def __init__(self, batch: int, shapes, dtype, device, dtypes=None):
+        """dtypes: one dtype per buffer when they differ (internal buffers such as a key
+        sketch); `dtype` (float32, float16 or bfloat16) for all otherwise."""
         cls = type(self).__name__
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"{cls}: batch must be a positive integer, got {batch!r}")
@@ -24,7 +26,9 @@ class TokenBuffers:
         if len(shapes) != len(self._names):
             raise ValueError(f"{cls}: one (heads, width) per buffer {self._names}, got {shapes}")
         self._shapes = shapes
-        self._bufs = [torch.empty(batch, h, 0, w, dtype=dtype, device=self.device) for h, w in shapes]
+        self._dtypes = tuple(dtypes) if dtypes is not None else (dtype,) * len(shapes)
+        self._bufs = [torch.empty(batch, h, 0, w, dtype=t, device=self.device)
+                      for (h, w), t in zip(shapes, self._dtypes)]
         self._length = 0
 
     @property
@@ -40,13 +44,13 @@ class TokenBuffers:
         input raises and leaves the buffers unchanged."""
         cls = type(self).__name__
         n = None
-        for name, t, (h, w) in zip(self._names, tensors, self._shapes):
+        for name, t, (h, w), dtype in zip(self._names, tensors, self._shapes, self._dtypes):
             want = (self.batch, h, w)
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{cls}.append: {name} must be ({self.batch}, {h}, L, {w}), got {got}")
-            if t.dtype != self.dtype or t.device != self.device:
-                raise ValueError(f"{cls}.append: {name} must be {self.dtype} on {self.device}, got {t.dtype} on "
+            if t.dtype != dtype or t.device != self.device:
+                raise ValueError(f"{cls}.append: {name} must be {dtype} on {self.device}, got {t.dtype} on "
                                  f"{t.device}")
             if n is not None and t.shape[2] != n:
                 raise ValueError(f"{cls}.append: {self._names[0]} and {name} must hold the same number of tokens")
@@ -55,8 +59,8 @@ class TokenBuffers:
         if need > self._bufs[0].shape[2]:
             cap = max(need, 2 * self._bufs[0].shape[2], 64)
             grown = []
-            for old, (h, w) in zip(self._bufs, self._shapes):
-                new = torch.empty(self.batch, h, cap, w, dtype=self.dtype, device=self.device)
+            for old, (h, w), dtype in zip(self._bufs, self._shapes, self._dtypes):
+                new = torch.empty(self.batch, h, cap, w, dtype=dtype, device=self.device)
                 new[:, :, :self._length] = old[:, :, :self._length]
                 grown.append(new)
             self._bufs = grown
@@ -71,7 +75,7 @@ class TokenBuffers:
     @property
     def nbytes(self) -> int:
         """Bytes of what is held (not of the spare capacity)."""
-        return self._length * self.elements_per_token() * self.dtype.itemsize
+        return self._length * self.batch * sum(h * w * t.itemsize for (h, w), t in zip(self._shapes, self._dtypes))
 
     def reset(self) -> None:
         self._length = 0

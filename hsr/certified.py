@@ -159,7 +159,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         bits, group = (8, 32) if sketch is None else (sketch.bits, sketch.group)
         v_max = v_up_f.amax(-1) if v_norm_max is None else v_norm_max
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, index_stats = \
-            index._impl.certified_select(qf, *codes, bits, group, v_up_f.contiguous(), v_max.contiguous(), scale,
+            index._impl.certified_select(qf, *codes, bits, group, v_up_f, v_max.contiguous(), scale,
                                          eps_select)
     return _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
                                index_stats)

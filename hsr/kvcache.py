@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffers import KVCache
+from .buffers import KVCache, TokenBuffers
 from .certified import (certified_attention, relu_reported_attention, relu_sketch_attention, threshold_attention,
                         topk_attention, value_norm_bounds)
 from .index import HSRIndexBatch, KeyStats
@@ -41,6 +41,16 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 _SOFTMAX_SELECT = ("tree+sketch", "sketch", "tree")
+
+
+class _SketchBuffers(TokenBuffers):
+    """Per indexed key: its sketch (codes, lo, delta) and the bound of its value's norm."""
+
+    _names = ("codes", "lo", "delta", "v_norms")
+
+    def __init__(self, batch, heads, code_bytes, groups):
+        super().__init__(batch, ((heads, code_bytes), (heads, groups), (heads, groups), (heads, 1)), torch.float32,
+                         "cpu", dtypes=(torch.uint8, torch.float32, torch.float32, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,11 @@ class HSRKVCache:
         self._indexed = 0
         self._index = HSRIndexBatch(batch=self.batch, heads=self.num_kv_heads, d=self.head_dim,
                                     leaf_size=self.leaf_size)
-        self._sketch = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
-        self._v_norms = torch.empty(self.batch, self.num_kv_heads, 0)
+        empty = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
+        self._sketch_group = empty.group
+        # The indexed keys' sketch and value-norm bounds, growing like the keys (no copy of
+        # what is held when a leaf is added).
+        self._sketch_bufs = _SketchBuffers(self.batch, self.num_kv_heads, empty.codes.shape[-1], empty.lo.shape[-1])
         self._v_norm_max = torch.zeros(self.batch, self.num_kv_heads)
         # Running sums of the indexed keys and their squares, per (b, kv head): the key
         # statistics of the paper's threshold.
@@ -238,17 +251,24 @@ class HSRKVCache:
         k_new = self.keys[:, :, self._indexed:end]
         self._index.add(k_new.float())
         new = KeySketch.from_keys(k_new, bits=self.sketch_bits)
-        old = self._sketch
-        self._sketch = KeySketch(torch.cat([old.codes, new.codes], 2), torch.cat([old.lo, new.lo], 2),
-                                 torch.cat([old.delta, new.delta], 2), self.head_dim, self.sketch_bits,
-                                 new.group)
         new_norms = value_norm_bounds(self.values[:, :, self._indexed:end])
-        self._v_norms = torch.cat([self._v_norms, new_norms], 2)
+        self._sketch_bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1))
         self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
         k64 = k_new.double()
         self._k_sum += k64.sum(2)
         self._k_sumsq += (k64 * k64).sum(2)
         self._indexed = end
+
+    @property
+    def _sketch(self) -> KeySketch:
+        """The indexed keys' sketch (views of the growing buffers)."""
+        codes, lo, delta, _ = self._sketch_bufs.views()
+        return KeySketch(codes, lo, delta, self.head_dim, self.sketch_bits, self._sketch_group)
+
+    @property
+    def _v_norms(self) -> torch.Tensor:
+        """(B, Hkv, indexed) float32 upper bounds of the indexed values' norms (a view)."""
+        return self._sketch_bufs.views()[3][..., 0]
 
     def _key_stats(self) -> list:
         """KeyStats of the indexed keys per (b, kv head), in (b, h) order."""

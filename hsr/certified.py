@@ -170,7 +170,7 @@ def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, sel
     the left-out upper-bound mass and the largest value norms left out and kept."""
     offsets_t, ids_t, mask_t = selection
     B, Hq, _, D = q.shape
-    Hkv, n = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     qf = q[:, :, 0].float()
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
@@ -183,7 +183,9 @@ def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, sel
     pairs = B * Hkv
     per_pair = offsets_t[1:] - offsets_t[:-1]
     pair_of_row = torch.repeat_interleave(torch.arange(pairs), per_pair)
-    k_norm = k.reshape(pairs, n, D)[pair_of_row, ids_t].float().norm(dim=1)            # (u,)
+    # Indexed per (b, h) rather than through k.reshape: a cache's k is a strided view, and
+    # reshaping it would copy every key.
+    k_norm = k[pair_of_row // Hkv, pair_of_row % Hkv, ids_t].float().norm(dim=1)        # (u,)
     k_kept = k_norm.unsqueeze(1).expand(-1, G).masked_fill(~mask_t, 0.0)                # (u, G)
     k_max = torch.zeros(pairs, G).scatter_reduce_(0, pair_of_row.unsqueeze(1).expand(-1, G), k_kept, "amax")
     largest = k_max.view(B, Hq).double() * qf.norm(dim=-1).double() * (1.0 + 1e-4)

@@ -40,7 +40,7 @@ from .sketch import KeySketch
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_SOFTMAX_SELECT = ("tree+sketch", "sketch", "tree")
+_SOFTMAX_SELECT = ("auto", "tree+sketch", "sketch", "tree")
 
 
 class _SketchBuffers(TokenBuffers):
@@ -57,11 +57,13 @@ class _SketchBuffers(TokenBuffers):
 class Softmax:
     """Certified softmax: the softmax mass left out is at most eps (0 <= eps < 1).
     select: how the keys to read are chosen: "tree+sketch" (the tree prunes whole nodes, the
-    key sketch then prunes keys inside the leaves kept), "sketch" (every key's sketch interval)
-    or "tree" (whole leaves, no sketch)."""
+    key sketch then prunes keys inside the leaves kept), "sketch" (every key's sketch interval,
+    in one streaming pass), "tree" (whole leaves, no sketch), or "auto" (the default: the cache
+    times tree+sketch and sketch at its probe steps and keeps the faster; both certify the same
+    way, the tree only pays when it prunes whole clusters)."""
 
     eps: float = 1e-3
-    select: str = "tree+sketch"
+    select: str = "auto"
     # The paper's fixed-threshold mode instead of eps: keys with scale * <q, k> >= threshold
     # (a float, in logits) or the paper's rule ("paper", hsr.paper_threshold over the kv
     # head's key statistics); the certificate is still computed and reported, with no promise.
@@ -120,7 +122,9 @@ class DecodeInfo:
     the indexed keys read, in hsr.sparse_attention's form (offsets, ids, mask; ids are
     positions), None when nothing is indexed yet or the step read densely; the tail (positions
     from cache.indexed_length on) is always attended as well. path: "sparse" or "dense" (with
-    dense_fallback, a step reads every key when that was timed faster: bounds 0, exact)."""
+    dense_fallback, a step reads every key when that was timed faster: bounds 0, exact);
+    select: the selection the step used ("tree+sketch", "sketch" or "tree" for certified
+    softmax, "sketch" or "index" for ReLU; None for dense steps and the other policies)."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor
@@ -130,6 +134,7 @@ class DecodeInfo:
     seconds: float
     selection: tuple | None = None
     path: str = "sparse"
+    select: str | None = None
 
 
 class HSRKVCache:
@@ -186,8 +191,10 @@ class HSRKVCache:
         # statistics of the paper's threshold.
         self._k_sum = torch.zeros(self.batch, self.num_kv_heads, self.head_dim, dtype=torch.float64)
         self._k_sumsq = torch.zeros_like(self._k_sum)
-        # The path decode takes ("sparse" or "dense") and the steps until both are timed again.
+        # The path decode takes ("sparse" or "dense"), the selection of select="auto", and the
+        # steps until the candidates are timed again.
         self._path, self._until_probe = "sparse", 0
+        self._auto_select = "tree+sketch"
 
     @property
     def length(self) -> int:
@@ -291,30 +298,49 @@ class HSRKVCache:
         self._append(k_new, v_new)
         if self.length - self._indexed >= self.leaf_size:
             self._index_up_to(self.length)
-        if not self.dense_fallback:
-            path, result = "sparse", self._attend(q)
-        elif self._until_probe == 0:
-            path, result = self._probe(q)
+        candidates = self._candidates()
+        if len(candidates) > 1 and self._until_probe == 0:
+            path, select, result = self._probe(q, candidates)
         else:
-            path = self._path
-            result = self._attend(q) if path == "sparse" else self._attend_dense(q)
+            path, select = ("sparse", candidates[0][1]) if len(candidates) == 1 else (self._path, self._auto_select)
+            result = self._attend(q, select) if path == "sparse" else self._attend_dense(q)
         self._until_probe = self.probe_every - 1 if self._until_probe == 0 else self._until_probe - 1
         out, info, selection = result
-        return out, DecodeInfo(*info, seconds=time.perf_counter() - start, selection=selection, path=path)
+        return out, DecodeInfo(*info, seconds=time.perf_counter() - start, selection=selection, path=path,
+                               select=self._reported_select(path, select))
 
-    def _probe(self, q):
-        """Times the sparse and the dense path on this step's query and keeps the faster one
-        for the next probe_every steps: when the bounds cannot prune, decode reads densely
-        instead of paying for a selection that keeps nearly everything. Returns the path and
-        its result for this step."""
-        t = time.perf_counter()
-        sparse = self._attend(q)
-        sparse_s = time.perf_counter() - t
-        t = time.perf_counter()
-        dense = self._attend_dense(q)
-        dense_s = time.perf_counter() - t
-        self._path = "sparse" if sparse_s <= dense_s else "dense"
-        return self._path, sparse if self._path == "sparse" else dense
+    def _candidates(self):
+        """The (path, selection) pairs decode chooses among: the policy's selection ("auto"
+        offers tree+sketch and sketch) and, with dense_fallback, reading every key."""
+        policy = self.policy
+        certified = isinstance(policy, Softmax) and policy.threshold is None
+        if certified and policy.select == "auto":
+            sparse = [("sparse", "tree+sketch"), ("sparse", "sketch")]
+        else:
+            sparse = [("sparse", policy.select if certified or isinstance(policy, ReLU) else None)]
+        return sparse + ([("dense", None)] if self.dense_fallback else [])
+
+    @staticmethod
+    def _reported_select(path, select):
+        return None if path == "dense" else select
+
+    def _probe(self, q, candidates):
+        """Times every candidate path on this step's query and keeps the fastest for the next
+        probe_every steps: when the bounds cannot prune, decode reads densely instead of paying
+        for a selection that keeps nearly everything, and select="auto" drops the tree walk when
+        it does not pay. Returns the path, selection and result kept for this step."""
+        best = None
+        for path, select in candidates:
+            t = time.perf_counter()
+            result = self._attend(q, select) if path == "sparse" else self._attend_dense(q)
+            seconds = time.perf_counter() - t
+            if best is None or seconds < best[0]:
+                best = (seconds, path, select, result)
+        _, path, select, result = best
+        self._path = path
+        if path == "sparse":
+            self._auto_select = select
+        return path, select, result
 
     def _dense_kwargs(self):
         if isinstance(self.policy, (Softmax, TopK)):
@@ -334,7 +360,7 @@ class HSRKVCache:
         """Bytes of one key and its value in full precision (one kv head)."""
         return (self.head_dim + self.value_dim) * self.dtype.itemsize
 
-    def _selection_bytes(self, info) -> int:
+    def _selection_bytes(self, info, select) -> int:
         """Bytes the certified selection read: every key's sketch and value norm without the
         tree; with it, the node summaries it visited (centroid and box, float32), the sketch
         of the keys in the leaves it opened and their value norms."""
@@ -346,10 +372,10 @@ class HSRKVCache:
             return self._sketch.nbytes + self._v_norms.numel() * 4
         nodes, _, sketched = (int(x) for x in info.index_stats)
         per_key = self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
-        opened = sketched if self.policy.select != "tree" else int(info.keys_read.sum())
+        opened = sketched if select != "tree" else int(info.keys_read.sum())
         return nodes * 3 * self.head_dim * 4 + sketched * per_key + opened * 4
 
-    def _select_and_attend(self, q, k_idx, v_idx):
+    def _select_and_attend(self, q, k_idx, v_idx, select):
         """The softmax-family policies over the indexed keys: (out, CertifiedInfo)."""
         policy = self.policy
         if isinstance(policy, TopK):
@@ -362,12 +388,11 @@ class HSRKVCache:
                                            v_norms=self._v_norms)
             return threshold_attention(q, k_idx, v_idx, self._index, self._sketch, threshold=policy.threshold,
                                        scale=self.scale, v_norms=self._v_norms, key_stats=stats)
-        select = policy.select
         return certified_attention(q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=policy.eps,
                                    scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
                                    index=None if select == "sketch" else self._index)
 
-    def _attend(self, q):
+    def _attend(self, q, select=None):
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
         G = Hq // Hkv
         n_idx, tail = self._indexed, self.length - self._indexed
@@ -384,7 +409,7 @@ class HSRKVCache:
         if n_idx:
             k_idx, v_idx = self.keys[:, :, :n_idx], self.values[:, :, :n_idx]
             if softmax:
-                out, info = self._select_and_attend(q, k_idx, v_idx)
+                out, info = self._select_and_attend(q, k_idx, v_idx, select)
                 mass = info.mass_bound
                 # Left-out mass is measured against the kept keys only; the tail adds to what is
                 # kept, so the bound stays valid, and its values join the kept ones.
@@ -392,7 +417,7 @@ class HSRKVCache:
                               else torch.zeros(B, Hkv, dtype=torch.float64))
                 kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
                 error = mass * (info.v_left_max + kept_max)
-                bytes_read += self._selection_bytes(info)
+                bytes_read += self._selection_bytes(info, select)
             elif self.policy.select == "index":
                 out, info = relu_reported_attention(q, k_idx, v_idx, self._index, bias=self.policy.bias,
                                                     alpha=self.policy.alpha, scale=self.scale,

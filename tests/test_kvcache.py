@@ -223,3 +223,37 @@ def test_dense_fallback_times_both_paths_and_stays_exact_or_certified(policy, mo
             assert info.selection is None and (info.mass_bound == 0).all() and (info.keys_read == t + 1).all()
     # Probes at steps 0, 4, 8 and 12: the sparse path wins the first two, the dense one the rest.
     assert paths == ["sparse"] * 8 + ["dense"] * 8
+
+
+def test_auto_selection_keeps_the_faster_of_tree_and_sketch(monkeypatch):
+    k, v, g = stream("clustered", 1, 2, 300, 32, seed=4)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=hsr.Softmax(eps=1e-2), dense_fallback=False, probe_every=4)
+    cache.prefill(k[:, :, :200], v[:, :, :200])
+    attend = cache._attend
+    slow = {"tree+sketch"}
+
+    def timed(q, select=None):
+        if select in slow:
+            time.sleep(0.05)
+        return attend(q, select)
+
+    monkeypatch.setattr(cache, "_attend", timed)
+    selects = []
+    for t in range(200, 216):
+        if t == 208:
+            slow.clear()
+            slow.add("sketch")
+        q = torch.randn(1, 4, 1, 32, generator=g)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        selects.append(info.select)
+        assert info.path == "sparse"
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+        err = (out.double() - ref).norm(dim=-1)[..., 0]
+        assert (err <= info.error_bound + 1e-5).all() and (info.mass_bound <= 1e-2).all()
+    # Probes at steps 0, 4, 8, 12: the sketch wins the first two, the tree walk the rest.
+    assert selects == ["sketch"] * 8 + ["tree+sketch"] * 8
+    # An explicit selection is used as given, and reported.
+    fixed = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=hsr.Softmax(eps=1e-2, select="tree"), dense_fallback=False)
+    fixed.prefill(k[:, :, :200], v[:, :, :200])
+    _, info = fixed.decode(torch.randn(1, 4, 1, 32, generator=g), k[:, :, 200:201], v[:, :, 200:201])
+    assert info.select == "tree" and info.path == "sparse"

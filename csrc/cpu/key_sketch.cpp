@@ -254,8 +254,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void intervals_tile_avx
     if (fixed) {
       // The hardware prefetcher alone leaves the scan waiting on memory at long context.
       if (j + kPrefetchKeys < j0 + count) {
-        const uint8_t* ahead = codes + (rows == nullptr ? j + kPrefetchKeys : rows[j + kPrefetchKeys]) * cb;
+        const int64_t next = rows == nullptr ? j + kPrefetchKeys : rows[j + kPrefetchKeys];
+        const uint8_t* ahead = codes + next * cb;
         for (int b = 0; b < cb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+        if (rows != nullptr) {  // gathered keys: their scales are not in a stream either
+          _mm_prefetch(reinterpret_cast<const char*>(lo + next * ng), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(delta + next * ng), _MM_HINT_T0);
+        }
       }
       if (d == 128)
         intervals_rows_fixed<8>(group_of_chunk, qt.q, m, c, lo_r, de_r, est + j, ld);

@@ -43,7 +43,7 @@ bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G
   for (int g = 0; g < G; ++g) out.heads.push_back(hist[g].finish(eps, LeftOut{}, &cut[g]));
   std::vector<int64_t> ids(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) ids[j] = j;
-  collect_union(ids.data(), n, G, [&](int g, int64_t j) { return grid[g][j] <= cut[g]; }, out);
+  collect_union(ids.data(), n, n, G, [&](int g, int64_t j) { return grid[g][j] <= cut[g]; }, out);
   return std::all_of(hist.begin(), hist.end(), [](const ScoreHistogram& h) { return h.finite(); });
 }
 
@@ -66,7 +66,7 @@ bool select_relu_by_sketch(const SketchView& sketch, int64_t n, const float* q, 
   });
   std::vector<int64_t> ids(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) ids[j] = j;
-  collect_union(ids.data(), n, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
+  collect_union(ids.data(), n, n, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
   return finite;
 }
 

@@ -220,7 +220,7 @@ bool select_two_level(const index::HSRTree& tree, const float* q, int G, const S
       sel = RowSelection{walk.log_frontier(g), walk.frontier_empty() ? 0.0 : v_norm_max, 0.0, m};
       for (int64_t j = 0; j < m; ++j) sel.v_kept_max = std::max(sel.v_kept_max, double(v_norms[ids[j]]));
     }
-    collect_union(ids.data(), m, G, [](int, int64_t) { return true; }, out);
+    collect_union(ids.data(), m, tree.next_id(), G, [](int, int64_t) { return true; }, out);
     return true;
   }
   std::vector<int32_t> cut(static_cast<size_t>(G));
@@ -228,7 +228,7 @@ bool select_two_level(const index::HSRTree& tree, const float* q, int G, const S
     const LeftOut before{walk.log_frontier(g), walk.frontier_empty() ? 0.0 : v_norm_max};
     out.heads[g] = walk.histogram(g).finish(eps, before, &cut[g]);
   }
-  collect_union(ids.data(), m, G, [&](int g, int64_t j) { return walk.grid(g)[j] <= cut[g]; }, out);
+  collect_union(ids.data(), m, tree.next_id(), G, [&](int g, int64_t j) { return walk.grid(g)[j] <= cut[g]; }, out);
   return walk.finite();
 }
 

@@ -104,10 +104,12 @@ struct GroupSelection {
   TreeSelectStats stats;
 };
 
-// Fills out.ids / out.mask from per-head choices: key j of `ids` (any order, no repeats) is
-// used by head g when chosen(g, j); the union comes out in ascending id order.
+// Fills out.ids / out.mask from per-head choices: key j of `ids` (any order, no repeats, each
+// below id_limit) is used by head g when chosen(g, j); the union comes out in ascending id
+// order (sorted, or bucketed by id when the union is a large share of id_limit).
 template <typename Chosen>
-void collect_union(const int64_t* ids, int64_t count, int G, const Chosen& chosen, GroupSelection& out) {
+void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, const Chosen& chosen,
+                   GroupSelection& out) {
   std::vector<int64_t> order;
   std::vector<uint8_t> use(size_t(count) * G);
   for (int64_t j = 0; j < count; ++j) {
@@ -120,7 +122,15 @@ void collect_union(const int64_t* ids, int64_t count, int G, const Chosen& chose
   }
   bool sorted = true;
   for (size_t i = 1; i < order.size() && sorted; ++i) sorted = ids[order[i - 1]] < ids[order[i]];
-  if (!sorted) std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  if (!sorted && int64_t(order.size()) * 16 > id_limit) {
+    std::vector<int64_t> slot_of(static_cast<size_t>(id_limit), -1);
+    for (const int64_t j : order) slot_of[ids[j]] = j;
+    order.clear();
+    for (const int64_t j : slot_of)
+      if (j >= 0) order.push_back(j);
+  } else if (!sorted) {
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  }
   out.ids.reserve(order.size());
   out.mask.reserve(order.size() * G);
   for (const int64_t j : order) {

@@ -143,7 +143,7 @@ class HSRKVCache:
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device="cpu", leaf_size: int = 64, sketch: str = "int8", policy=None,
-                 scale: float | None = None, dense_fallback: bool = True, probe_every: int = 32,
+                 scale: float | None = None, dense_fallback: bool = True, probe_every: int = 128,
                  value_dim: int | None = None):
         value_dim = head_dim if value_dim is None else value_dim
         for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),

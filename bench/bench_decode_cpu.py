@@ -11,13 +11,14 @@ are for the last step (all n keys). Dense baselines over the same n keys:
 torch SDPA (enable_gqa) and hsr.attention. Quality is measured against fp64 dense attention:
 the true left-out softmax mass (total-variation distance of the selection; the largest over
 every step and head) and the output error, next to the certified bounds the step reported.
-Softmax runs with each selection: tree+sketch (the default), sketch (every key's sketch) and
-tree (whole leaves); top-1024 (the index's exact top-k) and the paper's threshold
-(hsr.paper_threshold; its keys read is the fraction reported, 1 - TV the mass it covers) report
-their certificate without a promise; each forced to the sparse path (dense_fallback=False); the "auto" row is
-the default cache (select="auto", dense_fallback): at its probe steps (every probe_every) it
-times tree+sketch, sketch and the dense path and keeps the fastest (named in the row); the
-probe step itself, which runs all three, is in the steps timed. Medians over --steps steps.
+Softmax runs with each selection: tree+sketch, sketch (every key's sketch) and tree (whole
+leaves); top-1024 (the index's exact top-k) and the paper's threshold (hsr.paper_threshold;
+its keys read is the fraction reported, 1 - TV the mass it covers) report their certificate
+without a promise; each forced to the sparse path (dense_fallback=False). The "default" row
+is the default cache (select="auto", dense_fallback): at its probe steps (every probe_every)
+it times tree+sketch, sketch and the dense path and keeps the fastest; the probe step
+itself, which runs all three, is among the steps timed; the row's name ends with the path
+kept. Medians over --steps steps.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     err, _ = quality(q, k, v, out, policy, info.selection, cache.indexed_length)
     dense_bytes = 2 * heads_kv * n * d * k.element_size()
     name = policy_name(policy)
-    if fallback:
-        name += f" auto ({info.path}" + (f", {info.select})" if info.select else ")")
+    if fallback:  # the default cache: the path and selection its probe kept
+        name = f"softmax eps={policy.eps:g} default -> {info.select or info.path}"
     return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,

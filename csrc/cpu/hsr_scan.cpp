@@ -40,12 +40,18 @@ __attribute__((target("avx"))) void score_points_avx(const float* q, int rows, i
                                                      int64_t lds) {
   score_rows_as<cpu::f32x8>(q, rows, dim, x, n, s, lds);
 }
+__attribute__((target("avx512f,fma"))) void score_points_avx512(const float* q, int rows, int dim,
+                                                                const float* x, int64_t n, float* s,
+                                                                int64_t lds) {
+  score_rows_as<cpu::f32x16>(q, rows, dim, x, n, s, lds);
+}
 #endif
 
 using ScoreFn = void (*)(const float*, int, int, const float*, int64_t, float*, int64_t);
 
 ScoreFn pick_score_kernel() {
 #ifdef HSR_HAVE_AVX_KERNEL
+  if (cpu::has_avx512()) return score_points_avx512;
   if (__builtin_cpu_supports("avx")) return score_points_avx;
 #endif
   return score_points_sse;

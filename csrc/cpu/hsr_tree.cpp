@@ -83,18 +83,19 @@ std::vector<float> principal_direction(const float* rows, int d, int64_t count, 
   return v;
 }
 
-// The build's passes over all points, compiled twice (AVX and the x86-64 baseline) and chosen
+// The build's passes over all points, compiled three times (AVX-512, AVX and the x86-64
+// baseline) and chosen
 // at load time: building is bound by these loops. Their results only choose splits and feed
 // bounds whose rounding slack holds for any summation order.
 #if defined(__x86_64__) && defined(__GNUC__)
-#define HSR_AVX_CLONES __attribute__((target_clones("avx", "default")))
+#define HSR_AVX_CLONES __attribute__((target_clones("avx512f", "avx", "default")))
 #else
 #define HSR_AVX_CLONES
 #endif
 
-// Node bounds in fp32 vectors (8-wide AVX when the CPU has it, else 4-wide SSE). Any
-// summation order of n products is within gamma_{n+1} * sum|terms| of the exact value; the
-// caller widens by that, so a bound computed here never cuts a point.
+// Node bounds in fp32 vectors (16-wide AVX-512 or 8-wide AVX when the CPU has it, else
+// 4-wide SSE). Any summation order of n products is within gamma_{n+1} * sum|terms| of the
+// exact value; the caller widens by that, so a bound computed here never cuts a point.
 struct NodeSums {
   float qc;                 // <q, c>
   float box_hi, box_lo;     // sum_t max(q_t lo_t, q_t hi_t), sum_t min(...)
@@ -154,20 +155,31 @@ __attribute__((target("avx"))) NodeSums box_sums_avx(const float* q, const float
                                                      const float* hi, int d) {
   return box_sums_as<cpu::f32x8>(q, lo, hi, d);
 }
+__attribute__((target("avx512f,fma"))) float centroid_dot_avx512(const float* q, const float* c, int d) {
+  return centroid_dot_as<cpu::f32x16>(q, c, d);
+}
+__attribute__((target("avx512f,fma"))) NodeSums box_sums_avx512(const float* q, const float* lo,
+                                                                const float* hi, int d) {
+  return box_sums_as<cpu::f32x16>(q, lo, hi, d);
+}
 const bool kUseAvx = __builtin_cpu_supports("avx");
+const bool kUseAvx512 = cpu::has_avx512();
 #else
 const bool kUseAvx = false;
+const bool kUseAvx512 = false;
 #endif
 #pragma GCC diagnostic pop
 
 float centroid_dot(const float* q, const float* c, int d) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (kUseAvx512) return centroid_dot_avx512(q, c, d);
   if (kUseAvx) return centroid_dot_avx(q, c, d);
 #endif
   return centroid_dot_sse(q, c, d);
 }
 NodeSums box_sums(const float* q, const float* lo, const float* hi, int d) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (kUseAvx512) return box_sums_avx512(q, lo, hi, d);
   if (kUseAvx) return box_sums_avx(q, lo, hi, d);
 #endif
   return box_sums_sse(q, lo, hi, d);

@@ -65,6 +65,14 @@ __attribute__((always_inline)) inline float hsum(f32x8 v) {
   return hsum(f32x4{v[0], v[1], v[2], v[3]} + f32x4{v[4], v[5], v[6], v[7]});
 }
 
+// 16 floats: one AVX-512 register, under the same rule (only inside functions compiled for
+// AVX-512 and chosen at run time, see has_avx512).
+typedef float f32x16 __attribute__((vector_size(64)));
+__attribute__((always_inline)) inline float hsum(f32x16 v) {
+  return hsum(f32x8{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]} +
+              f32x8{v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]});
+}
+
 // s[r * lds + t] = <q_r, k_t> for r < RB, t < n; q holds RB rows of d floats, key t starts
 // at k + t * ldk. V is the vector type (f32x4, or f32x8 inside an AVX-compiled caller, which
 // this is always inlined into). Each row's sum is formed in the same order whatever RB is.

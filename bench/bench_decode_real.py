@@ -90,8 +90,8 @@ def main():
     dtype = getattr(torch, args.dtype)
     layers = args.layers if args.layers else list(range(len(data["k"])))
     steps = min(args.steps, data["q"][0].shape[1])
-    policies = [(hsr.Softmax(eps=1e-3), "int8"), (hsr.Softmax(eps=1e-3, select="sketch"), "int8"),
-                (hsr.Softmax(eps=1e-3), "int4"), (hsr.Softmax(eps=1e-2), "int8"),
+    policies = [(hsr.Softmax(eps=1e-3, select="tree+sketch"), "int8"), (hsr.Softmax(eps=1e-3, select="sketch"), "int8"),
+                (hsr.Softmax(eps=1e-3, select="sketch"), "int4"), (hsr.Softmax(eps=1e-2, select="sketch"), "int8"),
                 (hsr.Softmax(threshold="paper"), "int8")]
     rows = []
     for policy, sketch in policies:

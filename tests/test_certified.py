@@ -445,3 +445,30 @@ def test_sketch_select_bad_inputs_and_opcheck():
         relu(q, sk.codes, sk.lo, sk.delta * float("nan"), 8, 32, 0.1, 0.0)
     torch.library.opcheck(sel.default, (q, *args, vn, 0.1, 1e-2))
     torch.library.opcheck(relu.default, (q, *args, 0.1, 0.0))
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "spread"])
+def test_select_by_bounds_when_the_best_key_keeps_moving(order):
+    # Keys arriving in ascending score order move the histogram's reference at almost every
+    # key (and across more than its depth); the rule and the reported mass must still hold.
+    g = torch.Generator().manual_seed(11)
+    n = 3000
+    if order == "spread":  # scores over ~200 logits: most keys fall past the histogram's depth
+        est = torch.linspace(-1600, 0, n)[torch.randperm(n, generator=g)]
+    else:
+        est = torch.linspace(-400, 40, n) * (1 if order == "ascending" else -1)
+    est = est.view(1, n)
+    rad = torch.rand(1, n, generator=g) * 0.5
+    vn = torch.rand(n, generator=g)
+    scale = 0.125
+    for eps in (1e-1, 1e-3, 1e-6):
+        chosen, log_left, v_left, v_kept = torch.ops.hsr.select_by_bounds(est, rad, vn, scale, eps)
+        up = (est.double() + rad.double()) * scale
+        lo = (est.double() - rad.double()) * scale
+        kept, left = chosen[0], ~chosen[0]
+        z_low = torch.logsumexp(lo[0, kept], 0)
+        t_up = torch.logsumexp(up[0, left], 0) if left.any() else torch.tensor(float("-inf"))
+        assert float(t_up) <= float(log_left[0]) <= float(t_up) + math.log1p(1.25e-4) + 1e-12
+        assert float(t_up - z_low) <= math.log(eps / (1 - eps)) + 1e-9
+        assert float(up[0, kept].min()) >= float(up[0, left].max()) - 64 / 2048 - 1e-9 if left.any() else True
+        assert float(v_kept[0]) == float(vn[kept].max())

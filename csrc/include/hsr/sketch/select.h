@@ -2,7 +2,8 @@
 // in the fewest top bins of their upper bounds such that the upper-bound mass of the keys
 // left out is at most eps / (1 - eps) times the lower-bound mass of the keys kept. One
 // histogram and two prefix sums per row, no sort, no exp per key: each key's e^{u - top} is
-// bounded from a table (the chord between bin edges, within a factor 1 + 1.2e-4). Torch-free.
+// bounded from a table (the chord between bin edges, within a factor 1 + 1.2e-4; keys more
+// than kSelectDepth logits below the best count e^{-kSelectDepth} each). Torch-free.
 #pragma once
 
 #include <algorithm>

@@ -16,13 +16,9 @@ double log_add_up(double a, double b) {
   return hi + std::log1p(std::exp(lo - hi)) * (1.0 + 1e-12) + std::fabs(hi) * 1e-15;
 }
 
-// e^{-x} for x >= 0 (a logit's distance below a reference), bounded both ways from a table
-// at steps of 1 / kPerLogit, so that no key needs an exp: with x = (j + f) / kPerLogit,
-//   upper: the chord (1 - f) e^{-j/p} + f e^{-(j+1)/p} (e^{-x} is convex), within a factor
-//          1 + (1/p)^2 / 8 of the truth;
-//   lower: e^{-j/p} (1 - f / p) (as e^{-y} >= 1 - y), within 1 + (1/p)^2 / 2.
-// Beyond kSelectDepth everything shares one bin with upper e^{-kSelectDepth} and lower 0. The
-// table is widened by far more than the exp's rounding.
+// The grid positions of a chunk of keys are computed in one vectorised loop (compiled for
+// AVX-512 and AVX2 as well, chosen at load time; no-trapping-math lets the compares and the
+// clamping vectorise, and no code here reads the floating-point exception flags).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HSR_SELECT_CLONES \
   __attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-trapping-math")))
@@ -57,29 +53,7 @@ const ExpTable& exp_table() {
   return table;
 }
 
-// Grid position of logit x: x * kPerLogit = -(index + frac), frac in [0, 1). Indices are
-// clamped to +-2^30 (logits beyond 3e7): a clamped upper bound sits higher, a clamped lower
-// bound's mass is dropped, so every bound stays valid.
-struct GridPos {
-  int32_t index;
-  double frac;
-};
-GridPos grid_of(double x) {
-  constexpr double kLimit = 1073741824.0;
-  const double t = -x * kPerLogit;
-  if (!(t > -kLimit)) return {-int32_t(kLimit), 0.0};
-  if (!(t < kLimit)) return {int32_t(kLimit), 0.0};
-  const double j = std::floor(t);
-  return {int32_t(j), t - j};
-}
-
 }  // namespace
-
-double exp_neg_lower(double x) {
-  const GridPos p = grid_of(-std::max(x, 0.0));
-  if (p.index >= kSelectBins) return 0.0;
-  return exp_table().down[p.index] * (1.0 - p.frac / kPerLogit);
-}
 
 ScoreHistogram::ScoreHistogram()
     : count_(kSelectBins + 1, 0.0), frac_(kSelectBins + 1, 0.0), low_(kSelectBins + 1, 0.0),

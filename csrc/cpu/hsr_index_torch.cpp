@@ -125,24 +125,22 @@ struct ScanWork {
   int part;
 };
 
-// Cuts the scan queries of every tree into blocks of kScanRows and, when there are fewer
-// blocks than twice the threads, each block's points into pieces, so every thread has work.
+// One block per tree with all of its scan queries (one pass over its points serves them all)
+// and, when there are fewer trees than twice the threads, its points cut into pieces, so
+// every thread has work.
 std::vector<ScanWork> plan_scans(const std::vector<std::vector<int64_t>>& by_tree,
                                  const ScanCache* caches, int& parts) {
   int64_t blocks = 0;
-  for (const auto& qs : by_tree) blocks += (int64_t(qs.size()) + index::kScanRows - 1) / index::kScanRows;
+  for (const auto& qs : by_tree) blocks += qs.empty() ? 0 : 1;
   const int64_t want = 2 * int64_t(at::get_num_threads());
   parts = int(std::max<int64_t>(1, (want + blocks - 1) / std::max<int64_t>(1, blocks)));
   std::vector<ScanWork> work;
   for (int64_t t = 0; t < int64_t(by_tree.size()); ++t) {
     const auto& qs = by_tree[t];
+    if (qs.empty()) continue;
     const int64_t n = caches[t].points.size();
     const int64_t pieces = std::clamp<int64_t>(n / kMinScanPiece, 1, parts);
-    for (size_t b = 0; b < qs.size(); b += index::kScanRows) {
-      std::vector<int64_t> block(qs.begin() + b, qs.begin() + std::min(qs.size(), b + index::kScanRows));
-      for (int64_t p = 0; p < pieces; ++p)
-        work.push_back({t, block, n * p / pieces, n * (p + 1) / pieces, int(p)});
-    }
+    for (int64_t p = 0; p < pieces; ++p) work.push_back({t, qs, n * p / pieces, n * (p + 1) / pieces, int(p)});
   }
   return work;
 }
@@ -170,11 +168,10 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
       else topk_parts[i].assign(parts, index::TopK(k));
     }
   at::parallel_for(0, int64_t(work.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(size_t(index::kScanRows) * d);
     for (int64_t wi = begin; wi < end; ++wi) {
       const ScanWork& w = work[wi];
       const int rows = int(w.queries.size());
-      float th[index::kScanRows];
+      std::vector<float> qbuf(static_cast<size_t>(rows) * d), th(static_cast<size_t>(rows));
       for (int r = 0; r < rows; ++r) {
         const int64_t i = w.queries[r];
         std::memcpy(qbuf.data() + r * d, qp + i * d, sizeof(float) * d);
@@ -182,8 +179,8 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
       }
       const index::IdOrderedPoints& pts = caches[w.tree].points;
       if (k < 0) {
-        std::vector<Hit> out[index::kScanRows];
-        index::scan_range(pts, w.begin, w.end, qbuf.data(), rows, th, out);
+        std::vector<std::vector<Hit>> out(static_cast<size_t>(rows));
+        index::scan_range(pts, w.begin, w.end, qbuf.data(), rows, th.data(), out.data());
         for (int r = 0; r < rows; ++r) range_parts[w.queries[r]][w.part] = std::move(out[r]);
       } else {
         std::vector<index::TopK> best(rows, index::TopK(k));

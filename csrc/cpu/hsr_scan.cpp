@@ -59,15 +59,19 @@ ScoreFn pick_score_kernel() {
 
 const ScoreFn kScoreKernel = pick_score_kernel();
 
-// Calls visit(r, score, id) for every query r and point of [begin, end).
+// Calls visit(r, scores, ids, n) for every query r and tile of points of [begin, end): tiles
+// outside, queries inside, so the points are read from memory once for all queries.
 template <typename Visit>
 void for_each_score(const IdOrderedPoints& pts, int64_t begin, int64_t end, const float* q,
                     int rows, const Visit& visit) {
   float s[kScanRows * kScanTile];
   for (int64_t t0 = begin; t0 < end; t0 += kScanTile) {
     const int64_t n = std::min(kScanTile, end - t0);
-    score_points(q, rows, pts.dim, pts.points.data() + t0 * pts.dim, n, s, kScanTile);
-    for (int r = 0; r < rows; ++r) visit(r, s + r * kScanTile, pts.ids.data() + t0, n);
+    for (int r0 = 0; r0 < rows; r0 += kScanRows) {
+      const int block = std::min(kScanRows, rows - r0);
+      score_points(q + int64_t(r0) * pts.dim, block, pts.dim, pts.points.data() + t0 * pts.dim, n, s, kScanTile);
+      for (int r = 0; r < block; ++r) visit(r0 + r, s + r * kScanTile, pts.ids.data() + t0, n);
+    }
   }
 }
 

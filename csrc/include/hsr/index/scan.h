@@ -45,18 +45,20 @@ struct IdOrderedPoints {
   static IdOrderedPoints from_tree(const HSRTree& tree);
 };
 
-// Most queries one scan pass scores together: each point loaded feeds this many queries.
+// Most queries the scoring kernel takes at once: each point loaded feeds this many queries.
 constexpr int kScanRows = 4;
 
 // s[r * lds + t] = <q_r, x_t> for r < rows (1..kScanRows; q rows contiguous), t < n, where
-// x holds n rows of dim floats. Every index path scores with this one kernel (8-wide AVX when
-// the CPU has it, else 4-wide SSE), so a score does not depend on the path that computed it.
+// x holds n rows of dim floats. Every index path scores with this one kernel (16-wide AVX-512
+// or 8-wide AVX when the CPU has it, else 4-wide SSE), so a score does not depend on the path
+// that computed it.
 void score_points(const float* q, int rows, int dim, const float* x, int64_t n, float* s,
                   int64_t lds);
 
-// Queries q (rows <= kScanRows rows of dim floats, contiguous) against the points
-// [begin, end) of `pts`: appends the hits of query r with score >= thresh[r] to out[r], in id
-// order.
+// Queries q (any number of rows of dim floats, contiguous) against the points [begin, end)
+// of `pts`, in one pass over the points (a tile of points is scored against every query,
+// kScanRows at a time, while it is in cache): appends the hits of query r with score >=
+// thresh[r] to out[r], in id order.
 void scan_range(const IdOrderedPoints& pts, int64_t begin, int64_t end, const float* q, int rows,
                 const float* thresh, std::vector<Hit>* out);
 // Same for top-k: offers every point of [begin, end) to best[r].

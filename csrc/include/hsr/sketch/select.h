@@ -36,10 +36,6 @@ struct RowSelection {
   int64_t kept;
 };
 
-// A lower bound of e^{-x} (x >= 0; e^0 = 1 below 0) within a factor 1 + 2e-4, from a table
-// (no exp call); 0 beyond kSelectDepth.
-double exp_neg_lower(double x);
-
 // log(e^a + e^b), rounded up (a or b may be -inf).
 double log_add_up(double a, double b);
 

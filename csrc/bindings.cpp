@@ -66,6 +66,10 @@ TORCH_LIBRARY(hsr, m) {
       "sketch_relu_select(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, float scale, "
       "float bias) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // The vector tier the CPU kernels run with: "sse", "avx" or "avx512" (the CPU's widest,
+  // capped by the environment variable HSR_SIMD when the library loaded).
+  m.def("cpu_simd_tier() -> str");
+
   // The half-space reporting index over float32 points (CPU). Python wraps these as
   // hsr.HSRIndex / hsr.HSRIndexBatch (hsr/index.py). last_stats: [nodes_visited,
   // points_scored, results, queries_that_scanned, queries] of the last query call.

@@ -52,7 +52,7 @@ using ScoreFn = void (*)(const float*, int, int, const float*, int64_t, float*, 
 ScoreFn pick_score_kernel() {
 #ifdef HSR_HAVE_AVX_KERNEL
   if (cpu::has_avx512()) return score_points_avx512;
-  if (__builtin_cpu_supports("avx")) return score_points_avx;
+  if (cpu::has_avx()) return score_points_avx;
 #endif
   return score_points_sse;
 }

@@ -162,7 +162,7 @@ __attribute__((target("avx512f,fma"))) NodeSums box_sums_avx512(const float* q, 
                                                                 const float* hi, int d) {
   return box_sums_as<cpu::f32x16>(q, lo, hi, d);
 }
-const bool kUseAvx = __builtin_cpu_supports("avx");
+const bool kUseAvx = cpu::has_avx();
 const bool kUseAvx512 = cpu::has_avx512();
 #else
 const bool kUseAvx = false;

@@ -295,7 +295,7 @@ TileFn pick_tile_kernel() {
   if (cpu::has_avx512()) return intervals_tile_avx512;
 #endif
 #ifdef HSR_HAVE_AVX_TILE
-  if (__builtin_cpu_supports("avx")) return intervals_tile_avx;
+  if (cpu::has_avx()) return intervals_tile_avx;
 #endif
   return intervals_tile_sse;
 }

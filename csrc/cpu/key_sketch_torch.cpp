@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
+#include "hsr/cpu/vec_math.h"
 #include "hsr/sketch/key_sketch.h"
 #include "hsr/sketch/select.h"
 #include "hsr/types.h"
@@ -151,6 +153,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_by_bounds_cpu(
 }
 
 }  // namespace
+
+// No tensor argument to dispatch on: a catch-all kernel.
+TORCH_LIBRARY_IMPL(hsr, CompositeExplicitAutograd, m) {
+  m.impl("cpu_simd_tier", []() -> std::string {
+    switch (cpu::simd_tier()) {
+      case cpu::SimdTier::kAvx512: return "avx512";
+      case cpu::SimdTier::kAvx: return "avx";
+      default: return "sse";
+    }
+  });
+}
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("sketch_keys", &sketch_keys_cpu);

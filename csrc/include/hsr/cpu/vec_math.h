@@ -5,24 +5,43 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "hsr/types.h"
 
 namespace hsr::cpu {
 
-// Whether the CPU runs AVX-512 (F, BW, VL) and FMA: the widest kernels are compiled for it
-// with target attributes and chosen at run time, so the wheel still runs on the x86-64
-// baseline.
-inline bool has_avx512() {
+// The widest vector kernels the CPU runs. Kernels are compiled for each tier with target
+// attributes and chosen at load time, so the wheel still runs on the x86-64 baseline. The
+// environment variable HSR_SIMD ("sse", "avx" or "avx512") caps the tier, so that every
+// kernel path can be tested on one machine (it is read once, when the library loads).
+enum class SimdTier { kSse = 0, kAvx = 1, kAvx512 = 2 };
+
+inline SimdTier detect_simd_tier() {
+  SimdTier tier = SimdTier::kSse;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
+  if (__builtin_cpu_supports("avx")) tier = SimdTier::kAvx;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+    tier = SimdTier::kAvx512;
 #endif
+  const char* cap = std::getenv("HSR_SIMD");
+  if (cap != nullptr) {
+    const std::string c(cap);
+    const SimdTier limit = c == "sse" ? SimdTier::kSse : c == "avx" ? SimdTier::kAvx : SimdTier::kAvx512;
+    tier = std::min(tier, limit);
+  }
+  return tier;
 }
+
+inline SimdTier simd_tier() {
+  static const SimdTier tier = detect_simd_tier();
+  return tier;
+}
+inline bool has_avx() { return simd_tier() >= SimdTier::kAvx; }
+inline bool has_avx512() { return simd_tier() >= SimdTier::kAvx512; }
 
 inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];

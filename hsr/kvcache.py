@@ -191,10 +191,10 @@ class HSRKVCache:
         # statistics of the paper's threshold.
         self._k_sum = torch.zeros(self.batch, self.num_kv_heads, self.head_dim, dtype=torch.float64)
         self._k_sumsq = torch.zeros_like(self._k_sum)
-        # The path decode takes ("sparse" or "dense"), the selection of select="auto", and the
-        # steps until the candidates are timed again.
+        # The path decode takes ("sparse" or "dense"), the selection the last probe kept for the
+        # sparse path, and the steps until the candidates are timed again.
         self._path, self._until_probe = "sparse", 0
-        self._auto_select = "tree+sketch"
+        self._kept_select = "tree+sketch"
 
     @property
     def length(self) -> int:
@@ -302,7 +302,7 @@ class HSRKVCache:
         if len(candidates) > 1 and self._until_probe == 0:
             path, select, result = self._probe(q, candidates)
         else:
-            path, select = ("sparse", candidates[0][1]) if len(candidates) == 1 else (self._path, self._auto_select)
+            path, select = ("sparse", candidates[0][1]) if len(candidates) == 1 else (self._path, self._kept_select)
             result = self._attend(q, select) if path == "sparse" else self._attend_dense(q)
         self._until_probe = self.probe_every - 1 if self._until_probe == 0 else self._until_probe - 1
         out, info, selection = result
@@ -339,7 +339,7 @@ class HSRKVCache:
         _, path, select, result = best
         self._path = path
         if path == "sparse":
-            self._auto_select = select
+            self._kept_select = select
         return path, select, result
 
     def _dense_kwargs(self):

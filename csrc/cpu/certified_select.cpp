@@ -55,9 +55,7 @@ const ExpTable& exp_table() {
 
 }  // namespace
 
-ScoreHistogram::ScoreHistogram()
-    : count_(kSelectBins + 1, 0.0), frac_(kSelectBins + 1, 0.0), low_(kSelectBins + 1, 0.0),
-      v_max_(kSelectBins + 1, 0.0f) {}
+ScoreHistogram::ScoreHistogram() : bins_(kSelectBins + 1) {}
 
 void ScoreHistogram::lower_reference(int32_t grid) {
   const int32_t target = grid - kHeadroom;
@@ -70,21 +68,19 @@ void ScoreHistogram::lower_reference(int32_t grid) {
   for (int32_t j = kSelectBins; j >= 0; --j) {
     const int64_t to = std::min<int64_t>(j + s, kSelectBins);
     if (to == j) continue;
+    Bin& src = bins_[j];
+    Bin& dst = bins_[to];
     if (to == kSelectBins) {
       // Deeper than the table: the deepest bin counts e^{-kSelectDepth} per key.
-      count_[kSelectBins] += count_[j];
-      low_[kSelectBins] += low_[j] * scale_low;
-      v_max_[kSelectBins] = std::max(v_max_[kSelectBins], v_max_[j]);
+      dst.count += src.count;
+      dst.low += src.low * scale_low;
+      dst.v_max = std::max(dst.v_max, src.v_max);
     } else {
-      count_[to] = count_[j];
-      frac_[to] = frac_[j];
-      low_[to] = low_[j] * scale_low;
-      v_max_[to] = v_max_[j];
+      dst = Bin{src.count, src.frac, src.low * scale_low, src.v_max};
     }
-    count_[j] = frac_[j] = low_[j] = 0.0;
-    v_max_[j] = 0.0f;
+    src = Bin{};
   }
-  frac_[kSelectBins] = 0.0;
+  bins_[kSelectBins].frac = 0.0;
   total_low_ *= scale_low;
   ref_ = target;
 }
@@ -148,17 +144,19 @@ void ScoreHistogram::add(const float* estimate, const float* radius, const float
       max_abs_ = std::max(max_abs_, (std::abs(double(index)) + 1.0) / kPerLogit);
       const int64_t bin = int64_t(index) - ref_;
       if (bin >= kSelectBins) {
-        count_[kSelectBins] += 1.0;
-        v_max_[kSelectBins] = std::max(v_max_[kSelectBins], v_norms[i]);
+        Bin& deep = bins_[kSelectBins];
+        deep.count += 1.0;
+        deep.v_max = std::max(deep.v_max, v_norms[i]);
         continue;
       }
-      count_[bin] += 1.0;
-      frac_[bin] += pos.up_frac[k];
-      v_max_[bin] = std::max(v_max_[bin], v_norms[i]);
+      Bin& b = bins_[bin];
+      b.count += 1.0;
+      b.frac += pos.up_frac[k];
+      b.v_max = std::max(b.v_max, v_norms[i]);
       const int64_t bin_l = int64_t(pos.low_index[k]) - ref_;
       if (bin_l < kSelectBins) {
         const double low = table.down[bin_l] * (1.0 - pos.low_frac[k] / kPerLogit);
-        low_[bin] += low;
+        b.low += low;
         total_low_ += low;
       }
     }
@@ -186,7 +184,7 @@ RowSelection ScoreHistogram::finish(double eps, const LeftOut& before, int32_t* 
   const double widen = 1.0 + double(4 * n_ + 16) * 1.2e-16 + 4.5e-16 * (max_abs_ + std::fabs(top) + 1.0);
   std::vector<double> up(kSelectBins + 1);
   for (int32_t j = 0; j <= kSelectBins; ++j)
-    up[j] = (count_[j] * table.up[j] - (table.up[j] - table.up[j + 1]) * frac_[j]) * widen;
+    up[j] = (bins_[j].count * table.up[j] - (table.up[j] - table.up[j + 1]) * bins_[j].frac) * widen;
   int32_t last = kSelectBins;
   if (eps > 0.0) {
     // left_after[j] = sum of up over bins > j; kept = sum of low over bins <= j.
@@ -196,7 +194,7 @@ RowSelection ScoreHistogram::finish(double eps, const LeftOut& before, int32_t* 
     const double left_before = std::exp(before.log_mass - top);
     double kept = 0.0;
     for (int32_t j = 0; j < kSelectBins; ++j) {
-      kept += low_[j] / widen;
+      kept += bins_[j].low / widen;
       if (left_after[j] + left_before <= ratio * kept) {
         last = j;
         break;
@@ -206,11 +204,11 @@ RowSelection ScoreHistogram::finish(double eps, const LeftOut& before, int32_t* 
   double left = 0.0;
   for (int32_t j = 0; j <= kSelectBins; ++j) {
     if (j <= last) {
-      out.kept += int64_t(count_[j]);
-      out.v_kept_max = std::max(out.v_kept_max, double(v_max_[j]));
+      out.kept += int64_t(bins_[j].count);
+      out.v_kept_max = std::max(out.v_kept_max, double(bins_[j].v_max));
     } else {
       left += up[j];
-      out.v_left_max = std::max(out.v_left_max, double(v_max_[j]));
+      out.v_left_max = std::max(out.v_left_max, double(bins_[j].v_max));
     }
   }
   if (last < kSelectBins) *cut = ref_ + last;

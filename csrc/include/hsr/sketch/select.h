@@ -76,9 +76,15 @@ class ScoreHistogram {
  private:
   void lower_reference(int32_t grid);
 
+  // Per bin of the keys' upper bounds: their count and summed grid fractions (the chord
+  // bound of their upper mass), the lower-bound mass of the same keys and their largest value
+  // norm; one cache line holds all four.
+  struct Bin {
+    double count = 0.0, frac = 0.0, low = 0.0;
+    float v_max = 0.0f;
+  };
   int32_t ref_ = kAll;  // grid index of bin 0: the reference e^{-ref / kPerLogit}
-  std::vector<double> count_, frac_, low_;
-  std::vector<float> v_max_;
+  std::vector<Bin> bins_;
   double max_abs_ = 0.0;  // largest |upper logit|: sizes the rounding of the bin positions
   double total_low_ = 0.0;  // sum of low_, relative to the reference
   int64_t n_ = 0;

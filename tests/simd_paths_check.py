@@ -2,7 +2,6 @@
 tier (sse, avx, avx512) give certified sketch intervals, exact index results and valid
 certificates. Exits 77 when the CPU does not run the tier asked for."""
 
-import math
 import sys
 
 import torch

@@ -8,9 +8,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class TokenBuffers:
-    """(B, heads, length, width) tensors that grow together along length (doubling, so an
-    append does not copy what is held); subclasses name them in ``_names``, one name per
-    (heads, width) in ``shapes``."""
+    """(B, heads, length, width) tensors that grow together along length (by doubling, so
+    appends cost amortised O(1); the first fill gets an eighth more room, so the steps right
+    after a prefill copy nothing); subclasses name them in ``_names``, one name per (heads,
+    width) in ``shapes``."""
 
     _names: tuple = ()
 
@@ -57,7 +58,8 @@ class TokenBuffers:
             n = t.shape[2]
         need = self._length + n
         if need > self._bufs[0].shape[2]:
-            cap = max(need, 2 * self._bufs[0].shape[2], 64)
+            old_cap = self._bufs[0].shape[2]
+            cap = max(need + (need // 8 if old_cap == 0 else 0), 2 * old_cap, 64)
             grown = []
             for old, (h, w), dtype in zip(self._bufs, self._shapes, self._dtypes):
                 new = torch.empty(self.batch, h, cap, w, dtype=dtype, device=self.device)

@@ -257,3 +257,20 @@ def test_auto_selection_keeps_the_faster_of_tree_and_sketch(monkeypatch):
     fixed.prefill(k[:, :, :200], v[:, :, :200])
     _, info = fixed.decode(torch.randn(1, 4, 1, 32, generator=g), k[:, :, 200:201], v[:, :, 200:201])
     assert info.select == "tree" and info.path == "sparse"
+
+
+def test_buffers_leave_room_after_the_first_fill():
+    from hsr.buffers import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(1, 2, 8)
+    k = torch.randn(1, 2, 800, 8, generator=g)
+    cache.append(k, k)
+    held = cache.keys.data_ptr()
+    for t in range(100):  # within the eighth of headroom: no copy
+        cache.append(k[:, :, t:t + 1], k[:, :, t:t + 1])
+        assert cache.keys.data_ptr() == held
+    cache.append(k, k)  # past it: the buffers grow, and keep what they held
+    assert cache.keys.data_ptr() != held and cache.length == 1700
+    assert torch.equal(cache.keys[:, :, :800], k) and torch.equal(cache.keys[:, :, 900:], k)
+    assert torch.equal(cache.values[:, :, 800:900], k[:, :, :100])

@@ -60,6 +60,14 @@ TORCH_LIBRARY(hsr, m) {
   m.def(
       "sketch_select(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, Tensor v_norms, "
       "float scale, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same selection, plus the left-out keys' estimated softmax weights per block of `block`
+  // consecutive keys (hsr.Softmax(estimate=True)): weights (B, Hq, ceil(n / block)) float64,
+  // relative to e^{log_ref}, log_ref (B, Hq) float64. An estimate from the sketch scores, not
+  // a bound.
+  m.def(
+      "sketch_select_estimate(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, "
+      "Tensor v_norms, float scale, float eps, int block) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
   // ReLU: every key whose scaled sketch upper bound exceeds bias; (offsets, ids, mask, keys per
   // (batch, q head)).
   m.def(

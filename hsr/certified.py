@@ -17,7 +17,7 @@ top). This is the per-key level of the two-level selection; the tree level is no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -119,12 +119,18 @@ class CertifiedInfo:
     # With an index: int64 [nodes_visited, leaves_opened, keys_sketched] summed over the
     # trees; None without.
     index_stats: torch.Tensor | None = None
+    # With value_blocks (the estimate mode), per (batch, q head): the estimated share of the
+    # softmax mass added in for the keys left out (lambda_hat) and the largest norm of a block
+    # value mean (rounded up); error_bound includes lambda_hat * (that norm + v_kept_max).
+    estimate_share: torch.Tensor | None = None
+    estimate_norm: torch.Tensor | None = None
 
 
 def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch | None, *,
                         eps: float, scale: float | None = None, v_norms: torch.Tensor | None = None,
-                        v_norm_max: torch.Tensor | None = None,
-                        index=None) -> tuple[torch.Tensor, CertifiedInfo]:
+                        v_norm_max: torch.Tensor | None = None, index=None,
+                        value_blocks: torch.Tensor | None = None,
+                        block: int | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
     """Softmax attention of decode queries q (B, Hq, 1, D) over k, v (B, Hkv, n, D) (CPU),
     reading in full only the keys the bounds cannot certify away; see the module docstring.
 
@@ -135,6 +141,14 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     interval is computed. v_norms (B, Hkv, n): value_norm_bounds(v), computed from v when not
     given (a cache keeps them); v_norm_max (B, Hkv): their maximum (taken from v_norms when not
     given). eps in [0, 1): 0 selects everything (exact).
+
+    value_blocks (B, Hkv, ceil(n / block), Dv) float32, the mean value of each block of `block`
+    consecutive keys (sketch selection only): the estimate mode (hsr.Softmax(estimate=True)).
+    The keys left out are not dropped but added in approximately: each with the softmax weight
+    of its sketch score (the centre of its interval) and its block's mean value. Not certified
+    as an approximation; info.mass_bound still certifies the selection, and info.error_bound
+    still bounds |o - out| (exact arithmetic): mass_bound * (v_left + v_kept) + lambda_hat *
+    (max block-mean norm + v_kept), lambda_hat the estimated share added in.
     """
     what = "hsr.certified_attention"
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
@@ -149,7 +163,18 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     # A hair stricter than eps: the certificate computed afterwards uses the kernel's
     # normaliser, deflated for its float rounding.
     eps_select = eps * (1.0 - 1e-3)
-    if index is None:
+    estimate = None
+    if value_blocks is not None:
+        if index is not None or sketch is None:
+            raise ValueError(f"{what}: value_blocks (the estimate mode) needs the sketch selection (no index)")
+        _check_value_blocks(what, value_blocks, block, B, Hkv, n, v.shape[3])
+    if index is None and value_blocks is not None:
+        offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, weights, log_ref = \
+            torch.ops.hsr.sketch_select_estimate(qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits,
+                                                 sketch.group, v_up_f, scale, eps_select, block)
+        estimate = (weights, log_ref, value_blocks)
+        index_stats = None
+    elif index is None:
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected = _select_by_sketch(
             qf, sketch, v_up_f, scale, eps_select)
         index_stats = None
@@ -161,8 +186,42 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, index_stats = \
             index._impl.certified_select(qf, *codes, bits, group, v_up_f, v_max.contiguous(), scale,
                                          eps_select)
-    return _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
-                               index_stats)
+    out, info = _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
+                                    index_stats)
+    return (out, info) if estimate is None else _add_estimate(out, info, *estimate)
+
+
+def _check_value_blocks(what, value_blocks, block, B, Hkv, n, Dv):
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{what}: block must be a positive integer with value_blocks, got {block!r}")
+    want = (B, Hkv, -(-n // block), Dv)
+    if not isinstance(value_blocks, torch.Tensor) or value_blocks.dtype != torch.float32 \
+            or tuple(value_blocks.shape) != want:
+        raise ValueError(f"{what}: value_blocks must be float32 {want} (the mean value of each block of {block} "
+                         f"keys)")
+
+
+def _add_estimate(out, info, weights, log_ref, value_blocks):
+    """Merges the selected keys' attention (out, info.lse) with the estimate of the keys left
+    out (per-block weights relative to e^{log_ref}, block means value_blocks), in float64;
+    returns (out, info) with the merged lse and the widened error bound."""
+    B, Hq, _, Dv = out.shape
+    Hkv = value_blocks.shape[1]
+    G = Hq // Hkv
+    total = weights.sum(-1)                                                          # (B, Hq)
+    blocks = value_blocks.double().repeat_interleave(G, 1)                          # (B, Hq, nb, Dv)
+    o_left = torch.einsum("bhn,bhnd->bhd", weights, blocks) / total.clamp(min=1e-300).unsqueeze(-1)
+    lse_s = info.lse.double()
+    lse_t = torch.where(total > 0, log_ref + total.clamp(min=1e-300).log(), torch.full_like(total, float("-inf")))
+    m = torch.maximum(lse_s, lse_t)
+    w_s, w_t = torch.exp(lse_s - m), torch.exp(lse_t - m)
+    share = w_t / (w_s + w_t)                                                        # lambda_hat
+    merged = (1 - share).unsqueeze(-1) * out[:, :, 0].double() + share.unsqueeze(-1) * o_left
+    block_norm = (value_blocks.double().norm(dim=-1).amax(-1) * (1 + 1e-6)).repeat_interleave(G, 1)  # (B, Hq)
+    error = info.error_bound + share * (block_norm + info.v_kept_max)
+    lse = (m + torch.log(w_s + w_t)).float()
+    return merged.to(out.dtype).unsqueeze(2), replace(info, error_bound=error, lse=lse, estimate_share=share,
+                                                     estimate_norm=block_norm)
 
 
 def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats):

@@ -43,6 +43,15 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SOFTMAX_SELECT = ("auto", "tree+sketch", "sketch", "tree")
 
 
+class _BlockMeans(TokenBuffers):
+    """Per leaf_size block of indexed keys: the mean of its values (the estimate mode)."""
+
+    _names = ("mean",)
+
+    def __init__(self, batch, heads, value_dim):
+        super().__init__(batch, ((heads, value_dim),), torch.float32, "cpu")
+
+
 class _SketchBuffers(TokenBuffers):
     """Per indexed key: its sketch (codes, lo, delta) and the bound of its value's norm."""
 
@@ -60,10 +69,15 @@ class Softmax:
     key sketch then prunes keys inside the leaves kept), "sketch" (every key's sketch interval,
     in one streaming pass), "tree" (whole leaves, no sketch), or "auto" (the default: the cache
     times tree+sketch and sketch at its probe steps and keeps the faster; both certify the same
-    way, the tree only pays when it prunes whole clusters)."""
+    way, the tree only pays when it prunes whole clusters).
+    estimate: the uncertified speed mode: the keys left out are added in approximately (their
+    sketch scores and the mean value of their leaf_size block of the cache) instead of
+    dropped; mass_bound still certifies the selection and error_bound still bounds the output
+    error (larger by the estimated share times the value norms); the sketch selection only."""
 
     eps: float = 1e-3
     select: str = "auto"
+    estimate: bool = False
     # The paper's fixed-threshold mode instead of eps: keys with scale * <q, k> >= threshold
     # (a float, in logits) or the paper's rule ("paper", hsr.paper_threshold over the kv
     # head's key statistics); the certificate is still computed and reported, with no promise.
@@ -74,6 +88,11 @@ class Softmax:
             raise ValueError(f"hsr.Softmax: eps must be in [0, 1), got {self.eps!r}")
         if self.select not in _SOFTMAX_SELECT:
             raise ValueError(f"hsr.Softmax: select must be one of {_SOFTMAX_SELECT}, got {self.select!r}")
+        if not isinstance(self.estimate, bool):
+            raise ValueError(f"hsr.Softmax: estimate must be True or False, got {self.estimate!r}")
+        if self.estimate and (self.select not in ("auto", "sketch") or self.threshold is not None):
+            raise ValueError("hsr.Softmax: estimate=True works with the sketch selection (select='auto' or "
+                             "'sketch') and no threshold")
         t = self.threshold
         if not (t is None or t == "paper" or (isinstance(t, (int, float)) and not isinstance(t, bool)
                                                and math.isfinite(t))):
@@ -187,6 +206,7 @@ class HSRKVCache:
         # what is held when a leaf is added).
         self._sketch_bufs = _SketchBuffers(self.batch, self.num_kv_heads, empty.codes.shape[-1], empty.lo.shape[-1])
         self._v_norm_max = torch.zeros(self.batch, self.num_kv_heads)
+        self._block_means = _BlockMeans(self.batch, self.num_kv_heads, self.value_dim)
         # Running sums of the indexed keys and their squares, per (b, kv head): the key
         # statistics of the paper's threshold.
         self._k_sum = torch.zeros(self.batch, self.num_kv_heads, self.head_dim, dtype=torch.float64)
@@ -260,6 +280,10 @@ class HSRKVCache:
         new = KeySketch.from_keys(k_new, bits=self.sketch_bits)
         new_norms = value_norm_bounds(self.values[:, :, self._indexed:end])
         self._sketch_bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1))
+        if getattr(self.policy, "estimate", False):  # whole leaves only: end - indexed is a multiple
+            v_new = self.values[:, :, self._indexed:end].float()
+            B, H, L, Dv = v_new.shape
+            self._block_means.append_tokens(v_new.view(B, H, L // self.leaf_size, self.leaf_size, Dv).mean(3))
         self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
         k64 = k_new.double()
         self._k_sum += k64.sum(2)
@@ -314,7 +338,9 @@ class HSRKVCache:
         offers tree+sketch and sketch) and, with dense_fallback, reading every key."""
         policy = self.policy
         certified = isinstance(policy, Softmax) and policy.threshold is None
-        if certified and policy.select == "auto":
+        if certified and policy.estimate:
+            sparse = [("sparse", "sketch")]
+        elif certified and policy.select == "auto":
             sparse = [("sparse", "tree+sketch"), ("sparse", "sketch")]
         else:
             sparse = [("sparse", policy.select if certified or isinstance(policy, ReLU) else None)]
@@ -388,9 +414,10 @@ class HSRKVCache:
                                            v_norms=self._v_norms)
             return threshold_attention(q, k_idx, v_idx, self._index, self._sketch, threshold=policy.threshold,
                                        scale=self.scale, v_norms=self._v_norms, key_stats=stats)
+        blocks = dict(value_blocks=self._block_means.views()[0], block=self.leaf_size) if policy.estimate else {}
         return certified_attention(q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=policy.eps,
                                    scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
-                                   index=None if select == "sketch" else self._index)
+                                   index=None if select == "sketch" else self._index, **blocks)
 
     def _attend(self, q, select=None):
         B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
@@ -417,6 +444,8 @@ class HSRKVCache:
                               else torch.zeros(B, Hkv, dtype=torch.float64))
                 kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
                 error = mass * (info.v_left_max + kept_max)
+                if info.estimate_share is not None:  # the estimate added in for the keys left out
+                    error = error + info.estimate_share * (info.estimate_norm + kept_max)
                 bytes_read += self._selection_bytes(info, select)
             elif self.policy.select == "index":
                 out, info = relu_reported_attention(q, k_idx, v_idx, self._index, bias=self.policy.bias,

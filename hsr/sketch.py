@@ -80,6 +80,17 @@ def _sketch_select_fake(q, codes, lo, delta, bits, group, v_norms, scale, eps):
     return (*_selection_fake(q, B, Hkv, G), *per_head, q.new_empty((B, Hq), dtype=torch.int64))
 
 
+@torch.library.register_fake("hsr::sketch_select_estimate")
+def _sketch_select_estimate_fake(q, codes, lo, delta, bits, group, v_norms, scale, eps, block):
+    B, Hq, Hkv, G = _check_sketch_select_shapes("hsr.sketch_select_estimate", q, codes, lo, delta, bits, group)
+    if block < 1:
+        raise ValueError(f"hsr.sketch_select_estimate: block must be a positive number of keys, got {block}")
+    blocks = -(-codes.shape[2] // block)
+    per_head = [q.new_empty((B, Hq), dtype=torch.float64) for _ in range(3)]
+    return (*_selection_fake(q, B, Hkv, G), *per_head, q.new_empty((B, Hq), dtype=torch.int64),
+            q.new_empty((B, Hq, blocks), dtype=torch.float64), q.new_empty((B, Hq), dtype=torch.float64))
+
+
 @torch.library.register_fake("hsr::sketch_relu_select")
 def _sketch_relu_select_fake(q, codes, lo, delta, bits, group, scale, bias):
     B, Hq, Hkv, G = _check_sketch_select_shapes("hsr.sketch_relu_select", q, codes, lo, delta, bits, group)

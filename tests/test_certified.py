@@ -472,3 +472,98 @@ def test_select_by_bounds_when_the_best_key_keeps_moving(order):
         assert float(t_up - z_low) <= math.log(eps / (1 - eps)) + 1e-9
         assert float(up[0, kept].min()) >= float(up[0, left].max()) - 64 / 2048 - 1e-9 if left.any() else True
         assert float(v_kept[0]) == float(vn[kept].max())
+
+
+def _block_means(v, block):
+    B, H, n, D = v.shape
+    nb = -(-n // block)
+    padded = torch.zeros(B, H, nb * block, D)
+    padded[:, :, :n] = v.float()
+    counts = torch.full((nb,), float(block))
+    counts[-1] = n - (nb - 1) * block
+    return padded.view(B, H, nb, block, D).sum(3) / counts.view(1, 1, nb, 1)
+
+
+def test_sketch_select_estimate_weights_match_the_sketch_scores():
+    g = torch.Generator().manual_seed(21)
+    B, Hkv, G, n, D, block = 1, 2, 3, 1000, 64, 64
+    k = clustered_keys(B, Hkv, n, D, 6, g)
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    sk = hsr.KeySketch.from_keys(k)
+    vn = torch.rand(B, Hkv, n, generator=g)
+    scale = 1 / 8
+    args = (q, sk.codes, sk.lo, sk.delta, 8, 32, vn, scale, 0.05)
+    got = torch.ops.hsr.sketch_select_estimate(*args, block)
+    plain = torch.ops.hsr.sketch_select(*args)
+    for a, b in zip(got[:7], plain):
+        assert torch.equal(a, b)  # the selection is the certified one
+    offsets, ids, mask, weights, log_ref = got[0], got[1], got[2], got[7], got[8]
+    assert weights.shape == (B, Hkv * G, -(-n // block))
+    for p in range(B * Hkv):
+        b, h = divmod(p, Hkv)
+        est, _ = torch.ops.hsr.sketch_score_intervals(q[b, h * G:(h + 1) * G].contiguous(), sk.codes[b, h],
+                                                      sk.lo[b, h], sk.delta[b, h], 8, 32)
+        rows = slice(int(offsets[p]), int(offsets[p + 1]))
+        for gi in range(G):
+            hq = h * G + gi
+            left = torch.ones(n, dtype=torch.bool)
+            left[ids[rows][mask[rows, gi]]] = False
+            w = torch.exp(est[gi].double() * scale - log_ref[b, hq]) * left
+            want = torch.zeros(weights.shape[-1], dtype=torch.float64).index_add_(0, torch.arange(n) // block, w)
+            assert bool((weights[b, hq] >= want * (1 - 1e-6)).all())  # chords lie above e^x
+            assert bool((weights[b, hq] <= want * (1 + 1.3e-4) + 1e-300).all())
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "clustered", "few_huge", "long_tail"])
+@pytest.mark.parametrize("eps", [0.3, 1e-2])
+def test_estimate_mode_keeps_a_valid_error_bound(kind, eps):
+    g = torch.Generator().manual_seed(7)
+    B, Hkv, G, n, D, block = 2, 2, 2, 777, 32, 64
+    k = keys_for(kind, B, Hkv, n, D, g)
+    v = torch.randn(B, Hkv, n, D, generator=g) + 0.3
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    sk = hsr.KeySketch.from_keys(k)
+    out, info = hsr.certified_attention(q, k, v, sk, eps=eps, value_blocks=_block_means(v, block), block=block)
+    plain, plain_info = hsr.certified_attention(q, k, v, sk, eps=eps)
+    assert torch.equal(info.mass_bound, plain_info.mass_bound) and bool((info.mass_bound <= eps).all())
+    s = torch.einsum("bhgd,bhnd->bhgn", q.view(B, Hkv, G, D).double(), k.double()) / math.sqrt(D)
+    o = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(s, -1), v.double()).reshape(B, Hkv * G, D)
+    err = (out[:, :, 0].double() - o).norm(dim=-1)
+    assert bool((err <= info.error_bound + 1e-5).all())
+    assert bool((info.estimate_share >= 0).all() and (info.estimate_share <= 1).all())
+
+
+def test_estimate_mode_reduces_the_error_when_much_is_left_out():
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, n, D, block = 1, 2, 3, 2048, 64, 64
+    k = clustered_keys(B, Hkv, n, D, 8, g)
+    v = torch.randn(B, Hkv, n, D, generator=g) + 0.5
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    sk = hsr.KeySketch.from_keys(k)
+    s = torch.einsum("bhgd,bhnd->bhgn", q.view(B, Hkv, G, D).double(), k.double()) / 8
+    o = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(s, -1), v.double()).reshape(B, Hkv * G, D)
+    plain, _ = hsr.certified_attention(q, k, v, sk, eps=0.3)
+    est, _ = hsr.certified_attention(q, k, v, sk, eps=0.3, value_blocks=_block_means(v, block), block=block)
+    err_plain = (plain[:, :, 0].double() - o).norm(dim=-1).mean()
+    err_est = (est[:, :, 0].double() - o).norm(dim=-1).mean()
+    assert err_est < 0.7 * err_plain
+
+
+def test_estimate_mode_bad_inputs():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 1, 100, 16, generator=g), torch.randn(1, 1, 100, 16, generator=g)
+    q = torch.randn(1, 2, 1, 16, generator=g)
+    sk = hsr.KeySketch.from_keys(k)
+    blocks = _block_means(v, 32)
+    with pytest.raises(ValueError, match="block"):
+        hsr.certified_attention(q, k, v, sk, eps=0.1, value_blocks=blocks, block=0)
+    with pytest.raises(ValueError, match="value_blocks"):
+        hsr.certified_attention(q, k, v, sk, eps=0.1, value_blocks=blocks[:, :, :2], block=32)
+    with pytest.raises(ValueError, match="sketch selection"):
+        hsr.certified_attention(q, k, v, sk, eps=0.1, value_blocks=blocks, block=32,
+                                index=hsr.HSRIndexBatch(k.float()))
+    vn = torch.rand(1, 1, 100, generator=g)
+    with pytest.raises(ValueError, match="block"):
+        torch.ops.hsr.sketch_select_estimate(q[:, :, 0], sk.codes, sk.lo, sk.delta, 8, 32, vn, 0.25, 0.1, 0)
+    torch.library.opcheck(torch.ops.hsr.sketch_select_estimate.default,
+                          (q[:, :, 0].contiguous(), sk.codes, sk.lo, sk.delta, 8, 32, vn, 0.25, 0.1, 32))

@@ -274,3 +274,38 @@ def test_buffers_leave_room_after_the_first_fill():
     assert cache.keys.data_ptr() != held and cache.length == 1700
     assert torch.equal(cache.keys[:, :, :800], k) and torch.equal(cache.keys[:, :, 900:], k)
     assert torch.equal(cache.values[:, :, 800:900], k[:, :, :100])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimate_mode_over_many_steps_with_flushes(dtype):
+    B, Hkv, G, D, prompt, steps, eps = 2, 2, 3, 64, 90, 40, 0.2
+    k, v, g = stream("clustered", B, Hkv, prompt + steps, D)
+    k, v = k.to(dtype), v.to(dtype)
+    policy = hsr.Softmax(eps=eps, estimate=True)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=policy, dtype=dtype, dense_fallback=False)
+    plain = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=hsr.Softmax(eps=eps, select="sketch"), dtype=dtype,
+                           dense_fallback=False)
+    cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    plain.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    errs, plain_errs = [], []
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for t in range(prompt, prompt + steps):
+        q = (torch.randn(B, Hkv * G, 1, D, generator=g) * 2).to(dtype)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        out_p, info_p = plain.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert info.select == "sketch" and torch.equal(info.mass_bound, info_p.mass_bound)
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+        err = (out.double() - ref).norm(dim=-1)[..., 0]
+        assert (info.mass_bound <= eps).all() and (err <= info.error_bound + tol).all()
+        errs.append(err.mean())
+        plain_errs.append((out_p.double() - ref).norm(dim=-1).mean())
+    assert torch.stack(errs).mean() < torch.stack(plain_errs).mean()
+
+
+def test_estimate_policy_validation():
+    with pytest.raises(ValueError, match="estimate"):
+        hsr.Softmax(estimate=1)
+    with pytest.raises(ValueError, match="estimate=True"):
+        hsr.Softmax(estimate=True, select="tree+sketch")
+    with pytest.raises(ValueError, match="estimate=True"):
+        hsr.Softmax(estimate=True, threshold=1.0)

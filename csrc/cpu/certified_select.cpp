@@ -55,6 +55,15 @@ const ExpTable& exp_table() {
 
 }  // namespace
 
+double exp_neg_chord(double x) {
+  const double t = std::max(x, 0.0) * kPerLogit;
+  if (!(t < double(kSelectBins))) return exp_table().up[kSelectBins];
+  const double j = std::floor(t), f = t - j;
+  const ExpTable& table = exp_table();
+  const int32_t i = int32_t(j);
+  return table.up[i] - f * (table.up[i] - table.up[i + 1]);
+}
+
 ScoreHistogram::ScoreHistogram() : bins_(kSelectBins + 1) {}
 
 void ScoreHistogram::lower_reference(int32_t grid) {

@@ -30,17 +30,34 @@ void scan_blocks(const SketchView& sketch, int64_t n, const float* q, int G, con
 }  // namespace
 
 bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G, const float* v_norms,
-                      double scale, double eps, GroupSelection& out) {
+                      double scale, double eps, GroupSelection& out, BlockEstimate* estimate) {
   out = GroupSelection{};
   out.stats.keys_sketched = n;
   std::vector<ScoreHistogram> hist(static_cast<size_t>(G));
   std::vector<std::vector<int32_t>> grid(size_t(G), std::vector<int32_t>(static_cast<size_t>(n)));
+  // With an estimate: every key's sketch score in logits, kept until the cut is known.
+  std::vector<std::vector<float>> centre(estimate != nullptr ? size_t(G) : 0, std::vector<float>(size_t(n)));
   scan_blocks(sketch, n, q, G, [&](int64_t j0, int64_t count, const float* est, const float* rad) {
-    for (int g = 0; g < G; ++g)
+    for (int g = 0; g < G; ++g) {
       hist[g].add(est + g * kBlock, rad + g * kBlock, v_norms + j0, count, scale, grid[g].data() + j0);
+      if (estimate != nullptr)
+        for (int64_t j = 0; j < count; ++j) centre[g][j0 + j] = float(double(est[g * kBlock + j]) * scale);
+    }
   });
   std::vector<int32_t> cut(static_cast<size_t>(G));
   for (int g = 0; g < G; ++g) out.heads.push_back(hist[g].finish(eps, LeftOut{}, &cut[g]));
+  if (estimate != nullptr) {
+    const int64_t blocks = (n + estimate->block - 1) / estimate->block;
+    estimate->weights.assign(size_t(G) * blocks, 0.0);
+    estimate->log_ref.assign(size_t(G), 0.0);
+    for (int g = 0; g < G; ++g) {
+      const double ref = hist[g].reference_logit();
+      estimate->log_ref[g] = ref;
+      double* w = estimate->weights.data() + int64_t(g) * blocks;
+      for (int64_t j = 0; j < n; ++j)
+        if (grid[g][j] > cut[g]) w[j / estimate->block] += exp_neg_chord(ref - centre[g][j]);
+    }
+  }
   std::vector<int64_t> ids(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) ids[j] = j;
   collect_union(ids.data(), n, n, G, [&](int g, int64_t j) { return grid[g][j] <= cut[g]; }, out);

@@ -62,10 +62,12 @@ void check_finite_result(const char* what, bool finite) {
                     "hsr.sketch_keys over finite keys, and v_norms must be finite and non-negative");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_select_cpu(const at::Tensor& q_in, const at::Tensor& codes_in, const at::Tensor& lo_in,
-                                  const at::Tensor& delta_in, int64_t bits, int64_t group,
-                                  const at::Tensor& v_norms_in, double scale, double eps) {
-  const char* what = "hsr.sketch_select";
+// The certified sketch selection of every pair; with block > 0 also the left-out keys'
+// estimated weights per block of keys (weights (B, Hq, blocks) and log_ref (B, Hq), float64).
+std::tuple<PackedSelection, at::Tensor, at::Tensor> run_sketch_select(
+    const char* what, const at::Tensor& q_in, const at::Tensor& codes_in, const at::Tensor& lo_in,
+    const at::Tensor& delta_in, int64_t bits, int64_t group, const at::Tensor& v_norms_in, double scale, double eps,
+    int64_t block) {
   const SketchArgs a = checked_sketch_args(what, q_in, codes_in, lo_in, delta_in, bits, group);
   TORCH_CHECK_VALUE(v_norms_in.dim() == 3 && v_norms_in.scalar_type() == at::kFloat && v_norms_in.device().is_cpu() &&
                         v_norms_in.size(0) == a.batch && v_norms_in.size(1) == a.heads && v_norms_in.size(2) == a.n,
@@ -76,18 +78,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor v_norms = rows_contiguous(v_norms_in);
   const int64_t pairs = a.batch * a.heads;
   std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
+  std::vector<sketch::BlockEstimate> est(block > 0 ? static_cast<size_t>(pairs) : 0);
+  for (auto& e : est) e.block = block;
   std::vector<char> finite(static_cast<size_t>(pairs), 1);
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float* vn = pair_rows<float>(v_norms, p, a.heads);
       for (int64_t j = 0; j < a.n && finite[p]; ++j) finite[p] = std::isfinite(vn[j]) && vn[j] >= 0.0f;
       if (!finite[p]) continue;
-      finite[p] = sketch::select_by_sketch(pair_view(a, p), a.n, pair_query(a, p), int(a.G), vn, scale, eps, sel[p]);
+      finite[p] = sketch::select_by_sketch(pair_view(a, p), a.n, pair_query(a, p), int(a.G), vn, scale, eps, sel[p],
+                                           block > 0 ? &est[p] : nullptr);
     }
   });
   for (int64_t p = 0; p < pairs; ++p) check_finite_result(what, finite[p]);
-  auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, a.batch, a.heads, a.G);
+  const int64_t blocks = block > 0 ? (a.n + block - 1) / block : 0;
+  at::Tensor weights = at::zeros({a.batch, a.heads * a.G, blocks}, at::kDouble);
+  at::Tensor log_ref = at::zeros({a.batch, a.heads * a.G}, at::kDouble);
+  for (int64_t p = 0; p < int64_t(est.size()); ++p) {
+    std::copy(est[p].weights.begin(), est[p].weights.end(), weights.data_ptr<double>() + p * a.G * blocks);
+    std::copy(est[p].log_ref.begin(), est[p].log_ref.end(), log_ref.data_ptr<double>() + p * a.G);
+  }
+  return {pack_selections(sel, a.batch, a.heads, a.G), weights, log_ref};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_select_cpu(
+    const at::Tensor& q, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& delta, int64_t bits,
+    int64_t group, const at::Tensor& v_norms, double scale, double eps) {
+  auto [packed, weights, log_ref] =
+      run_sketch_select("hsr.sketch_select", q, codes, lo, delta, bits, group, v_norms, scale, eps, 0);
+  auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = packed;
   return {offsets, ids, mask, log_left, v_left, v_kept, kept};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+sketch_select_estimate_cpu(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& lo,
+                           const at::Tensor& delta, int64_t bits, int64_t group, const at::Tensor& v_norms,
+                           double scale, double eps, int64_t block) {
+  const char* what = "hsr.sketch_select_estimate";
+  TORCH_CHECK_VALUE(block >= 1, what, ": block must be a positive number of keys, got ", block);
+  auto [packed, weights, log_ref] =
+      run_sketch_select(what, q, codes, lo, delta, bits, group, v_norms, scale, eps, block);
+  auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = packed;
+  return {offsets, ids, mask, log_left, v_left, v_kept, kept, weights, log_ref};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_relu_select_cpu(
@@ -113,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_relu_select_cp
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("sketch_select", &sketch_select_cpu);
+  m.impl("sketch_select_estimate", &sketch_select_estimate_cpu);
   m.impl("sketch_relu_select", &sketch_relu_select_cpu);
 }
 

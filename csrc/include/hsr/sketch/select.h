@@ -70,6 +70,8 @@ class ScoreHistogram {
   // select_row for `before` and eps.
   RowSelection finish(double eps, const LeftOut& before, int32_t* cut) const;
   int64_t size() const { return n_; }
+  // The reference logit: at or above every upper bound added (the histogram's e^0).
+  double reference_logit() const { return -ref_ / kPerLogit; }
   // False once a key with a non-finite interval was added (a corrupt sketch or query).
   bool finite() const { return finite_; }
 
@@ -141,6 +143,11 @@ void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, c
     out.mask.insert(out.mask.end(), use.begin() + j * G, use.begin() + (j + 1) * G);
   }
 }
+
+// e^{-x} for x >= 0 from the histogram's table: the chord between grid points (an upper
+// bound within a factor 1 + 1.2e-4; e^{-kSelectDepth} beyond the table). For estimates that
+// need no exp per key.
+double exp_neg_chord(double x);
 
 // One row of n keys: estimate +- radius are the (unscaled) score intervals, scale > 0 turns
 // them into logits; v_norms are upper bounds of the value norms. Writes chosen[0..n). The

@@ -209,8 +209,9 @@ def _add_estimate(out, info, weights, log_ref, value_blocks):
     Hkv = value_blocks.shape[1]
     G = Hq // Hkv
     total = weights.sum(-1)                                                          # (B, Hq)
-    blocks = value_blocks.double().repeat_interleave(G, 1)                          # (B, Hq, nb, Dv)
-    o_left = torch.einsum("bhn,bhnd->bhd", weights, blocks) / total.clamp(min=1e-300).unsqueeze(-1)
+    nb = value_blocks.shape[2]
+    o_left = torch.einsum("bhgn,bhnd->bhgd", weights.view(B, Hkv, G, nb), value_blocks.double()).reshape(B, Hq, Dv)
+    o_left = o_left / total.clamp(min=1e-300).unsqueeze(-1)
     lse_s = info.lse.double()
     lse_t = torch.where(total > 0, log_ref + total.clamp(min=1e-300).log(), torch.full_like(total, float("-inf")))
     m = torch.maximum(lse_s, lse_t)

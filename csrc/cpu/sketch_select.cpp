@@ -54,8 +54,13 @@ bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G
       const double ref = hist[g].reference_logit();
       estimate->log_ref[g] = ref;
       double* w = estimate->weights.data() + int64_t(g) * blocks;
-      for (int64_t j = 0; j < n; ++j)
-        if (grid[g][j] > cut[g]) w[j / estimate->block] += exp_neg_chord(ref - centre[g][j]);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t end = std::min(n, (b + 1) * estimate->block);
+        double sum = 0.0;
+        for (int64_t j = b * estimate->block; j < end; ++j)
+          if (grid[g][j] > cut[g]) sum += exp_neg_chord(ref - centre[g][j]);
+        w[b] = sum;
+      }
     }
   }
   std::vector<int64_t> ids(static_cast<size_t>(n));

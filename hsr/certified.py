@@ -163,21 +163,19 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     # A hair stricter than eps: the certificate computed afterwards uses the kernel's
     # normaliser, deflated for its float rounding.
     eps_select = eps * (1.0 - 1e-3)
-    estimate = None
+    estimate, index_stats = None, None
+    sketch_args = None if sketch is None else (qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group,
+                                               v_up_f, scale, eps_select)
     if value_blocks is not None:
         if index is not None or sketch is None:
             raise ValueError(f"{what}: value_blocks (the estimate mode) needs the sketch selection (no index)")
         _check_value_blocks(what, value_blocks, block, B, Hkv, n, v.shape[3])
-    if index is None and value_blocks is not None:
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, weights, log_ref = \
-            torch.ops.hsr.sketch_select_estimate(qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits,
-                                                 sketch.group, v_up_f, scale, eps_select, block)
+            torch.ops.hsr.sketch_select_estimate(*sketch_args, block)
         estimate = (weights, log_ref, value_blocks)
-        index_stats = None
     elif index is None:
-        offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected = _select_by_sketch(
-            qf, sketch, v_up_f, scale, eps_select)
-        index_stats = None
+        # Every key's sketch interval, in one streaming pass per (batch, kv head).
+        offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected = torch.ops.hsr.sketch_select(*sketch_args)
     else:
         _check_index(what, index, B, Hkv, n, D)
         codes = (None, None, None) if sketch is None else (sketch.codes, sketch.lo, sketch.delta)
@@ -359,14 +357,6 @@ def _chosen_from_lists(lims, ids, B, Hq, n):
     chosen = torch.zeros(B * Hq, n, dtype=torch.bool)
     chosen[rows, ids] = True
     return chosen.view(B, Hq, n)
-
-
-def _select_by_sketch(qf, sketch, v_up_f, scale, eps):
-    """The per-key selection from every key's sketch interval (hsr.sketch_select: one pass per
-    (batch, kv head), pairs in parallel): the selection in sparse_attention's form and per
-    (batch, q head) log_left, v_left_max, v_kept_max, keys selected."""
-    return torch.ops.hsr.sketch_select(qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group,
-                                       v_up_f, scale, eps)
 
 
 def _check_index(what, index, B, Hkv, n, D):

@@ -331,7 +331,7 @@ class HSRKVCache:
         self._until_probe = self.probe_every - 1 if self._until_probe == 0 else self._until_probe - 1
         out, info, selection = result
         return out, DecodeInfo(*info, seconds=time.perf_counter() - start, selection=selection, path=path,
-                               select=self._reported_select(path, select))
+                               select=None if path == "dense" else select)
 
     def _candidates(self):
         """The (path, selection) pairs decode chooses among: the policy's selection ("auto"
@@ -345,10 +345,6 @@ class HSRKVCache:
         else:
             sparse = [("sparse", policy.select if certified or isinstance(policy, ReLU) else None)]
         return sparse + ([("dense", None)] if self.dense_fallback else [])
-
-    @staticmethod
-    def _reported_select(path, select):
-        return None if path == "dense" else select
 
     def _probe(self, q, candidates):
         """Times every candidate path on this step's query and keeps the fastest for the next

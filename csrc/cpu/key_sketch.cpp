@@ -152,23 +152,6 @@ __attribute__((target("avx"))) void intervals_tile_avx(const SketchLayout& l, co
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// radius_of_key for int8 layouts with at most 4 groups, in one SSE register: the same terms
-// summed in another order (covered by `inflate`, which allows 2 * groups + 8 roundings).
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void radius_of_key_x4(
-    const QueryTerms& qt, int64_t m, int ng, const float* lo_r, const float* de_r, float levels, float rounding,
-    float inflate, float* rad, int64_t ld, int64_t j) {
-  const __mmask8 mask = __mmask8((1u << ng) - 1u);
-  const __m128 lo = _mm_maskz_loadu_ps(mask, lo_r), de = _mm_maskz_loadu_ps(mask, de_r);
-  const __m128 abs_lo = _mm_andnot_ps(_mm_set1_ps(-0.0f), lo);
-  // Per group: delta / 2 + rounding * (|lo| + levels * delta).
-  const __m128 w = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(0.5f), de),
-                              _mm_mul_ps(_mm_set1_ps(rounding), _mm_add_ps(abs_lo, _mm_mul_ps(_mm_set1_ps(levels), de))));
-  for (int64_t i = 0; i < m; ++i) {
-    const __m128 t = _mm_mul_ps(_mm_maskz_loadu_ps(mask, qt.qabs + i * ng), w);
-    const __m128 h = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    rad[i * ld + j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1))) * inflate;
-  }
-}
 // int8 codes with AVX-512: each key is dequantized in registers, 16 channels at a time (masked
 // at group ends, so any dim and group size work), and feeds up to 4 query rows; no tile is
 // written. The products and sums may fuse (FMA) and run in another order than the tile
@@ -277,10 +260,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void intervals_tile_avx
         default: intervals_key_avx512<4>(l, qi, c, lo_r, de_r, e, ld); break;
       }
     }
-    if (ng <= 4)
-      radius_of_key_x4(qt, m, ng, lo_r, de_r, float(l.levels()), rounding, inflate, rad, ld, j);
-    else
-      radius_of_key(l, qt, m, lo, delta, row, rounding, inflate, rad, ld, j);
+    radius_of_key(l, qt, m, lo, delta, row, rounding, inflate, rad, ld, j);
   }
 }
 #pragma GCC diagnostic pop

@@ -63,9 +63,7 @@ bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G
       }
     }
   }
-  std::vector<int64_t> ids(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) ids[j] = j;
-  collect_union(ids.data(), n, n, G, [&](int g, int64_t j) { return grid[g][j] <= cut[g]; }, out);
+  collect_union(nullptr, n, n, G, [&](int g, int64_t j) { return grid[g][j] <= cut[g]; }, out);
   return std::all_of(hist.begin(), hist.end(), [](const ScoreHistogram& h) { return h.finite(); });
 }
 
@@ -86,9 +84,7 @@ bool select_relu_by_sketch(const SketchView& sketch, int64_t n, const float* q, 
         out.heads[g].kept += p;
       }
   });
-  std::vector<int64_t> ids(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) ids[j] = j;
-  collect_union(ids.data(), n, n, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
+  collect_union(nullptr, n, n, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
   return finite;
 }
 

@@ -41,7 +41,7 @@ class TwoLevelWalk {
                const float* v_norms, double scale, double eps)
       : tree_(tree), q_(q), G_(G), d_(tree.dim()), sketch_(sketch), v_norms_(v_norms), scale_(scale),
         stop_ratio_((sketch != nullptr ? kTreeShare : 1.0) * eps / (1.0 - eps)),
-        qnorm_(G), hist_(G), grid_(G) {
+        qnorm_(G), hist_(sketch != nullptr ? G : 0), grid_(G) {
     for (int g = 0; g < G; ++g) qnorm_[g] = tree.query_norm(q + int64_t(g) * d_);
     if (sketch != nullptr) scanner_ = std::make_unique<IntervalScanner>(sketch->layout, q, G);
   }

@@ -110,8 +110,9 @@ struct GroupSelection {
 };
 
 // Fills out.ids / out.mask from per-head choices: key j of `ids` (any order, no repeats, each
-// below id_limit) is used by head g when chosen(g, j); the union comes out in ascending id
-// order (sorted, or bucketed by id when the union is a large share of id_limit).
+// below id_limit; null: key j has id j) is used by head g when chosen(g, j); the union comes
+// out in ascending id order (sorted, or bucketed by id when the union is a large share of
+// id_limit).
 template <typename Chosen>
 void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, const Chosen& chosen,
                    GroupSelection& out) {
@@ -125,21 +126,22 @@ void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, c
     }
     if (any) order.push_back(j);
   }
+  const auto id_of = [ids](int64_t j) { return ids == nullptr ? j : ids[j]; };
   bool sorted = true;
-  for (size_t i = 1; i < order.size() && sorted; ++i) sorted = ids[order[i - 1]] < ids[order[i]];
+  for (size_t i = 1; i < order.size() && sorted; ++i) sorted = id_of(order[i - 1]) < id_of(order[i]);
   if (!sorted && int64_t(order.size()) * 16 > id_limit) {
     std::vector<int64_t> slot_of(static_cast<size_t>(id_limit), -1);
-    for (const int64_t j : order) slot_of[ids[j]] = j;
+    for (const int64_t j : order) slot_of[id_of(j)] = j;
     order.clear();
     for (const int64_t j : slot_of)
       if (j >= 0) order.push_back(j);
   } else if (!sorted) {
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id_of(a) < id_of(b); });
   }
   out.ids.reserve(order.size());
   out.mask.reserve(order.size() * G);
   for (const int64_t j : order) {
-    out.ids.push_back(ids[j]);
+    out.ids.push_back(id_of(j));
     out.mask.insert(out.mask.end(), use.begin() + j * G, use.begin() + (j + 1) * G);
   }
 }

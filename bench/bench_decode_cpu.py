@@ -14,9 +14,10 @@ every step and head) and the output error, next to the certified bounds the step
 Softmax runs with each selection: tree+sketch, sketch (every key's sketch) and tree (whole
 leaves), and at eps=0.1 with and without the estimate mode (Softmax(estimate=True): the keys
 left out are added in from their sketch scores and block value means; its err column is the
-measured error of that uncertified estimate, next to the certified err bound); top-1024 (the index's exact top-k) and the paper's threshold (hsr.paper_threshold;
-its keys read is the fraction reported, 1 - TV the mass it covers) report their certificate
-without a promise; each forced to the sparse path (dense_fallback=False). The "default" row
+measured error of that uncertified estimate, next to the certified err bound); top-1024
+(the index's exact top-k) and the paper's threshold (hsr.paper_threshold; its keys read is
+the fraction reported, 1 - TV the mass it covers) report their certificate without a
+promise; each forced to the sparse path (dense_fallback=False). The "default" row
 is the default cache (select="auto", dense_fallback): at its probe steps (every probe_every)
 it times tree+sketch, sketch and the dense path and keeps the fastest; the probe step
 itself, which runs all three, is among the steps timed; the row's name ends with the path
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, write_json
 
 
 def make_stream(n, heads_kv, group, d, seed=0):
@@ -136,26 +137,19 @@ def relu_bias_for(n, fraction, heads_kv=8, group=4, d=128):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in sorted({r["policy"] for r in rows}):
-        sel = [r for r in rows if r["policy"] == policy]
-        ax.plot([r["n"] for r in sel], [r["step_ms"] for r in sel], "o-", label=f"HSRKVCache {policy}")
-    sel = [r for r in rows if r["policy"] == "softmax eps=0.001 tree+sketch"]
-    ax.plot([r["n"] for r in sel], [r["sdpa_ms"] for r in sel], "s--", label="torch SDPA (dense)")
-    ax.plot([r["n"] for r in sel], [r["dense_ms"] for r in sel], "^:", label="hsr.attention (dense)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context (keys)")
-    ax.set_ylabel("decode step, ms (median)")
-    ax.set_title("CPU decode, B=1, 32/8 heads, D=128, bf16")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path) as (fig, ax):
+        for policy in sorted({r["policy"] for r in rows}):
+            sel = [r for r in rows if r["policy"] == policy]
+            ax.plot([r["n"] for r in sel], [r["step_ms"] for r in sel], "o-", label=f"HSRKVCache {policy}")
+        sel = [r for r in rows if r["policy"] == "softmax eps=0.001 tree+sketch"]
+        ax.plot([r["n"] for r in sel], [r["sdpa_ms"] for r in sel], "s--", label="torch SDPA (dense)")
+        ax.plot([r["n"] for r in sel], [r["dense_ms"] for r in sel], "^:", label="hsr.attention (dense)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (keys)")
+        ax.set_ylabel("decode step, ms (median)")
+        ax.set_title("CPU decode, B=1, 32/8 heads, D=128, bf16")
+        ax.legend(fontsize=7)
 
 
 def main():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,24 +36,17 @@ def bench_case(mode, lk, dtype, heads_q=32, heads_kv=8, d=128, iters=5):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for dtype in sorted({r["dtype"] for r in rows}):
-        sel = [r for r in rows if r["mode"] == "decode" and r["dtype"] == dtype]
-        ax.plot([r["len_k"] for r in sel], [r["hsr_ms"] for r in sel], "o-", label=f"hsr {dtype}")
-        ax.plot([r["len_k"] for r in sel], [r["sdpa_ms"] for r in sel], "s--", label=f"torch SDPA {dtype}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("keys (Lk)")
-    ax.set_ylabel("decode step, ms (median)")
-    ax.set_title("CPU dense decode, B=1, 32/8 heads, D=128")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path) as (fig, ax):
+        for dtype in sorted({r["dtype"] for r in rows}):
+            sel = [r for r in rows if r["mode"] == "decode" and r["dtype"] == dtype]
+            ax.plot([r["len_k"] for r in sel], [r["hsr_ms"] for r in sel], "o-", label=f"hsr {dtype}")
+            ax.plot([r["len_k"] for r in sel], [r["sdpa_ms"] for r in sel], "s--", label=f"torch SDPA {dtype}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("keys (Lk)")
+        ax.set_ylabel("decode step, ms (median)")
+        ax.set_title("CPU dense decode, B=1, 32/8 heads, D=128")
+        ax.legend()
 
 
 def main():

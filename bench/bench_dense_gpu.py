@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hsr
-from hsr.benchmarking import environment, format_table, median_ms_cuda, write_json
+from hsr.benchmarking import environment, figure, format_table, median_ms_cuda, write_json
 
 
 def sdpa_timer(backend, q, k, v):
@@ -63,24 +63,17 @@ def bench_case(batch, lk, heads_q=32, heads_kv=8, d=128, dtype=torch.bfloat16):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for batch in sorted({r["batch"] for r in rows}):
-        sel = [r for r in rows if r["batch"] == batch]
-        ax.plot([r["len_k"] for r in sel], [r["hsr_gbps"] for r in sel], "o-", label=f"hsr B={batch}")
-        ax.plot([r["len_k"] for r in sel], [r["flash_gbps"] or float("nan") for r in sel], "s--",
-                label=f"FA2 (SDPA) B={batch}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("keys (Lk)")
-    ax.set_ylabel("K+V bytes / step time, GB/s")
-    ax.set_title(f"dense decode, {rows[0]['heads']} heads, D=128, bf16")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path) as (fig, ax):
+        for batch in sorted({r["batch"] for r in rows}):
+            sel = [r for r in rows if r["batch"] == batch]
+            ax.plot([r["len_k"] for r in sel], [r["hsr_gbps"] for r in sel], "o-", label=f"hsr B={batch}")
+            ax.plot([r["len_k"] for r in sel], [r["flash_gbps"] or float("nan") for r in sel], "s--",
+                    label=f"FA2 (SDPA) B={batch}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("keys (Lk)")
+        ax.set_ylabel("K+V bytes / step time, GB/s")
+        ax.set_title(f"dense decode, {rows[0]['heads']} heads, D=128, bf16")
+        ax.legend(fontsize=7)
 
 
 def main():

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, write_json
 from hsr.gta import paper_configs
 
 
@@ -67,25 +67,19 @@ def bench_case(batch, length, store, gta, gqa, mla, dtype, iters):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for b in sorted({r["batch"] for r in rows}):
-        sel = [r for r in rows if r["batch"] == b]
-        ax.plot([r["context"] for r in sel], [r["gta_over_gqa"] for r in sel], "o-", label=f"B={b} vs hsr GQA")
-        ax.plot([r["context"] for r in sel], [r["gta_over_gqa_sdpa"] for r in sel], "s--", label=f"B={b} vs SDPA GQA")
-    ax.axhline(0.3, color="gray", lw=0.8, ls=":", label="byte ratio 0.3")
-    ax.axhline(0.4, color="red", lw=0.8, ls=":", label="target 0.4")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context")
-    ax.set_ylabel("GTA step time / GQA step time")
-    ax.set_title("CPU decode, 1B shape, bf16")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path) as (fig, ax):
+        for b in sorted({r["batch"] for r in rows}):
+            sel = [r for r in rows if r["batch"] == b]
+            ax.plot([r["context"] for r in sel], [r["gta_over_gqa"] for r in sel], "o-", label=f"B={b} vs hsr GQA")
+            ax.plot([r["context"] for r in sel], [r["gta_over_gqa_sdpa"] for r in sel], "s--",
+                    label=f"B={b} vs SDPA GQA")
+        ax.axhline(0.3, color="gray", lw=0.8, ls=":", label="byte ratio 0.3")
+        ax.axhline(0.4, color="red", lw=0.8, ls=":", label="target 0.4")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context")
+        ax.set_ylabel("GTA step time / GQA step time")
+        ax.set_title("CPU decode, 1B shape, bf16")
+        ax.legend(fontsize=7)
 
 
 def main():

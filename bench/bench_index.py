@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import hsr
-from hsr.benchmarking import environment, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, write_json
 
 
 _CAPTURE = {}
@@ -139,28 +139,21 @@ def slopes(rows):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        for query in sorted({r["query"] for r in rows}):
-            sel = sorted((r for r in rows if r["dataset"] == ds and r["query"] == query and r["d"] == 128),
-                         key=lambda r: r["n"])
-            if sel:
-                ax.plot([r["n"] for r in sel], [r["speedup"] for r in sel], "o-", label=query)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("points n")
-        ax.set_ylabel("brute-force time / index time")
-        ax.set_title(f"{ds}, d=128")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, ncols=len(datasets), figsize=(6 * len(datasets), 4), squeeze=False) as (fig, axes):
+        for ax, ds in zip(axes[0], datasets):
+            for query in sorted({r["query"] for r in rows}):
+                sel = sorted((r for r in rows if r["dataset"] == ds and r["query"] == query and r["d"] == 128),
+                             key=lambda r: r["n"])
+                if sel:
+                    ax.plot([r["n"] for r in sel], [r["speedup"] for r in sel], "o-", label=query)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("points n")
+            ax.set_ylabel("brute-force time / index time")
+            ax.set_title(f"{ds}, d=128")
+            ax.legend(fontsize=8)
 
 
 def main():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, format_table, write_json
+from hsr.benchmarking import environment, figure, format_table, write_json
 from hsr.models import ATTENTIONS, TinyLM, TinyLMConfig, matched_ffn_size
 from hsr.realdata import CORPUS_FILES, ensure_corpus
 
@@ -171,20 +171,13 @@ def main():
         write_json(args.json, {"benchmark": "tiny LM, attention variants, equal parameters", "environment":
                                environment(args.device), "args": vars(args), "rows": rows, "curves": curves})
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for variant, curve in curves.items():
-            ax.plot([s for s, _ in curve], [l for _, l in curve], label=variant)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train loss (nats/byte)")
-        ax.set_title(f"tiny byte LMs, {budget} parameters each")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        with figure(args.plot) as (fig, ax):
+            for variant, curve in curves.items():
+                ax.plot([s for s, _ in curve], [l for _, l in curve], label=variant)
+            ax.set_xlabel("step")
+            ax.set_ylabel("train loss (nats/byte)")
+            ax.set_title(f"tiny byte LMs, {budget} parameters each")
+            ax.legend()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -111,3 +112,21 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@contextmanager
+def figure(path: str, *, dpi: int = 120, **subplots):
+    """A matplotlib figure (Agg backend, no display needed) for a results plot: yields (fig,
+    axes) as plt.subplots(**subplots) returns them (figsize 6 x 4 unless given), then lays it
+    out and writes it to path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subplots.setdefault("figsize", (6, 4))
+    fig, axes = plt.subplots(**subplots)
+    yield fig, axes
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

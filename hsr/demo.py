@@ -144,27 +144,24 @@ def print_report(result: dict) -> None:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .benchmarking import figure
+
     layers = [p for p in result["per_layer"] if p["steps"]]
     grid = torch.tensor([p["keys_read_fraction_per_head"] for p in layers]).T
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
-    im = a.imshow(100 * grid, aspect="auto", cmap="viridis", vmin=0, vmax=100)
-    a.set_xlabel("layer")
-    a.set_ylabel("kv head")
-    a.set_yticks(range(grid.shape[0]))
-    a.set_title("keys read in full precision (%)")
-    fig.colorbar(im, ax=a)
-    b.semilogy([max(r, 1e-12) for r in result["mass_bound_per_step"]], label="max over layers and heads")
-    b.axhline(result["eps"], color="k", ls=":", label="eps")
-    b.set_xlabel("decode step")
-    b.set_ylabel("certified mass_bound (TV)")
-    b.set_ylim(top=2 * result["eps"])
-    b.legend(loc="lower right")
-    b.set_title(f"SmolLM2, {result['context']} tokens, eps={result['eps']:g}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, dpi=110, ncols=2, figsize=(13, 4.2)) as (fig, (a, b)):
+        im = a.imshow(100 * grid, aspect="auto", cmap="viridis", vmin=0, vmax=100)
+        a.set_xlabel("layer")
+        a.set_ylabel("kv head")
+        a.set_yticks(range(grid.shape[0]))
+        a.set_title("keys read in full precision (%)")
+        fig.colorbar(im, ax=a)
+        b.semilogy([max(r, 1e-12) for r in result["mass_bound_per_step"]], label="max over layers and heads")
+        b.axhline(result["eps"], color="k", ls=":", label="eps")
+        b.set_xlabel("decode step")
+        b.set_ylabel("certified mass_bound (TV)")
+        b.set_ylim(top=2 * result["eps"])
+        b.legend(loc="lower right")
+        b.set_title(f"SmolLM2, {result['context']} tokens, eps={result['eps']:g}")
 
 
 def run(args) -> dict:

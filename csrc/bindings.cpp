@@ -102,6 +102,8 @@ TORCH_LIBRARY(hsr, m) {
   m.class_<hsr::IndexBatchHolder>("IndexBatch")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t>())
       .def("add", &hsr::IndexBatchHolder::add)
+      .def("add_leaves", &hsr::IndexBatchHolder::add_leaves)
+      .def("relabel_in_leaf_order", &hsr::IndexBatchHolder::relabel_in_leaf_order)
       .def("range_search", &hsr::IndexBatchHolder::range_search)
       .def("search", &hsr::IndexBatchHolder::search)
       .def("certified_select", &hsr::IndexBatchHolder::certified_select)

@@ -71,6 +71,12 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   IndexBatchHolder(int64_t batch, int64_t heads, int64_t d, int64_t leaf_size);
 
   void add(const at::Tensor& keys);
+  // Appends keys (B, H, n, d) to every tree as new leaves of leaf_size keys each (the last
+  // may be shorter), each leaf's ids consecutive (HSRTree::add_leaf).
+  void add_leaves(const at::Tensor& keys);
+  // Renumbers every tree's ids leaf after leaf (HSRTree::relabel_in_leaf_order); the trees
+  // must hold the same number of keys n. Returns (B, H, n) int64: the old id of each new id.
+  at::Tensor relabel_in_leaf_order();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> range_search(const at::Tensor& q,
                                                               const at::Tensor& thresh);
   std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& q, int64_t k);

@@ -70,6 +70,15 @@ class TokenBuffers:
             buf[:, :, self._length:need] = t
         self._length = need
 
+    def permute_tokens(self, perm: torch.Tensor) -> None:
+        """Reorders the first perm.shape[2] tokens of every buffer: token j becomes old token
+        perm[b, h, j] (perm: (B, heads, n) int64, a permutation of 0..n-1 per (b, h); every
+        buffer must have those heads)."""
+        n = perm.shape[2]
+        for buf in self._bufs:
+            part = buf[:, :, :n]
+            part.copy_(part.gather(2, perm.unsqueeze(-1).expand(-1, -1, -1, buf.shape[3])))
+
     def elements_per_token(self) -> int:
         """Elements one token adds, all heads of the batch together."""
         return self.batch * sum(h * w for h, w in self._shapes)

@@ -212,6 +212,19 @@ class HSRIndexBatch(_QueryRouting):
                              f"got {tuple(t.shape)}")
         self._impl.add(t)
 
+    def add_leaves(self, keys: torch.Tensor) -> None:
+        """Append keys (B, H, n, d) to every tree as new leaves of leaf_size keys (the last one
+        may be shorter), each holding consecutive ids; no existing leaf changes (a KV cache
+        stored leaf-contiguous appends each new leaf's rows as one block)."""
+        t, _ = _as_float32_tensor(keys, "keys", "HSRIndexBatch.add_leaves")
+        self._impl.add_leaves(t)
+
+    def relabel_in_leaf_order(self) -> torch.Tensor:
+        """Renumber every tree's keys 0..n-1 leaf after leaf (the trees must hold the same n),
+        so that each leaf holds consecutive ids. Returns (B, H, n) int64: the old id of each
+        new id (a KV cache permutes its rows with it to store them leaf-contiguous)."""
+        return self._impl.relabel_in_leaf_order()
+
     def _queries(self, q, what):
         t, _ = _as_float32_tensor(q, "q", what)
         if t.dim() != 3 or t.shape[0] != self.batch or t.shape[2] != self.d:

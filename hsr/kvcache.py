@@ -52,14 +52,16 @@ class _BlockMeans(TokenBuffers):
         super().__init__(batch, ((heads, value_dim),), torch.float32, "cpu")
 
 
-class _SketchBuffers(TokenBuffers):
-    """Per indexed key: its sketch (codes, lo, delta) and the bound of its value's norm."""
+class _IndexedBuffers(TokenBuffers):
+    """Per indexed key, in storage order: its sketch (codes, lo, delta), the bound of its
+    value's norm and its arrival position."""
 
-    _names = ("codes", "lo", "delta", "v_norms")
+    _names = ("codes", "lo", "delta", "v_norms", "positions")
 
     def __init__(self, batch, heads, code_bytes, groups):
-        super().__init__(batch, ((heads, code_bytes), (heads, groups), (heads, groups), (heads, 1)), torch.float32,
-                         "cpu", dtypes=(torch.uint8, torch.float32, torch.float32, torch.float32))
+        super().__init__(batch, ((heads, code_bytes), (heads, groups), (heads, groups), (heads, 1), (heads, 1)),
+                         torch.float32, "cpu",
+                         dtypes=(torch.uint8, torch.float32, torch.float32, torch.float32, torch.int64))
 
 
 @dataclass(frozen=True)
@@ -202,9 +204,11 @@ class HSRKVCache:
                                     leaf_size=self.leaf_size)
         empty = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
         self._sketch_group = empty.group
-        # The indexed keys' sketch and value-norm bounds, growing like the keys (no copy of
-        # what is held when a leaf is added).
-        self._sketch_bufs = _SketchBuffers(self.batch, self.num_kv_heads, empty.codes.shape[-1], empty.lo.shape[-1])
+        # The indexed keys' sketch, value-norm bounds and arrival positions, growing like the
+        # keys (no copy of what is held when a leaf is added).
+        self._bufs = _IndexedBuffers(self.batch, self.num_kv_heads, empty.codes.shape[-1], empty.lo.shape[-1])
+        # Whether the indexed keys are stored in leaf order (after the first tree build).
+        self._reordered = False
         self._v_norm_max = torch.zeros(self.batch, self.num_kv_heads)
         self._block_means = _BlockMeans(self.batch, self.num_kv_heads, self.value_dim)
         # Running sums of the indexed keys and their squares, per (b, kv head): the key
@@ -222,13 +226,41 @@ class HSRKVCache:
 
     @property
     def keys(self) -> torch.Tensor:
-        """Every key held, (B, Hkv, length, D), in arrival order (a view)."""
-        return self._kv.keys
+        """Every key held, (B, Hkv, length, D), in arrival order: a view until the first tree is
+        built, a copy after (the cache stores the indexed keys leaf-contiguous; stored_keys is
+        the view)."""
+        return self._in_arrival_order(self._kv.keys)
 
     @property
     def values(self) -> torch.Tensor:
-        """Every value held, (B, Hkv, length, value_dim), in arrival order (a view)."""
+        """Every value held, (B, Hkv, length, value_dim), in arrival order (as keys)."""
+        return self._in_arrival_order(self._kv.values)
+
+    @property
+    def stored_keys(self) -> torch.Tensor:
+        """The keys as stored (a view): the indexed ones leaf after leaf of each (batch, kv
+        head)'s tree, so that a leaf is one contiguous block, then the tail in arrival order;
+        positions gives each row's arrival position."""
+        return self._kv.keys
+
+    @property
+    def stored_values(self) -> torch.Tensor:
+        """The values as stored (a view), in the order of stored_keys."""
         return self._kv.values
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, Hkv, length) int64: the arrival position of each stored key."""
+        tail = torch.arange(self._indexed, self.length).expand(self.batch, self.num_kv_heads, -1)
+        return torch.cat([self._bufs.views()[4][..., 0], tail], 2)
+
+    def _in_arrival_order(self, stored: torch.Tensor) -> torch.Tensor:
+        if not self._reordered:
+            return stored
+        out = stored.clone()
+        pos = self._bufs.views()[4].expand(-1, -1, -1, stored.shape[3])
+        out.scatter_(2, pos, stored[:, :, :self._indexed])
+        return out
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self._kv.append(k, v)
@@ -236,6 +268,13 @@ class HSRKVCache:
     @property
     def indexed_length(self) -> int:
         return self._indexed
+
+    def _arrival_positions(self, offsets, ids):
+        """The arrival positions of a selection's stored rows (ids per (b, kv head) pair)."""
+        if not self._reordered or ids.numel() == 0:
+            return ids
+        pair = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+        return self._bufs.views()[4][pair // self.num_kv_heads, pair % self.num_kv_heads, ids, 0]
 
     def _check_kv(self, k, v, what, length=None):
         expect = (self.batch, self.num_kv_heads)
@@ -272,17 +311,34 @@ class HSRKVCache:
         self._index_up_to(self.length - (self.length - self._indexed) % self.leaf_size)
 
     def _index_up_to(self, end: int) -> None:
-        """Index, sketch and take value norms of the keys [indexed, end)."""
-        if end <= self._indexed:
+        """Index, sketch and take value norms of the keys [indexed, end) (whole leaves). A
+        batch larger than what is indexed (re)builds the trees, and every indexed row is then
+        permuted into leaf order; smaller ones become new leaves whose rows stay where they are
+        (each already one contiguous block), so a tree's ids are always storage rows."""
+        start = self._indexed
+        if end <= start:
             return
-        k_new = self.keys[:, :, self._indexed:end]
-        self._index.add(k_new.float())
+        B, H = self.batch, self.num_kv_heads
+        k_new = self._kv.keys[:, :, start:end]
         new = KeySketch.from_keys(k_new, bits=self.sketch_bits)
-        new_norms = value_norm_bounds(self.values[:, :, self._indexed:end])
-        self._sketch_bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1))
-        if getattr(self.policy, "estimate", False):  # whole leaves only: end - indexed is a multiple
-            v_new = self.values[:, :, self._indexed:end].float()
-            B, H, L, Dv = v_new.shape
+        new_norms = value_norm_bounds(self._kv.values[:, :, start:end])
+        arrival = torch.arange(start, end).view(1, 1, -1, 1).expand(B, H, -1, -1)
+        self._bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1), arrival)
+        rebuild = end - start > start
+        if rebuild:
+            self._index.add(k_new.float())
+            perm = self._index.relabel_in_leaf_order()
+            self._kv.permute_tokens(perm)
+            self._bufs.permute_tokens(perm)
+            self._reordered = True
+        else:
+            self._index.add_leaves(k_new.float())
+        if getattr(self.policy, "estimate", False):
+            if rebuild:
+                self._block_means.reset()
+            first = 0 if rebuild else start
+            v_new = self._kv.values[:, :, first:end].float()
+            L, Dv = v_new.shape[2], v_new.shape[3]
             self._block_means.append_tokens(v_new.view(B, H, L // self.leaf_size, self.leaf_size, Dv).mean(3))
         self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
         k64 = k_new.double()
@@ -293,13 +349,13 @@ class HSRKVCache:
     @property
     def _sketch(self) -> KeySketch:
         """The indexed keys' sketch (views of the growing buffers)."""
-        codes, lo, delta, _ = self._sketch_bufs.views()
+        codes, lo, delta, _, _ = self._bufs.views()
         return KeySketch(codes, lo, delta, self.head_dim, self.sketch_bits, self._sketch_group)
 
     @property
     def _v_norms(self) -> torch.Tensor:
         """(B, Hkv, indexed) float32 upper bounds of the indexed values' norms (a view)."""
-        return self._sketch_bufs.views()[3][..., 0]
+        return self._bufs.views()[3][..., 0]
 
     def _key_stats(self) -> list:
         """KeyStats of the indexed keys per (b, kv head), in (b, h) order."""
@@ -372,7 +428,7 @@ class HSRKVCache:
     def _attend_dense(self, q):
         """Every key, read in full: exact (bounds 0)."""
         B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
-        out = attention(q, self.keys, self.values, scale=self.scale, **self._dense_kwargs())
+        out = attention(q, self._kv.keys, self._kv.values, scale=self.scale, **self._dense_kwargs())
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
         info = (zeros, zeros.clone(), torch.full((B, Hq), self.length, dtype=torch.int64),
                 torch.full((B, Hkv), self.length, dtype=torch.int64), B * Hkv * self.length * self._token_bytes())
@@ -426,11 +482,11 @@ class HSRKVCache:
         bytes_read = B * Hkv * tail * self._token_bytes()
         parts, selection = [], None
         softmax = isinstance(self.policy, (Softmax, TopK))
-        k_tail, v_tail = self.keys[:, :, n_idx:], self.values[:, :, n_idx:]
+        k_tail, v_tail = self._kv.keys[:, :, n_idx:], self._kv.values[:, :, n_idx:]
         if tail:
             parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True, **self._dense_kwargs()))
         if n_idx:
-            k_idx, v_idx = self.keys[:, :, :n_idx], self.values[:, :, :n_idx]
+            k_idx, v_idx = self._kv.keys[:, :, :n_idx], self._kv.values[:, :, :n_idx]
             if softmax:
                 out, info = self._select_and_attend(q, k_idx, v_idx, select)
                 mass = info.mass_bound
@@ -458,7 +514,7 @@ class HSRKVCache:
             read += info.keys_read
             bytes_read += int(info.keys_read.sum()) * self._token_bytes()
             parts.append((out, info.lse.unsqueeze(-1)))
-            selection = (info.offsets, info.ids, info.mask)
+            selection = (info.offsets, self._arrival_positions(info.offsets, info.ids), info.mask)
         if len(parts) == 1:
             out = parts[0][0]
         elif softmax or self.policy.normalize:

@@ -435,3 +435,79 @@ def test_property_exact_against_brute_force(d, n, leaf_size, quantile, kind, ins
     q = make_queries(x, 3, seed=seed + 1)
     assert_range_exact(index, x, q, [quantile])
     assert_topk_exact(index, x, q, 1 + seed % 12)
+
+
+class _OneTree:
+    """HSRIndexBatch with B = H = 1 seen through HSRIndex's query interface."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def range_search(self, q, thresh):
+        return self.batch.range_search(q.unsqueeze(0), thresh)
+
+    def search(self, q, k):
+        D, I = self.batch.search(q.unsqueeze(0), k)
+        return D[0], I[0]
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "duplicated", "lowrank"])
+def test_whole_leaf_adds_and_leaf_order_ids_stay_exact(kind):
+    d, leaf = 37, 16
+    x = make_points(kind, 500, d, seed=3)
+    batch = hsr.HSRIndexBatch(x[:200].view(1, 1, 200, d), leaf_size=leaf)
+    perm = batch.relabel_in_leaf_order()[0, 0]
+    assert torch.equal(perm.sort().values, torch.arange(200))
+    stored = x[:200][perm]  # new id j is the old id perm[j]
+    for chunk in (x[200:300], x[300:301], x[301:500]):  # 6 whole leaves and one of 4; 1; 12 and 7
+        batch.add_leaves(chunk.view(1, 1, -1, d))
+        stored = torch.cat([stored, chunk])
+        q = make_queries(stored, 8)
+        assert_range_exact(_OneTree(batch), stored, q, [0.0, 0.5, 0.99, 1.0])
+        assert_topk_exact(_OneTree(batch), stored, q, 10)
+    perm = batch.relabel_in_leaf_order()[0, 0]
+    assert torch.equal(perm.sort().values, torch.arange(500))
+    stored = stored[perm]
+    assert_range_exact(_OneTree(batch), stored, make_queries(stored, 8), [0.0, 0.9, 1.0])
+    with pytest.raises(ValueError):
+        batch.add_leaves(torch.full((1, 1, 2, d), float("nan")))
+    assert int(batch.ntotal) == 500
+
+
+def test_relabelled_leaves_are_runs_of_consecutive_ids():
+    """After relabel_in_leaf_order (and for leaves added whole), every leaf's ids are
+    consecutive: a tree-only selection is then at most one run of ids per opened leaf, while
+    the same selection over a tree built on the arrival order is scattered."""
+    g = torch.Generator().manual_seed(0)
+    B, H, G, n, d, leaf = 1, 2, 3, 3000, 32, 16
+    centers = torch.randn(B, H, 12, d, generator=g) * 2  # tight clusters: the tree prunes most
+    pick = torch.randint(0, 12, (B, H, n), generator=g)
+    k = centers.gather(2, pick.unsqueeze(-1).expand(-1, -1, -1, d)) + 0.05 * torch.randn(B, H, n, d, generator=g)
+    v = torch.randn(B, H, n, d, generator=g)
+    q = centers[:, :, :G].reshape(B, H * G, 1, d)
+
+    def runs_and_leaves(index, keys):
+        _, info = hsr.certified_attention(q, keys, v, None, eps=1e-3, index=index)
+        runs = 0
+        for p in range(B * H):
+            ids = info.ids[info.offsets[p]:info.offsets[p + 1]].sort().values
+            runs += int((ids.diff() != 1).sum()) + (1 if ids.numel() else 0)
+        return runs, int(info.index_stats[1])
+
+    plain = hsr.HSRIndexBatch(k[:, :, :2800], leaf_size=leaf)
+    plain.add_leaves(k[:, :, 2800:])
+    runs, leaves = runs_and_leaves(plain, k)
+    assert runs > 2 * leaves  # arrival order: a leaf's keys are scattered
+    ordered = hsr.HSRIndexBatch(k[:, :, :2800], leaf_size=leaf)
+    perm = ordered.relabel_in_leaf_order()
+    ordered.add_leaves(k[:, :, 2800:])
+    stored = torch.cat([k[:, :, :2800].gather(2, perm.unsqueeze(-1).expand(-1, -1, -1, d)), k[:, :, 2800:]], 2)
+    runs, leaves = runs_and_leaves(ordered, stored)
+    assert 0 < runs <= leaves
+
+
+def test_relabel_needs_trees_of_one_size():
+    batch = hsr.HSRIndexBatch(batch=1, heads=2, d=4, leaf_size=4)
+    assert batch.relabel_in_leaf_order().shape == (1, 2, 0)
+    batch._impl.add(torch.randn(1, 2, 10, 4))
+    assert batch.relabel_in_leaf_order().shape == (1, 2, 10)

@@ -309,3 +309,40 @@ def test_estimate_policy_validation():
         hsr.Softmax(estimate=True, select="tree+sketch")
     with pytest.raises(ValueError, match="estimate=True"):
         hsr.Softmax(estimate=True, threshold=1.0)
+
+
+def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order():
+    B, Hkv, G, D, leaf = 2, 2, 2, 24, 8
+    k, v, g = stream("clustered", B, Hkv, 300, D, seed=4)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=leaf, policy=hsr.Softmax(eps=1e-3, select="tree"),
+                           dense_fallback=False)
+    cache.extend(k[:, :, :5], v[:, :, :5])          # no whole leaf yet: nothing indexed or moved
+    assert cache.indexed_length == 0 and cache.stored_keys.data_ptr() == cache.keys.data_ptr()
+    cache.extend(k[:, :, 5:150], v[:, :, 5:150])    # builds the trees: rows move into leaf order
+    cache.extend(k[:, :, 150:170], v[:, :, 150:170])  # whole leaves added: rows stay in place
+    t = 170
+    for t in range(170, 230):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+        assert ((out.double() - ref).norm(dim=-1)[..., 0] <= info.error_bound + 1e-5).all()
+        tv = left_out_mass(q, k[:, :, :t + 1], info.selection, cache.indexed_length)
+        assert (tv <= info.mass_bound * (1 + 1e-9) + 1e-300).all()
+    n = t + 1
+    pos = cache.positions
+    assert pos.shape == (B, Hkv, n) and torch.equal(pos.sort(-1).values, torch.arange(n).expand(B, Hkv, -1))
+    assert not torch.equal(pos[..., :cache.indexed_length], torch.arange(cache.indexed_length).expand(B, Hkv, -1))
+    assert torch.equal(pos[..., cache.indexed_length:], torch.arange(cache.indexed_length, n).expand(B, Hkv, -1))
+    expand = pos.unsqueeze(-1).expand(-1, -1, -1, D)
+    assert torch.equal(cache.stored_keys, k[:, :, :n].gather(2, expand))
+    assert torch.equal(cache.stored_values, v[:, :, :n].gather(2, expand))
+    assert torch.equal(cache.keys, k[:, :, :n]) and torch.equal(cache.values, v[:, :, :n])
+    # Each tree's ids are storage rows: the top key it reports is that stored row, and the best.
+    qs = torch.randn(B, Hkv, D, generator=g)
+    top_score, top_id = cache._index.search(qs, 1)
+    stored = cache.stored_keys[:, :, :cache.indexed_length].double()
+    for b in range(B):
+        for h in range(Hkv):
+            scores = stored[b, h] @ qs[b, h].double()
+            assert abs(float(scores[top_id[b, h, 0]]) - float(top_score[b, h, 0])) < 1e-4
+            assert abs(float(scores.max()) - float(top_score[b, h, 0])) < 1e-4

@@ -360,19 +360,55 @@ IndexBatchHolder::IndexBatchHolder(int64_t batch_, int64_t heads_, int64_t d, in
   scan_caches.resize(trees.size());
 }
 
+namespace {
+// Checks keys (B, H, n, d) for the batch's trees and returns them contiguous.
+at::Tensor checked_batch_keys(const IndexBatchHolder& h, const at::Tensor& keys_in, const char* what) {
+  check_points(keys_in, h.dim, what, "keys", 4);
+  TORCH_CHECK_VALUE(keys_in.size(0) == h.batch && keys_in.size(1) == h.heads, what, ": keys must be (",
+                    h.batch, ", ", h.heads, ", n, ", h.dim, "), got shape ", keys_in.sizes());
+  at::Tensor keys = keys_in.contiguous();
+  check_finite(keys, what, "keys");
+  return keys;
+}
+}  // namespace
+
 void IndexBatchHolder::add(const at::Tensor& keys_in) {
-  check_points(keys_in, dim, "HSRIndexBatch.add", "keys", 4);
-  TORCH_CHECK_VALUE(keys_in.size(0) == batch && keys_in.size(1) == heads,
-                    "HSRIndexBatch.add: keys must be (", batch, ", ", heads, ", n, ", dim,
-                    "), got shape ", keys_in.sizes());
-  const at::Tensor keys = keys_in.contiguous();
-  check_finite(keys, "HSRIndexBatch.add", "keys");
+  const at::Tensor keys = checked_batch_keys(*this, keys_in, "HSRIndexBatch.add");
   const int64_t n = keys.size(2);
   const float* kp = keys.data_ptr<float>();
   for (ScanCache& c : scan_caches) c.invalidate();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) trees[i].add(kp + i * n * dim, n);
   });
+}
+
+void IndexBatchHolder::add_leaves(const at::Tensor& keys_in) {
+  const at::Tensor keys = checked_batch_keys(*this, keys_in, "HSRIndexBatch.add_leaves");
+  const int64_t n = keys.size(2), leaf = trees[0].leaf_size();
+  const float* kp = keys.data_ptr<float>();
+  for (ScanCache& c : scan_caches) c.invalidate();
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t at = 0; at < n; at += leaf)
+        trees[i].add_leaf(kp + (i * n + at) * dim, std::min(leaf, n - at));
+  });
+}
+
+at::Tensor IndexBatchHolder::relabel_in_leaf_order() {
+  const int64_t n = trees[0].size();
+  for (const HSRTree& t : trees)
+    TORCH_CHECK_VALUE(t.size() == n, "HSRIndexBatch.relabel_in_leaf_order: every tree must hold the same "
+                      "number of keys, got ", t.size(), " and ", n);
+  at::Tensor out = at::empty({batch, heads, n}, at::kLong);
+  int64_t* op = out.data_ptr<int64_t>();
+  for (ScanCache& c : scan_caches) c.invalidate();
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const std::vector<int64_t> old = trees[i].relabel_in_leaf_order();
+      std::copy(old.begin(), old.end(), op + i * n);
+    }
+  });
+  return out;
 }
 
 namespace {

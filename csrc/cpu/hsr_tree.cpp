@@ -554,6 +554,82 @@ void HSRTree::insert_one(const float* x, int64_t id) {
                 nullptr);
 }
 
+void HSRTree::add_leaf(const float* x, int64_t n) {
+  if (n <= 0) return;
+  if (n > leaf_size_)
+    throw std::invalid_argument("hsr index: add_leaf takes at most leaf_size (" + std::to_string(leaf_size_) +
+                                ") points, got " + std::to_string(n));
+  if (live_ == 0) {
+    rebuild_with(x, n);
+    return;
+  }
+  std::vector<float> mean(dim_, 0.0f);
+  for (int64_t i = 0; i < n; ++i) cpu::axpy(1.0f / float(n), x + i * dim_, mean.data(), dim_);
+  std::vector<int32_t> path;
+  int32_t node = 0;
+  while (block_[node] < 0) {
+    path.push_back(node);
+    const int32_t l = left_[node], r = right_[node];
+    const float dl = cpu::squared_distance(mean.data(), centroid_.data() + int64_t(l) * dim_, dim_);
+    const float dr = cpu::squared_distance(mean.data(), centroid_.data() + int64_t(r) * dim_, dim_);
+    node = dl <= dr ? l : r;
+  }
+  // The leaf reached becomes the parent of its old self and the new leaf.
+  const int32_t old_leaf = new_node(node), fresh = new_node(node);
+  const int64_t d = dim_;
+  block_[old_leaf] = block_[node];
+  block_leaf_[block_[node]] = old_leaf;
+  block_[node] = -1;
+  count_[old_leaf] = count_[node];
+  std::copy_n(centroid_.begin() + node * d, d, centroid_.begin() + old_leaf * d);
+  std::copy_n(lo_.begin() + node * d, d, lo_.begin() + old_leaf * d);
+  std::copy_n(hi_.begin() + node * d, d, hi_.begin() + old_leaf * d);
+  radius_[old_leaf] = radius_[node];
+  max_norm_[old_leaf] = max_norm_[node];
+  left_[node] = old_leaf;
+  right_[node] = fresh;
+  std::vector<int64_t> ids(n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = next_id_ + i;
+  location_.resize(size_t(next_id_ + n), -1);
+  next_id_ += n;
+  live_ += n;
+  count_[fresh] = n;
+  set_centroid(fresh, x, n);
+  make_leaf(fresh, x, ids.data(), n);
+  path.push_back(node);
+  for (const int32_t p : path) {
+    count_[p] += n;
+    for (int64_t i = 0; i < n; ++i) widen_bounds(p, x + i * d, upper_norm(x + i * d, dim_));
+  }
+}
+
+std::vector<int64_t> HSRTree::relabel_in_leaf_order() {
+  std::vector<int64_t> old_ids;
+  old_ids.reserve(size_t(live_));
+  std::vector<int32_t> stack;
+  if (!left_.empty()) stack.push_back(0);
+  while (!stack.empty()) {
+    const int32_t node = stack.back();
+    stack.pop_back();
+    const int32_t b = block_[node];
+    if (b < 0) {
+      stack.push_back(right_[node]);  // the left child comes off the stack first
+      stack.push_back(left_[node]);
+      continue;
+    }
+    for (int32_t s = 0; s < block_used_[b]; ++s) {
+      int64_t& id = slot_id_[int64_t(b) * leaf_size_ + s];
+      old_ids.push_back(id);
+      id = int64_t(old_ids.size()) - 1;
+    }
+  }
+  next_id_ = live_;
+  location_.assign(size_t(live_), -1);
+  for (int64_t loc = 0; loc < int64_t(slot_id_.size()); ++loc)
+    if (slot_id_[loc] >= 0) location_[slot_id_[loc]] = loc;
+  return old_ids;
+}
+
 int64_t HSRTree::remove(const int64_t* ids, int64_t n) {
   int64_t removed = 0;
   for (int64_t i = 0; i < n; ++i) {

@@ -155,8 +155,17 @@ class TwoLevelWalk {
     buf_est_.resize(size_t(G_) * n);
     buf_rad_.resize(size_t(G_) * n);
     buf_v_.resize(size_t(n));
-    scanner_->run(sketch_->codes, sketch_->lo, sketch_->delta, ids, n, buf_est_.data(), buf_rad_.data(), n);
-    for (int64_t j = 0; j < n; ++j) buf_v_[j] = v_norms_[ids[j]];
+    if (n > 0 && ids[n - 1] - ids[0] == n - 1 && std::is_sorted(ids, ids + n)) {
+      // Consecutive rows (a cache stored leaf-contiguous): one streamed block.
+      const SketchLayout& layout = sketch_->layout;
+      const int64_t first = ids[0];
+      scanner_->run(sketch_->codes + first * layout.code_bytes(), sketch_->lo + first * layout.groups(),
+                    sketch_->delta + first * layout.groups(), nullptr, n, buf_est_.data(), buf_rad_.data(), n);
+      std::copy_n(v_norms_ + first, n, buf_v_.data());
+    } else {
+      scanner_->run(sketch_->codes, sketch_->lo, sketch_->delta, ids, n, buf_est_.data(), buf_rad_.data(), n);
+      for (int64_t j = 0; j < n; ++j) buf_v_[j] = v_norms_[ids[j]];
+    }
     for (int g = 0; g < G_; ++g) {
       const size_t at = grid_[g].size();
       grid_[g].resize(at + n);

@@ -99,12 +99,13 @@ class HSRLayer(CacheLayerMixin):
             self._pending = (key_states.contiguous(), value_states.contiguous())
             return key_states, value_states
         self.hsr.extend(key_states.contiguous(), value_states.contiguous())
-        return self._expose_kv()
+        self._expose_kv()
+        return self.hsr.keys, self.hsr.values  # arrival order, for the caller's causal attention
 
     def _expose_kv(self):
-        """Points keys/values (what transformers may read off a layer) at the cache's K/V."""
-        self.keys, self.values = self.hsr.keys, self.hsr.values
-        return self.keys, self.values
+        """Points keys/values (what transformers may read off a layer: their shapes) at the
+        cache's K/V as stored (views: the indexed rows are in leaf order)."""
+        self.keys, self.values = self.hsr.stored_keys, self.hsr.stored_values
 
     @property
     def has_pending(self) -> bool:

@@ -58,6 +58,14 @@ class HSRTree {
   // Bulk (re)build from the points given plus the live points already stored.
   void rebuild_with(const float* x, int64_t n);
   void insert_one(const float* x, int64_t id);
+  // Adds 1..leaf_size points (ids next_id() ..) as one new leaf, the sibling of the leaf whose
+  // centroid the descent by nearest child centroid reaches (bounds widened up the path; an
+  // empty tree is built). Unlike add(), no existing leaf changes, so a KV cache that keeps its
+  // rows leaf-contiguous appends this leaf's rows as one block.
+  void add_leaf(const float* x, int64_t n);
+  // Renumbers the live points 0..size()-1 leaf after leaf (a depth-first order), so that every
+  // leaf holds consecutive ids; returns the old id of each new id. next_id() becomes size().
+  std::vector<int64_t> relabel_in_leaf_order();
   // Removes the points with these ids (unknown or already removed ids are ignored); returns
   // how many were removed. Bounds stay valid (conservative); past half tombstones the tree
   // is rebuilt.

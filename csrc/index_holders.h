@@ -27,14 +27,17 @@ struct IndexCallStats {
 };
 
 // Id-ordered copies of a tree's points for the scan path, made lazily on the first query
-// that needs them and dropped whenever the tree changes.
+// that needs them. Adds only append ids (a rebuild keeps every id's point), so refresh()
+// then appends the new points; removals and relabelling drop the copy (invalidate()).
 struct ScanCache {
   index::IdOrderedPoints points;
   bool fresh = false;
+  int64_t covered = 0;  // the tree's next_id() when the copy was last brought up to date
   void refresh(const index::HSRTree& tree);
   void invalidate() {
     points = {};
     fresh = false;
+    covered = 0;
   }
 };
 

@@ -7,7 +7,9 @@
 
 Keys live in two parts: the indexed part (an HSRIndexBatch over the keys, their int8 sketch
 and value norms) and a dense tail of fewer than ``leaf_size`` recent keys, always attended in
-full; a full tail is appended to the indexed part. Policies:
+full; a full tail is appended to the indexed part as one new leaf. The indexed rows are stored
+leaf-contiguous (each tree's ids are storage rows, renumbered leaf after leaf whenever the tree
+is built), so an opened leaf is one block of K/V and sketch rows. Policies:
 - ``hsr.Softmax(eps, select="tree+sketch")``: certified selection (hsr.certified_attention):
   the tree prunes whole nodes, the int8 sketch prunes keys inside the leaves kept (in C++,
   one walk per (batch, kv head) for its GQA group); ``info.mass_bound`` <= eps bounds the

@@ -511,3 +511,30 @@ def test_relabel_needs_trees_of_one_size():
     assert batch.relabel_in_leaf_order().shape == (1, 2, 0)
     batch._impl.add(torch.randn(1, 2, 10, 4))
     assert batch.relabel_in_leaf_order().shape == (1, 2, 10)
+
+
+def test_scan_path_sees_points_added_after_a_query():
+    """The scan's id-ordered copy grows with adds (and is dropped on removals)."""
+    d = 12
+    x = make_points("random", 900, d, seed=5)
+    index = hsr.HSRIndex(d, leaf_size=16)
+    index.scan_fraction = 0.0
+    index.add(x[:300])
+    assert_range_exact(index, x[:300], make_queries(x[:300], 4), [0.5])
+    index.add(x[300:320])                       # inserted one by one
+    index.add(x[320:700])                       # a rebuild
+    q = make_queries(x[:700], 6)
+    assert_range_exact(index, x[:700], q, [0.0, 0.5, 1.0])
+    assert_topk_exact(index, x[:700], q, 7)
+    index.remove_ids(torch.arange(0, 700, 3))
+    keep = torch.tensor([i for i in range(700) if i % 3])
+    index.add(x[700:])
+    ids = torch.cat([keep, torch.arange(700, 900)])
+    assert_topk_exact(index, x[ids], make_queries(x[ids], 6), 5, ids=ids)
+    batch = hsr.HSRIndexBatch(x[:200].view(1, 1, 200, d), leaf_size=16)
+    batch.scan_fraction = 0.0
+    _OneTree(batch).search(make_queries(x[:200], 2), 3)
+    batch.add_leaves(x[200:260].view(1, 1, 60, d))
+    assert_topk_exact(_OneTree(batch), x[:260], make_queries(x[:260], 6), 5)
+    perm = batch.relabel_in_leaf_order()[0, 0]
+    assert_topk_exact(_OneTree(batch), x[:260][perm], make_queries(x[:260], 6), 5)

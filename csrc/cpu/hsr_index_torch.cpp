@@ -58,9 +58,13 @@ void check_scan_fraction(double f) {
 }  // namespace
 
 void ScanCache::refresh(const HSRTree& tree) {
-  if (fresh) return;
-  points = index::IdOrderedPoints::from_tree(tree);
+  if (!fresh) {
+    points = index::IdOrderedPoints::from_tree(tree);
+  } else if (covered < tree.next_id()) {
+    points.append_from(tree, covered);
+  }
   fresh = true;
+  covered = tree.next_id();
 }
 
 namespace {
@@ -288,7 +292,6 @@ void IndexHolder::add(const at::Tensor& x_in) {
   check_points(x_in, tree.dim(), "HSRIndex.add", "x", 2);
   const at::Tensor x = x_in.contiguous();
   check_finite(x, "HSRIndex.add", "x");
-  scan_cache.invalidate();
   tree.add(x.data_ptr<float>(), x.size(0));
 }
 
@@ -376,7 +379,6 @@ void IndexBatchHolder::add(const at::Tensor& keys_in) {
   const at::Tensor keys = checked_batch_keys(*this, keys_in, "HSRIndexBatch.add");
   const int64_t n = keys.size(2);
   const float* kp = keys.data_ptr<float>();
-  for (ScanCache& c : scan_caches) c.invalidate();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) trees[i].add(kp + i * n * dim, n);
   });
@@ -386,7 +388,6 @@ void IndexBatchHolder::add_leaves(const at::Tensor& keys_in) {
   const at::Tensor keys = checked_batch_keys(*this, keys_in, "HSRIndexBatch.add_leaves");
   const int64_t n = keys.size(2), leaf = trees[0].leaf_size();
   const float* kp = keys.data_ptr<float>();
-  for (ScanCache& c : scan_caches) c.invalidate();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       for (int64_t at = 0; at < n; at += leaf)

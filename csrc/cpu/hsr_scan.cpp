@@ -113,13 +113,17 @@ IdOrderedPoints IdOrderedPoints::from_tree(const HSRTree& tree) {
   out.dim = tree.dim();
   out.points.reserve(size_t(tree.size()) * out.dim);
   out.ids.reserve(size_t(tree.size()));
-  for (int64_t id = 0; id < tree.next_id(); ++id) {
+  out.append_from(tree, 0);
+  return out;
+}
+
+void IdOrderedPoints::append_from(const HSRTree& tree, int64_t first_id) {
+  for (int64_t id = first_id; id < tree.next_id(); ++id) {
     const float* x = tree.find(id);
     if (x == nullptr) continue;
-    out.points.insert(out.points.end(), x, x + out.dim);
-    out.ids.push_back(id);
+    points.insert(points.end(), x, x + dim);
+    ids.push_back(id);
   }
-  return out;
 }
 
 void scan_range(const IdOrderedPoints& pts, int64_t begin, int64_t end, const float* q, int rows,

@@ -43,6 +43,8 @@ struct IdOrderedPoints {
 
   int64_t size() const { return int64_t(ids.size()); }
   static IdOrderedPoints from_tree(const HSRTree& tree);
+  // Appends the live points with ids first_id .. tree.next_id()-1 (all above the ids held).
+  void append_from(const HSRTree& tree, int64_t first_id);
 };
 
 // Most queries the scoring kernel takes at once: each point loaded feeds this many queries.

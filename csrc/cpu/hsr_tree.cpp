@@ -28,9 +28,12 @@ constexpr int kFrontierLeaves = 4;
 constexpr double kRebuildTombstones = 0.5;
 constexpr int kPcaSample = 64;
 constexpr int kPcaIters = 3;
-// A split may put between 35% and 65% of a node's points on one side (see choose_split).
-constexpr double kSplitLow = 0.35;
-constexpr double kSplitHigh = 0.65;
+// A split may put between 20% and 80% of a node's points on one side (see choose_split):
+// wider than a median cut, so that more cuts find a gap between clusters (on the clustered
+// benchmark at 10^6 x 128, top-10 scores 29% fewer points than with 35%..65%; much wider
+// makes the tree deep and the build slow).
+constexpr double kSplitLow = 0.2;
+constexpr double kSplitHigh = 0.8;
 
 // An upper bound of sqrt(exact sum of d squares) from its float evaluation: the float sum of
 // d non-negative rounded terms is within (d + 3) unit roundoffs of the exact sum.

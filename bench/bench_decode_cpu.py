@@ -10,7 +10,9 @@ with n - steps keys; each decode step appends the next key and attends; the qual
 are for the last step (all n keys). Dense baselines over the same n keys:
 torch SDPA (enable_gqa) and hsr.attention. Quality is measured against fp64 dense attention:
 the true left-out softmax mass (total-variation distance of the selection; the largest over
-every step and head) and the output error, next to the certified bounds the step reported.
+every step and head) and the output error, next to the certified bounds the steps reported
+(mass bound: the largest over steps and heads; steps_tv_over_bound counts the steps where some q head's
+measured TV exceeds that head's reported bound: 0 when every certificate held).
 Softmax runs with each selection: tree+sketch, sketch (every key's sketch) and tree (whole
 leaves), and at eps=0.1 with and without the estimate mode (Softmax(estimate=True): the keys
 left out are added in from their sketch scores and block value means; its err column is the
@@ -77,7 +79,9 @@ def quality(q, k, v, out, policy, selection, indexed):
             p = torch.relu(s - policy.bias) ** policy.alpha
             p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
         errs.append((out[0, h * group:(h + 1) * group, 0].double() - p @ vv).norm(dim=-1))
-    return torch.cat(errs), max(left, default=0.0)
+    # Per q head (b = 0) in head order; zeros when the step read every key or for ReLU.
+    left = torch.tensor(left, dtype=torch.float64) if left else torch.zeros(q.shape[1], dtype=torch.float64)
+    return torch.cat(errs), left
 
 
 def policy_name(policy):
@@ -101,13 +105,14 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     t = time.perf_counter()
     cache.prefill(k[:, :, :n - steps], v[:, :, :n - steps])
     prefill_s = time.perf_counter() - t
-    times, tv_max = [], 0.0
+    times, tv_max, bound_max, over = [], 0.0, 0.0, 0
     for i in range(n - steps, n):  # each step appends the next key (a flush when a leaf fills)
         t = time.perf_counter()
         out, info = cache.decode(q, k[:, :, i:i + 1], v[:, :, i:i + 1])
         times.append((time.perf_counter() - t) * 1e3)
         _, tv = quality(q, k[:, :, :i + 1], v[:, :, :i + 1], out, policy, info.selection, cache.indexed_length)
-        tv_max = max(tv_max, tv)
+        tv_max, bound_max = max(tv_max, float(tv.max())), max(bound_max, float(info.mass_bound.max()))
+        over += bool((tv > info.mass_bound[0] * (1 + 1e-9) + 1e-300).any())
     kw = dict(scale=1 / math.sqrt(d))
     if isinstance(policy, hsr.ReLU):
         kw = dict(kind="relu", alpha=policy.alpha, bias=policy.bias, normalize=policy.normalize)
@@ -123,8 +128,8 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,
-                bytes_fraction=info.bytes_read / dense_bytes, mass_bound_max=float(info.mass_bound.max()),
-                tv_max=tv_max,
+                bytes_fraction=info.bytes_read / dense_bytes, mass_bound_max=bound_max, tv_max=tv_max,
+                steps_tv_over_bound=over,
                 error_bound_max=float(info.error_bound.max()), output_error_max=float(err.max()),
                 prefill_s=prefill_s)
 
@@ -179,7 +184,7 @@ def main():
                               ("sdpa_ms", "SDPA ms", ".1f"), ("dense_ms", "hsr dense ms", ".1f"),
                               ("speedup_vs_sdpa", "vs SDPA", ".2f"), ("keys_read_fraction", "keys read", ".3f"),
                               ("bytes_fraction", "bytes", ".3f"), ("mass_bound_max", "mass bound", ".1e"),
-                              ("tv_max", "TV", ".1e"),
+                              ("tv_max", "TV", ".1e"), ("steps_tv_over_bound", "TV>bound", "d"),
                               ("error_bound_max", "err bound", ".1e"), ("output_error_max", "err", ".1e")]))
     if args.json:
         write_json(args.json, {"benchmark": "HSRKVCache decode step vs dense, CPU", "environment": environment("cpu"),

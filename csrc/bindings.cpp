@@ -100,8 +100,10 @@ TORCH_LIBRARY(hsr, m) {
       .def("scan_fraction", &hsr::IndexHolder::scan_fraction)
       .def("set_scan_fraction", &hsr::IndexHolder::set_scan_fraction);
   m.class_<hsr::IndexBatchHolder>("IndexBatch")
-      .def(torch::init<int64_t, int64_t, int64_t, int64_t>())
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, bool>())
       .def("add", &hsr::IndexBatchHolder::add)
+      .def("keeps_points", &hsr::IndexBatchHolder::keeps_points)
+      .def("memory_bytes", &hsr::IndexBatchHolder::memory_bytes)
       .def("add_leaves", &hsr::IndexBatchHolder::add_leaves)
       .def("relabel_in_leaf_order", &hsr::IndexBatchHolder::relabel_in_leaf_order)
       .def("range_search", &hsr::IndexBatchHolder::range_search)

@@ -71,7 +71,8 @@ struct IndexHolder : torch::CustomClassHolder {
 // One tree per (batch, kv head) over keys (B, H, n, d); queries (B, Hq, d) with Hq a multiple
 // of H use the tree of kv head hq / (Hq / H).
 struct IndexBatchHolder : torch::CustomClassHolder {
-  IndexBatchHolder(int64_t batch, int64_t heads, int64_t d, int64_t leaf_size);
+  // keep_points = false: bounds-only trees (HSRTree's keep_points), for certified_select only.
+  IndexBatchHolder(int64_t batch, int64_t heads, int64_t d, int64_t leaf_size, bool keep_points);
 
   void add(const at::Tensor& keys);
   // Appends keys (B, H, n, d) to every tree as new leaves of leaf_size keys each (the last
@@ -84,6 +85,8 @@ struct IndexBatchHolder : torch::CustomClassHolder {
                                                               const at::Tensor& thresh);
   std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& q, int64_t k);
   at::Tensor ntotal() const;  // (B, H) int64
+  bool keeps_points() const { return trees[0].keeps_points(); }
+  int64_t memory_bytes() const;  // all trees together
   std::vector<int64_t> last_stats() const { return stats.as_vector(); }
   double scan_fraction() const { return scan_above; }
   void set_scan_fraction(double f);

@@ -187,10 +187,14 @@ class HSRIndexBatch(_QueryRouting):
 
     keys: (B, H, n, d). Queries (B, Hq, d) with Hq a multiple of H: query head h uses the tree
     of kv head h // (Hq // H) (GQA). Ids are positions within each (b, h) key sequence.
+    keep_points=False keeps only the node summaries and ids, not a float32 copy of the keys
+    (for a caller that holds the keys itself and only walks the nodes, as hsr.HSRKVCache's
+    certified selection does): it is built by one add() on empty trees and then grows by
+    add_leaves(); range_search and search raise.
     """
 
     def __init__(self, keys: torch.Tensor | None = None, *, batch: int | None = None,
-                 heads: int | None = None, d: int | None = None, leaf_size: int = 64):
+                 heads: int | None = None, d: int | None = None, leaf_size: int = 64, keep_points: bool = True):
         if keys is not None:
             if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
                 raise ValueError("HSRIndexBatch: keys must be a 4-D tensor (B, H, n, d)")
@@ -200,7 +204,9 @@ class HSRIndexBatch(_QueryRouting):
         if not 1 <= d <= 256:
             raise ValueError(f"HSRIndexBatch: d must be in [1, 256], got {d}")
         self.batch, self.heads, self.d = int(batch), int(heads), int(d)
-        self._impl = torch.classes.hsr.IndexBatch(self.batch, self.heads, self.d, int(leaf_size))
+        if not isinstance(keep_points, bool):
+            raise ValueError(f"HSRIndexBatch: keep_points must be True or False, got {keep_points!r}")
+        self._impl = torch.classes.hsr.IndexBatch(self.batch, self.heads, self.d, int(leaf_size), keep_points)
         if keys is not None:
             self.add(keys)
 
@@ -250,6 +256,15 @@ class HSRIndexBatch(_QueryRouting):
     def ntotal(self) -> torch.Tensor:
         """(B, H) number of keys per tree."""
         return self._impl.ntotal()
+
+    @property
+    def keeps_points(self) -> bool:
+        return self._impl.keeps_points()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the trees hold (nodes, ids, and the points when kept)."""
+        return self._impl.memory_bytes()
 
 
 def _scan_fraction(value, what: str) -> float:

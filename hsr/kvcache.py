@@ -202,8 +202,7 @@ class HSRKVCache:
         self._kv = KVCache(self.batch, self.num_kv_heads, self.head_dim, value_dim=self.value_dim,
                            dtype=self.dtype)
         self._indexed = 0
-        self._index = HSRIndexBatch(batch=self.batch, heads=self.num_kv_heads, d=self.head_dim,
-                                    leaf_size=self.leaf_size)
+        self._index = self._new_index()
         empty = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
         self._sketch_group = empty.group
         # The indexed keys' sketch, value-norm bounds and arrival positions, growing like the
@@ -327,8 +326,9 @@ class HSRKVCache:
         arrival = torch.arange(start, end).view(1, 1, -1, 1).expand(B, H, -1, -1)
         self._bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1), arrival)
         rebuild = end - start > start
-        if rebuild:
-            self._index.add(k_new.float())
+        if rebuild:  # a fresh index over every key indexed so far: its ids are storage rows
+            self._index = self._new_index()
+            self._index.add(self._kv.keys[:, :, :end].float())
             perm = self._index.relabel_in_leaf_order()
             self._kv.permute_tokens(perm)
             self._bufs.permute_tokens(perm)
@@ -347,6 +347,27 @@ class HSRKVCache:
         self._k_sum += k64.sum(2)
         self._k_sumsq += (k64 * k64).sum(2)
         self._indexed = end
+
+    def _new_index(self) -> HSRIndexBatch:
+        """The trees; a float32 copy of the keys only for the policies that query the index
+        itself (TopK, ReLU(select="index"), Softmax(threshold=...)): the certified selection
+        walks node summaries and reads the cache's own rows."""
+        p = self.policy
+        points = isinstance(p, TopK) or (isinstance(p, ReLU) and p.select == "index") or \
+            (isinstance(p, Softmax) and p.threshold is not None)
+        return HSRIndexBatch(batch=self.batch, heads=self.num_kv_heads, d=self.head_dim, leaf_size=self.leaf_size,
+                             keep_points=points)
+
+    @property
+    def memory_bytes(self) -> dict:
+        """Bytes held, by part: "kv" (the keys and values), "sketch" (the key sketch, value
+        norms, arrival positions and block means of the indexed keys), "index" (the trees: node
+        summaries and ids, plus a float32 copy of the keys for the policies that query the
+        index) and "total". Spare capacity of the growing buffers is not counted."""
+        parts = dict(kv=self._kv.nbytes, sketch=self._bufs.nbytes + self._block_means.nbytes,
+                     index=self._index.nbytes)
+        parts["total"] = sum(parts.values())
+        return parts
 
     @property
     def _sketch(self) -> KeySketch:

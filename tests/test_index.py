@@ -538,3 +538,32 @@ def test_scan_path_sees_points_added_after_a_query():
     assert_topk_exact(_OneTree(batch), x[:260], make_queries(x[:260], 6), 5)
     perm = batch.relabel_in_leaf_order()[0, 0]
     assert_topk_exact(_OneTree(batch), x[:260][perm], make_queries(x[:260], 6), 5)
+
+
+def test_bounds_only_index_selects_like_the_full_one_and_refuses_point_queries():
+    g = torch.Generator().manual_seed(2)
+    B, H, G, n, d = 1, 2, 2, 600, 16
+    k = torch.randn(B, H, n, d, generator=g)
+    v = torch.randn(B, H, n, d, generator=g)
+    q = torch.randn(B, H * G, 1, d, generator=g) * 2
+    full = hsr.HSRIndexBatch(k[:, :, :500], leaf_size=16)
+    lean = hsr.HSRIndexBatch(k[:, :, :500], leaf_size=16, keep_points=False)
+    assert full.keeps_points and not lean.keeps_points
+    for index in (full, lean):
+        index.relabel_in_leaf_order()
+        index.add_leaves(k[:, :, 500:])
+    # The same trees: the same certified selection, bit for bit.
+    sketch = hsr.KeySketch.from_keys(k)
+    out_a, a = hsr.certified_attention(q, k, v, sketch, eps=1e-2, index=full)
+    out_b, b = hsr.certified_attention(q, k, v, sketch, eps=1e-2, index=lean)
+    assert torch.equal(out_a, out_b) and int(a.index_stats[1]) > 0
+    for name in ("mass_bound", "offsets", "ids", "mask", "index_stats"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert lean.nbytes < full.nbytes - B * H * n * d * 4 * 0.9  # no float32 copy of the keys
+    for call in (lambda: lean.search(q[:, :, 0], 3), lambda: lean.range_search(q[:, :, 0], 0.0),
+                 lambda: lean.add(k[:, :, :10])):
+        with pytest.raises(ValueError, match="keep_points"):
+            call()
+    assert torch.equal(lean.ntotal, torch.full((B, H), n))
+    with pytest.raises(ValueError, match="keep_points"):
+        hsr.HSRIndexBatch(batch=1, heads=1, d=4, keep_points=1)

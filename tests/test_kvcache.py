@@ -311,11 +311,11 @@ def test_estimate_policy_validation():
         hsr.Softmax(estimate=True, threshold=1.0)
 
 
-def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order():
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(16)])
+def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order(policy):
     B, Hkv, G, D, leaf = 2, 2, 2, 24, 8
     k, v, g = stream("clustered", B, Hkv, 300, D, seed=4)
-    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=leaf, policy=hsr.Softmax(eps=1e-3, select="tree"),
-                           dense_fallback=False)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=leaf, policy=policy, dense_fallback=False)
     cache.extend(k[:, :, :5], v[:, :, :5])          # no whole leaf yet: nothing indexed or moved
     assert cache.indexed_length == 0 and cache.stored_keys.data_ptr() == cache.keys.data_ptr()
     cache.extend(k[:, :, 5:150], v[:, :, 5:150])    # builds the trees: rows move into leaf order
@@ -337,6 +337,8 @@ def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order(
     assert torch.equal(cache.stored_keys, k[:, :, :n].gather(2, expand))
     assert torch.equal(cache.stored_values, v[:, :, :n].gather(2, expand))
     assert torch.equal(cache.keys, k[:, :, :n]) and torch.equal(cache.values, v[:, :, :n])
+    if not cache._index.keeps_points:
+        return
     # Each tree's ids are storage rows: the top key it reports is that stored row, and the best.
     qs = torch.randn(B, Hkv, D, generator=g)
     top_score, top_id = cache._index.search(qs, 1)
@@ -346,3 +348,21 @@ def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order(
             scores = stored[b, h] @ qs[b, h].double()
             assert abs(float(scores[top_id[b, h, 0]]) - float(top_score[b, h, 0])) < 1e-4
             assert abs(float(scores.max()) - float(top_score[b, h, 0])) < 1e-4
+
+
+@pytest.mark.parametrize("policy, keeps", [(hsr.Softmax(eps=1e-3), False), (hsr.ReLU(bias=1.0), False),
+                                           (hsr.ReLU(bias=1.0, select="index"), True), (hsr.TopK(8), True),
+                                           (hsr.Softmax(threshold=1.0), True)])
+def test_index_keeps_a_float_copy_of_the_keys_only_for_policies_that_query_it(policy, keeps):
+    B, Hkv, D, n = 1, 2, 64, 1024
+    k, v, _ = stream("clustered", B, Hkv, n, D)
+    cache = hsr.HSRKVCache(B, Hkv, D, dtype=torch.bfloat16, leaf_size=64, policy=policy)
+    cache.prefill(k.bfloat16(), v.bfloat16())
+    mem = cache.memory_bytes
+    assert cache._index.keeps_points == keeps
+    assert mem["kv"] == B * Hkv * n * 2 * D * 2
+    assert mem["total"] == mem["kv"] + mem["sketch"] + mem["index"]
+    copy = B * Hkv * n * D * 4
+    assert (mem["index"] > copy) == keeps
+    # The int8 sketch: a byte per channel plus two floats per group of 32, a value norm and a position.
+    assert mem["sketch"] == B * Hkv * n * (D + 2 * 4 * (D // 32) + 4 + 8)

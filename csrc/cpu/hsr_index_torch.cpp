@@ -265,12 +265,12 @@ at::Tensor thresholds_for(const at::Tensor& thresh, int64_t m, const char* what)
   return t;
 }
 
-HSRTree make_tree(int64_t d, int64_t leaf_size) {
+HSRTree make_tree(int64_t d, int64_t leaf_size, bool keep_points = true) {
   TORCH_CHECK_VALUE(d >= 1 && d <= HSRTree::kMaxDim, "HSRIndex: d must be in [1, ", HSRTree::kMaxDim,
                     "], got ", d);
   TORCH_CHECK_VALUE(leaf_size >= 1 && leaf_size <= 65536,
                     "HSRIndex: leaf_size must be in [1, 65536], got ", leaf_size);
-  return HSRTree(int(d), int(leaf_size));
+  return HSRTree(int(d), int(leaf_size), keep_points);
 }
 
 }  // namespace
@@ -354,12 +354,13 @@ void IndexHolder::load_bytes(const at::Tensor& bytes_in) {
   }
 }
 
-IndexBatchHolder::IndexBatchHolder(int64_t batch_, int64_t heads_, int64_t d, int64_t leaf_size)
+IndexBatchHolder::IndexBatchHolder(int64_t batch_, int64_t heads_, int64_t d, int64_t leaf_size,
+                                   bool keep_points)
     : batch(batch_), heads(heads_), dim(d), scan_above(kDefaultScanFraction) {
   TORCH_CHECK_VALUE(batch >= 1 && heads >= 1, "HSRIndexBatch: batch and heads must be >= 1, got ",
                     batch, " and ", heads);
   trees.reserve(batch * heads);
-  for (int64_t i = 0; i < batch * heads; ++i) trees.push_back(make_tree(d, leaf_size));
+  for (int64_t i = 0; i < batch * heads; ++i) trees.push_back(make_tree(d, leaf_size, keep_points));
   scan_caches.resize(trees.size());
 }
 
@@ -377,6 +378,10 @@ at::Tensor checked_batch_keys(const IndexBatchHolder& h, const at::Tensor& keys_
 
 void IndexBatchHolder::add(const at::Tensor& keys_in) {
   const at::Tensor keys = checked_batch_keys(*this, keys_in, "HSRIndexBatch.add");
+  if (!keeps_points())
+    for (const HSRTree& t : trees)
+      TORCH_CHECK_VALUE(t.size() == 0, "HSRIndexBatch.add: an index with keep_points=False is built once (on "
+                        "empty trees) and then grows by add_leaves");
   const int64_t n = keys.size(2);
   const float* kp = keys.data_ptr<float>();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
@@ -414,6 +419,8 @@ at::Tensor IndexBatchHolder::relabel_in_leaf_order() {
 
 namespace {
 void check_batch_queries(const IndexBatchHolder& h, const at::Tensor& q, const char* what) {
+  TORCH_CHECK_VALUE(h.keeps_points(), what, ": this index keeps no points (keep_points=False): it serves the "
+                    "certified selection only");
   check_points(q, h.dim, what, "q", 3);
   TORCH_CHECK_VALUE(q.size(0) == h.batch, what, ": q has batch ", q.size(0), " but the index has ",
                     h.batch);
@@ -452,6 +459,12 @@ std::tuple<at::Tensor, at::Tensor> IndexBatchHolder::search(const at::Tensor& q_
                 scan_above, hits, st);
   auto [scores, ids] = pack_topk_results(hits, st, k, stats);
   return {scores.view({batch, hq, k}), ids.view({batch, hq, k})};
+}
+
+int64_t IndexBatchHolder::memory_bytes() const {
+  int64_t total = 0;
+  for (const HSRTree& t : trees) total += t.memory_bytes();
+  return total;
 }
 
 at::Tensor IndexBatchHolder::ntotal() const {

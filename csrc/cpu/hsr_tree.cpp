@@ -319,7 +319,8 @@ constexpr char kMagic[8] = {'H', 'S', 'R', 'T', 'R', 'E', 'E', '\0'};
 
 }  // namespace
 
-HSRTree::HSRTree(int dim, int leaf_size) : dim_(dim), leaf_size_(leaf_size) {
+HSRTree::HSRTree(int dim, int leaf_size, bool keep_points)
+    : dim_(dim), leaf_size_(leaf_size), keep_points_(keep_points) {
   if (dim < 1 || dim > kMaxDim)
     throw std::invalid_argument("hsr index: d must be in [1, " + std::to_string(kMaxDim) +
                                 "], got " + std::to_string(dim));
@@ -344,8 +345,23 @@ int64_t HSRTree::depth() const {
   return best;
 }
 
+void HSRTree::require_points(const char* what) const {
+  if (!keep_points_)
+    throw std::logic_error(std::string("hsr index: ") + what + " needs the points, and this index keeps none "
+                           "(keep_points=False)");
+}
+
+int64_t HSRTree::memory_bytes() const {
+  auto bytes = [](const auto& v) { return int64_t(v.capacity() * sizeof(v[0])); };
+  int64_t total = bytes(left_) + bytes(right_) + bytes(parent_) + bytes(block_) + bytes(count_) +
+                  bytes(centroid_) + bytes(lo_) + bytes(hi_) + bytes(radius_) + bytes(max_norm_) +
+                  bytes(slot_id_) + bytes(block_used_) + bytes(block_leaf_) + bytes(free_blocks_) +
+                  bytes(location_);
+  return total + int64_t(chunks_.size()) * kChunkBlocks * leaf_size_ * dim_ * int64_t(sizeof(float));
+}
+
 const float* HSRTree::find(int64_t id) const {
-  if (id < 0 || id >= next_id_ || location_[id] < 0) return nullptr;
+  if (!keep_points_ || id < 0 || id >= next_id_ || location_[id] < 0) return nullptr;
   return point(int32_t(location_[id] / leaf_size_), int32_t(location_[id] % leaf_size_));
 }
 
@@ -366,7 +382,7 @@ int32_t HSRTree::new_node(int32_t parent) {
 
 int32_t HSRTree::new_block() {
   const int32_t b = int32_t(block_used_.size());
-  if (b % kChunkBlocks == 0)  // zeroed, so that serialized bytes never depend on old memory
+  if (keep_points_ && b % kChunkBlocks == 0)  // zeroed: serialized bytes never depend on old memory
     chunks_.push_back(std::make_unique<float[]>(size_t(kChunkBlocks) * leaf_size_ * dim_));
   slot_id_.resize(slot_id_.size() + leaf_size_, -1);
   block_used_.push_back(0);
@@ -407,7 +423,7 @@ void HSRTree::make_leaf(int32_t node, const float* rows, const int64_t* ids, int
   std::fill(hi, hi + dim_, -std::numeric_limits<float>::infinity());
   radius_[node] = 0.0;
   max_norm_[node] = 0.0;
-  std::memcpy(point(b, 0), rows, sizeof(float) * count * dim_);
+  if (keep_points_) std::memcpy(point(b, 0), rows, sizeof(float) * count * dim_);
   for (int64_t s = 0; s < count; ++s) {
     slot_id_[int64_t(b) * leaf_size_ + s] = ids[s];
     location_[ids[s]] = int64_t(b) * leaf_size_ + s;
@@ -507,6 +523,7 @@ void HSRTree::rebuild_with(const float* x, int64_t n) {
 
 void HSRTree::add(const float* x, int64_t n) {
   if (n <= 0) return;
+  if (live_ > 0) require_points("adding to a built tree (use add_leaf)");
   if (live_ == 0 || n > live_) {
     rebuild_with(x, n);
     return;
@@ -634,6 +651,7 @@ std::vector<int64_t> HSRTree::relabel_in_leaf_order() {
 }
 
 int64_t HSRTree::remove(const int64_t* ids, int64_t n) {
+  require_points("remove");
   int64_t removed = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = ids[i];
@@ -662,7 +680,7 @@ int64_t HSRTree::remove(const int64_t* ids, int64_t n) {
 
 void HSRTree::reset() {
   const int d = dim_, ls = leaf_size_;
-  *this = HSRTree(d, ls);
+  *this = HSRTree(d, ls, keep_points_);
 }
 
 double HSRTree::query_norm(const float* q) const { return norm_rounded_up(q, dim_); }
@@ -716,6 +734,7 @@ double HSRTree::estimated_scored_fraction(const float* q, float thresh, double s
 
 void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
                            QueryStats& stats) const {
+  require_points("range_search");
   out.clear();
   stats = QueryStats{};
   if (live_ == 0) return;
@@ -752,6 +771,7 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
 
 bool HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats,
                      int64_t max_scored) const {
+  require_points("search");
   out.clear();
   stats = QueryStats{};
   if (live_ == 0 || k <= 0) return true;
@@ -797,6 +817,7 @@ bool HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
 }
 
 std::vector<uint8_t> HSRTree::serialize() const {
+  require_points("serialize");
   Writer w;
   w.buf.insert(w.buf.end(), kMagic, kMagic + sizeof kMagic);
   w.put<uint32_t>(kFormatVersion);
@@ -873,7 +894,7 @@ void HSRTree::validate_structure() const {
       int64_t(hi_.size()) != nodes * d || int64_t(radius_.size()) != nodes ||
       int64_t(max_norm_.size()) != nodes)
     fail("node arrays disagree in length");
-  if (int64_t(chunks_.size()) != (blocks + kChunkBlocks - 1) / kChunkBlocks ||
+  if (int64_t(chunks_.size()) != (keep_points_ ? (blocks + kChunkBlocks - 1) / kChunkBlocks : 0) ||
       int64_t(slot_id_.size()) != blocks * ls ||
       int64_t(block_leaf_.size()) != blocks)
     fail("block arrays disagree in length");

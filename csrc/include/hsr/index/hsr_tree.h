@@ -42,7 +42,12 @@ class HSRTree {
   static constexpr int kMaxDim = 256;
   static constexpr uint32_t kFormatVersion = 1;
 
-  HSRTree(int dim, int leaf_size);
+  // keep_points = false: a bounds-only tree (node summaries and ids, no copy of the points),
+  // for callers that keep the points themselves and only walk the nodes (the certified
+  // decode selection): it is built on an empty tree by add() and grows by add_leaf(); the
+  // calls that need the points (range_search, search, inserting into or removing from a
+  // leaf, rebuilding, serialize) throw std::logic_error.
+  HSRTree(int dim, int leaf_size, bool keep_points = true);
 
   int dim() const { return dim_; }
   int leaf_size() const { return leaf_size_; }
@@ -50,6 +55,9 @@ class HSRTree {
   int64_t next_id() const { return next_id_; }  // the id the next added point receives
   int64_t num_nodes() const { return int64_t(left_.size()); }
   int64_t depth() const;
+  bool keeps_points() const { return keep_points_; }
+  // Bytes the tree holds (its arrays' capacities).
+  int64_t memory_bytes() const;
 
   // Adds n points (row-major n x dim, finite) with ids next_id() .. next_id()+n-1. An empty
   // tree, or a batch larger than what is stored, is (re)built by hierarchical PCA splits;
@@ -89,7 +97,8 @@ class HSRTree {
   // traversal scores. Stops early (returning a value above stop_above) once it exceeds it.
   double estimated_scored_fraction(const float* q, float thresh, double stop_above = 1.0) const;
 
-  // The stored point with this id, or nullptr when the id was removed or never added.
+  // The stored point with this id, or nullptr when the id was removed or never added (or the
+  // tree keeps no points).
   const float* find(int64_t id) const;
 
   // Read access for walks outside this class (the certified decode selection). Node 0 is the
@@ -131,9 +140,11 @@ class HSRTree {
     return const_cast<HSRTree*>(this)->point(block, slot);
   }
   void validate_structure() const;
+  void require_points(const char* what) const;
 
   int dim_;
   int leaf_size_;
+  bool keep_points_ = true;
   int64_t live_ = 0;
   int64_t removed_since_build_ = 0;
   int64_t next_id_ = 0;

@@ -141,6 +141,10 @@ def relu_bias_for(n, fraction, heads_kv=8, group=4, d=128):
     return float(torch.quantile(s[:: max(1, s.numel() // 1_000_000)] / math.sqrt(d), 1 - fraction))
 
 
+def wanted(name, words):
+    return words is None or any(w in name for w in words)
+
+
 def plot(rows, path):
     with figure(path) as (fig, ax):
         for policy in sorted({r["policy"] for r in rows}):
@@ -161,6 +165,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--policies", nargs="+", help="only the rows whose policy name contains one of these words")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
@@ -173,13 +178,15 @@ def main():
                        hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(1024), hsr.Softmax(threshold="paper"),
                        hsr.ReLU(alpha=2, bias=bias, select="sketch"), hsr.ReLU(alpha=2, bias=bias, select="index"),
                        hsr.Softmax(eps=1e-1, select="sketch"), hsr.Softmax(eps=1e-1, estimate=True)):
-            row = bench_case(n, policy, args.steps)
+            if wanted(policy_name(policy), args.policies):
+                row = bench_case(n, policy, args.steps)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                rows.append(row)
+        # The default cache: times its candidate paths every probe_every steps, keeps the fastest.
+        if wanted("softmax eps=0.001 default", args.policies):
+            row = bench_case(n, hsr.Softmax(eps=1e-3), args.steps, fallback=True)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             rows.append(row)
-        # The default cache: times its candidate paths every probe_every steps, keeps the fastest.
-        row = bench_case(n, hsr.Softmax(eps=1e-3), args.steps, fallback=True)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        rows.append(row)
     print(format_table(rows, [("n", "n", "d"), ("policy", "policy", ""), ("step_ms", "step ms", ".1f"),
                               ("sdpa_ms", "SDPA ms", ".1f"), ("dense_ms", "hsr dense ms", ".1f"),
                               ("speedup_vs_sdpa", "vs SDPA", ".2f"), ("keys_read_fraction", "keys read", ".3f"),

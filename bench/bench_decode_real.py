@@ -66,7 +66,8 @@ def run_layer(q_all, k_all, v_all, policy, dtype, eps_oracle, sketch):
         o_head, o_union = oracle_fractions(q, k[:, :, :i + 1], eps_oracle)
         rows.append(dict(ms=ms, read=info.keys_read.double().mean().item() / (i + 1),
                          bytes=info.bytes_read / (2 * hkv * (i + 1) * d * k.element_size()),
-                         mass=info.mass_bound.max().item(), tv=tv, err=float(err.max()),
+                         mass=info.mass_bound.max().item(), tv=float(tv.max()), err=float(err.max()),
+                         over=bool((tv > info.mass_bound[0] * (1 + 1e-9) + 1e-300).any()),
                          err_bound=info.error_bound.max().item(), oracle_head=o_head, oracle_union=o_union))
     q = q_all[:, -1].reshape(1, hq, 1, d).to(dtype)
     dense_ms = median_ms_cpu(lambda: hsr.attention(q, k, v), iters=5)
@@ -74,6 +75,7 @@ def run_layer(q_all, k_all, v_all, policy, dtype, eps_oracle, sketch):
     agg = {key: float(np.mean([r[key] for r in rows])) for key in ("read", "bytes", "oracle_head", "oracle_union")}
     agg.update(step_ms=float(np.median([r["ms"] for r in rows])), dense_ms=dense_ms, sdpa_ms=sdpa_ms,
                mass_bound_max=max(r["mass"] for r in rows), tv_max=max(r["tv"] for r in rows),
+               steps_tv_over_bound=sum(r["over"] for r in rows),
                err_max=max(r["err"] for r in rows), err_bound_max=max(r["err_bound"] for r in rows))
     return agg
 
@@ -111,6 +113,7 @@ def main():
                                              "sdpa_ms")},
                             mass_bound_max=max(r["mass_bound_max"] for r in sel),
                             tv_max=max(r["tv_max"] for r in sel),
+                            steps_tv_over_bound=sum(r["steps_tv_over_bound"] for r in sel),
                             worst_layer=max(sel, key=lambda r: r["read"])["layer"],
                             worst_read=max(r["read"] for r in sel), best_read=min(r["read"] for r in sel)))
     meta = data["meta"]
@@ -120,7 +123,8 @@ def main():
                                  ("oracle_union", "oracle (GQA union)", ".3f"), ("oracle_head", "oracle per head", ".3f"),
                                  ("bytes", "bytes/dense", ".3f"), ("worst_read", "worst layer", ".3f"),
                                  ("best_read", "best layer", ".3f"), ("mass_bound_max", "mass bound", ".1e"),
-                                 ("tv_max", "TV", ".1e"), ("step_ms", "step ms", ".2f"),
+                                 ("tv_max", "TV", ".1e"), ("steps_tv_over_bound", "TV>bound", "d"),
+                                 ("step_ms", "step ms", ".2f"),
                                  ("dense_ms", "hsr dense ms", ".2f"), ("sdpa_ms", "SDPA ms", ".2f")]))
     if args.json:
         write_json(args.json, {"benchmark": "HSRKVCache decode on captured SmolLM2 keys, CPU",

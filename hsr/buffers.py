@@ -40,6 +40,10 @@ class TokenBuffers:
         """What is held: one (B, heads, length, width) view per buffer."""
         return tuple(b[:, :, :self._length] for b in self._bufs)
 
+    def view(self, name: str) -> torch.Tensor:
+        """What one buffer holds, (B, heads, length, width) (a view), by its name in _names."""
+        return self._bufs[self._names.index(name)][:, :, :self._length]
+
     def append_tokens(self, *tensors) -> None:
         """Appends one (B, heads, L, width) tensor per buffer; validated first, so bad
         input raises and leaves the buffers unchanged."""

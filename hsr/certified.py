@@ -129,8 +129,8 @@ class CertifiedInfo:
 def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch | None, *,
                         eps: float, scale: float | None = None, v_norms: torch.Tensor | None = None,
                         v_norm_max: torch.Tensor | None = None, index=None,
-                        value_blocks: torch.Tensor | None = None,
-                        block: int | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+                        value_blocks: torch.Tensor | None = None, block: int | None = None,
+                        k_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
     """Softmax attention of decode queries q (B, Hq, 1, D) over k, v (B, Hkv, n, D) (CPU),
     reading in full only the keys the bounds cannot certify away; see the module docstring.
 
@@ -141,6 +141,10 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     interval is computed. v_norms (B, Hkv, n): value_norm_bounds(v), computed from v when not
     given (a cache keeps them); v_norm_max (B, Hkv): their maximum (taken from v_norms when not
     given). eps in [0, 1): 0 selects everything (exact).
+
+    k_norms (B, Hkv, n) float32: upper bounds of the keys' norms (value_norm_bounds(k); a cache
+    keeps them), for the certificate's score-rounding term; taken from the kept keys when not
+    given.
 
     value_blocks (B, Hkv, ceil(n / block), Dv) float32, the mean value of each block of `block`
     consecutive keys (sketch selection only): the estimate mode (hsr.Softmax(estimate=True)).
@@ -159,6 +163,9 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     if sketch is not None or index is None:
         _check_sketch(what, sketch, B, Hkv, n, D)
     v_up_f = value_norm_bounds(v) if v_norms is None else v_norms
+    if k_norms is not None and (not isinstance(k_norms, torch.Tensor) or k_norms.dtype != torch.float32
+                                or tuple(k_norms.shape) != (B, Hkv, n)):
+        raise ValueError(f"{what}: k_norms must be float32 ({B}, {Hkv}, {n}) (value_norm_bounds(k))")
     qf = q[:, :, 0].float()
     # A hair stricter than eps: the certificate computed afterwards uses the kernel's
     # normaliser, deflated for its float rounding.
@@ -185,7 +192,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
             index._impl.certified_select(qf, *codes, bits, group, v_up_f, v_max.contiguous(), scale,
                                          eps_select)
     out, info = _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
-                                    index_stats)
+                                    index_stats, k_norms)
     return (out, info) if estimate is None else _add_estimate(out, info, *estimate)
 
 
@@ -223,7 +230,7 @@ def _add_estimate(out, info, weights, log_ref, value_blocks):
                                                      estimate_norm=block_norm)
 
 
-def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats):
+def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats, k_norms=None):
     """Softmax over the selected keys and its certificate, from the per (batch, q head) log of
     the left-out upper-bound mass and the largest value norms left out and kept."""
     offsets_t, ids_t, mask_t = selection
@@ -243,7 +250,10 @@ def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, sel
     pair_of_row = torch.repeat_interleave(torch.arange(pairs), per_pair)
     # Indexed per (b, h) rather than through k.reshape: a cache's k is a strided view, and
     # reshaping it would copy every key.
-    k_norm = k[pair_of_row // Hkv, pair_of_row % Hkv, ids_t].float().norm(dim=1)        # (u,)
+    if k_norms is None:
+        k_norm = k[pair_of_row // Hkv, pair_of_row % Hkv, ids_t].float().norm(dim=1)    # (u,)
+    else:
+        k_norm = k_norms[pair_of_row // Hkv, pair_of_row % Hkv, ids_t]
     k_kept = k_norm.unsqueeze(1).expand(-1, G).masked_fill(~mask_t, 0.0)                # (u, G)
     k_max = torch.zeros(pairs, G).scatter_reduce_(0, pair_of_row.unsqueeze(1).expand(-1, G), k_kept, "amax")
     largest = k_max.view(B, Hq).double() * qf.norm(dim=-1).double() * (1.0 + 1e-4)

@@ -55,15 +55,15 @@ class _BlockMeans(TokenBuffers):
 
 
 class _IndexedBuffers(TokenBuffers):
-    """Per indexed key, in storage order: its sketch (codes, lo, delta), the bound of its
-    value's norm and its arrival position."""
+    """Per indexed key, in storage order: its sketch (codes, lo, delta), the bounds of its
+    value's and its own norm, and its arrival position."""
 
-    _names = ("codes", "lo", "delta", "v_norms", "positions")
+    _names = ("codes", "lo", "delta", "v_norms", "k_norms", "positions")
 
     def __init__(self, batch, heads, code_bytes, groups):
-        super().__init__(batch, ((heads, code_bytes), (heads, groups), (heads, groups), (heads, 1), (heads, 1)),
-                         torch.float32, "cpu",
-                         dtypes=(torch.uint8, torch.float32, torch.float32, torch.float32, torch.int64))
+        super().__init__(batch, ((heads, code_bytes), (heads, groups), (heads, groups), (heads, 1), (heads, 1),
+                                 (heads, 1)), torch.float32, "cpu",
+                         dtypes=(torch.uint8, torch.float32, torch.float32, torch.float32, torch.float32, torch.int64))
 
 
 @dataclass(frozen=True)
@@ -253,13 +253,13 @@ class HSRKVCache:
     def positions(self) -> torch.Tensor:
         """(B, Hkv, length) int64: the arrival position of each stored key."""
         tail = torch.arange(self._indexed, self.length).expand(self.batch, self.num_kv_heads, -1)
-        return torch.cat([self._bufs.views()[4][..., 0], tail], 2)
+        return torch.cat([self._bufs.view("positions")[..., 0], tail], 2)
 
     def _in_arrival_order(self, stored: torch.Tensor) -> torch.Tensor:
         if not self._reordered:
             return stored
         out = stored.clone()
-        pos = self._bufs.views()[4].expand(-1, -1, -1, stored.shape[3])
+        pos = self._bufs.view("positions").expand(-1, -1, -1, stored.shape[3])
         out.scatter_(2, pos, stored[:, :, :self._indexed])
         return out
 
@@ -275,7 +275,7 @@ class HSRKVCache:
         if not self._reordered or ids.numel() == 0:
             return ids
         pair = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
-        return self._bufs.views()[4][pair // self.num_kv_heads, pair % self.num_kv_heads, ids, 0]
+        return self._bufs.view("positions")[..., 0][pair // self.num_kv_heads, pair % self.num_kv_heads, ids]
 
     def _check_kv(self, k, v, what, length=None):
         expect = (self.batch, self.num_kv_heads)
@@ -324,7 +324,8 @@ class HSRKVCache:
         new = KeySketch.from_keys(k_new, bits=self.sketch_bits)
         new_norms = value_norm_bounds(self._kv.values[:, :, start:end])
         arrival = torch.arange(start, end).view(1, 1, -1, 1).expand(B, H, -1, -1)
-        self._bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1), arrival)
+        k_norms = value_norm_bounds(k_new).unsqueeze(-1)
+        self._bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1), k_norms, arrival)
         rebuild = end - start > start
         if rebuild:  # a fresh index over every key indexed so far: its ids are storage rows
             self._index = self._new_index()
@@ -372,13 +373,13 @@ class HSRKVCache:
     @property
     def _sketch(self) -> KeySketch:
         """The indexed keys' sketch (views of the growing buffers)."""
-        codes, lo, delta, _, _ = self._bufs.views()
+        codes, lo, delta = (self._bufs.view(name) for name in ("codes", "lo", "delta"))
         return KeySketch(codes, lo, delta, self.head_dim, self.sketch_bits, self._sketch_group)
 
     @property
     def _v_norms(self) -> torch.Tensor:
         """(B, Hkv, indexed) float32 upper bounds of the indexed values' norms (a view)."""
-        return self._bufs.views()[3][..., 0]
+        return self._bufs.view("v_norms")[..., 0]
 
     def _key_stats(self) -> list:
         """KeyStats of the indexed keys per (b, kv head), in (b, h) order."""
@@ -492,6 +493,7 @@ class HSRKVCache:
         blocks = dict(value_blocks=self._block_means.views()[0], block=self.leaf_size) if policy.estimate else {}
         return certified_attention(q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=policy.eps,
                                    scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
+                                   k_norms=self._bufs.view("k_norms")[..., 0],
                                    index=None if select == "sketch" else self._index, **blocks)
 
     def _attend(self, q, select=None):

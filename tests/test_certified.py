@@ -567,3 +567,21 @@ def test_estimate_mode_bad_inputs():
         torch.ops.hsr.sketch_select_estimate(q[:, :, 0], sk.codes, sk.lo, sk.delta, 8, 32, vn, 0.25, 0.1, 0)
     torch.library.opcheck(torch.ops.hsr.sketch_select_estimate.default,
                           (q[:, :, 0].contiguous(), sk.codes, sk.lo, sk.delta, 8, 32, vn, 0.25, 0.1, 32))
+
+
+def test_key_norm_bounds_given_certify_the_same_selection():
+    g = torch.Generator().manual_seed(11)
+    B, Hkv, G, n, D = 2, 2, 3, 300, 24
+    k = torch.randn(B, Hkv, n, D, generator=g)
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+    sketch = hsr.KeySketch.from_keys(k)
+    out_a, a = hsr.certified_attention(q, k, v, sketch, eps=1e-2)
+    norms = hsr.certified.value_norm_bounds(k)
+    out_b, b = hsr.certified_attention(q, k, v, sketch, eps=1e-2, k_norms=norms)
+    assert torch.equal(out_a, out_b) and torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
+    # Rounded-up norms can only widen the rounding term, by a hair.
+    assert (b.mass_bound >= a.mass_bound).all()
+    assert torch.allclose(b.mass_bound, a.mass_bound, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="k_norms"):
+        hsr.certified_attention(q, k, v, sketch, eps=1e-2, k_norms=norms[:, :, :-1])

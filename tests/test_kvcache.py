@@ -311,14 +311,16 @@ def test_estimate_policy_validation():
         hsr.Softmax(estimate=True, threshold=1.0)
 
 
-@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(16)])
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(16),
+                                    hsr.Softmax(eps=0.2, estimate=True)])
 def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order(policy):
     B, Hkv, G, D, leaf = 2, 2, 2, 24, 8
     k, v, g = stream("clustered", B, Hkv, 300, D, seed=4)
     cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=leaf, policy=policy, dense_fallback=False)
     cache.extend(k[:, :, :5], v[:, :, :5])          # no whole leaf yet: nothing indexed or moved
     assert cache.indexed_length == 0 and cache.stored_keys.data_ptr() == cache.keys.data_ptr()
-    cache.extend(k[:, :, 5:150], v[:, :, 5:150])    # builds the trees: rows move into leaf order
+    cache.extend(k[:, :, 5:30], v[:, :, 5:30])      # builds the trees: rows move into leaf order
+    cache.extend(k[:, :, 30:150], v[:, :, 30:150])  # more than is indexed: rebuilt over the moved rows
     cache.extend(k[:, :, 150:170], v[:, :, 150:170])  # whole leaves added: rows stay in place
     t = 170
     for t in range(170, 230):
@@ -337,6 +339,10 @@ def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order(
     assert torch.equal(cache.stored_keys, k[:, :, :n].gather(2, expand))
     assert torch.equal(cache.stored_values, v[:, :, :n].gather(2, expand))
     assert torch.equal(cache.keys, k[:, :, :n]) and torch.equal(cache.values, v[:, :, :n])
+    if policy == hsr.Softmax(eps=0.2, estimate=True):  # block means follow the stored rows
+        m = cache.indexed_length
+        want = cache.stored_values[:, :, :m].float().view(B, Hkv, m // leaf, leaf, D).mean(3)
+        torch.testing.assert_close(cache._block_means.views()[0], want)
     if not cache._index.keeps_points:
         return
     # Each tree's ids are storage rows: the top key it reports is that stored row, and the best.
@@ -364,5 +370,6 @@ def test_index_keeps_a_float_copy_of_the_keys_only_for_policies_that_query_it(po
     assert mem["total"] == mem["kv"] + mem["sketch"] + mem["index"]
     copy = B * Hkv * n * D * 4
     assert (mem["index"] > copy) == keeps
-    # The int8 sketch: a byte per channel plus two floats per group of 32, a value norm and a position.
-    assert mem["sketch"] == B * Hkv * n * (D + 2 * 4 * (D // 32) + 4 + 8)
+    # The int8 sketch: a byte per channel plus two floats per group of 32; value and key norm
+    # bounds and a position.
+    assert mem["sketch"] == B * Hkv * n * (D + 2 * 4 * (D // 32) + 4 + 4 + 8)

@@ -216,6 +216,49 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline v
   }
 }
 
+// The radii of keys [j0, j0 + count) (see radius_of_key), 16 keys per vector: per group g,
+// w_g = delta_g / 2 + rounding (|lo_g| + levels delta_g) for 16 keys at once (their scales
+// gathered), then rad_i = inflate * sum_g qabs_ig w_g. The terms are the same as the scalar
+// form's, summed in another order: each still sees at most 2 * groups + 8 roundings, which
+// `inflate` covers.
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void radius_tile_avx512(
+    const SketchLayout& l, const QueryTerms& qt, int64_t m, const float* lo, const float* delta, const int64_t* rows,
+    int64_t j0, int64_t count, float rounding, float inflate, float* rad, int64_t ld) {
+  const int ng = l.groups();
+  const __m512 half = _mm512_set1_ps(0.5f), rnd = _mm512_set1_ps(rounding), levels = _mm512_set1_ps(float(l.levels()));
+  const __m512 infl = _mm512_set1_ps(inflate);
+  constexpr int kHeads = 8;
+  for (int64_t j = j0; j < j0 + count; j += 16) {
+    const int64_t nk = std::min<int64_t>(16, j0 + count - j);
+    const __mmask16 store = __mmask16((1u << nk) - 1u);
+    // Row offsets (row * groups) of the 16 keys; lanes past the end repeat the last key.
+    alignas(64) int64_t off[16];
+    for (int64_t t = 0; t < 16; ++t) {
+      const int64_t jj = j + std::min<int64_t>(t, nk - 1);
+      off[t] = (rows == nullptr ? jj : rows[jj]) * ng;
+    }
+    const __m512i off_a = _mm512_load_si512(off), off_b = _mm512_load_si512(off + 8);
+    for (int64_t i0 = 0; i0 < m; i0 += kHeads) {
+      const int heads = int(std::min<int64_t>(kHeads, m - i0));
+      __m512 acc[kHeads];
+      for (int i = 0; i < heads; ++i) acc[i] = _mm512_setzero_ps();
+      for (int g = 0; g < ng; ++g) {
+        const __m512 de = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_i64gather_ps(off_a, delta + g, 4))),
+            _mm256_castps_pd(_mm512_i64gather_ps(off_b, delta + g, 4)), 1));
+        const __m512 lo_g = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_i64gather_ps(off_a, lo + g, 4))),
+            _mm256_castps_pd(_mm512_i64gather_ps(off_b, lo + g, 4)), 1));
+        const __m512 magnitude = _mm512_fmadd_ps(levels, de, _mm512_abs_ps(lo_g));
+        const __m512 w = _mm512_fmadd_ps(rnd, magnitude, _mm512_mul_ps(half, de));
+        for (int i = 0; i < heads; ++i)
+          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qt.qabs[(i0 + i) * ng + g]), w, acc[i]);
+      }
+      for (int i = 0; i < heads; ++i) _mm512_mask_storeu_ps(rad + (i0 + i) * ld + j, store, _mm512_mul_ps(acc[i], infl));
+    }
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void intervals_tile_avx512(
     const SketchLayout& l, const QueryTerms& qt, int64_t m, const uint8_t* codes, const float* lo,
     const float* delta, const int64_t* rows, int64_t j0, int64_t count, float rounding, float inflate, float* est,
@@ -260,8 +303,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void intervals_tile_avx
         default: intervals_key_avx512<4>(l, qi, c, lo_r, de_r, e, ld); break;
       }
     }
-    radius_of_key(l, qt, m, lo, delta, row, rounding, inflate, rad, ld, j);
   }
+  radius_tile_avx512(l, qt, m, lo, delta, rows, j0, count, rounding, inflate, rad, ld);
 }
 #pragma GCC diagnostic pop
 #endif

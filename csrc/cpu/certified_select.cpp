@@ -144,14 +144,24 @@ void ScoreHistogram::add(const float* estimate, const float* radius, const float
       std::fill(grid + c0, grid + c0 + m, std::numeric_limits<int32_t>::min());
       continue;
     }
+    // The chunk's best bound moves the reference once, before its keys land (binning them
+    // against the final reference is what moving it key by key would give); the largest
+    // |index| sizes the rounding of the positions (|u| <= (|index| + 1) / kPerLogit). Sums and
+    // maxima stay in locals here: the members would be reloaded around every bin update.
+    int32_t lowest = std::numeric_limits<int32_t>::max(), extreme = 0;
+    for (int64_t k = 0; k < m; ++k) {
+      lowest = std::min(lowest, pos.up_index[k]);
+      extreme = std::max(extreme, std::abs(pos.up_index[k]));
+    }
+    if (lowest < ref_) lower_reference(lowest);
+    max_abs_ = std::max(max_abs_, (double(extreme) + 1.0) / kPerLogit);
+    const int32_t ref = ref_;
+    double low_sum = 0.0;
     for (int64_t k = 0; k < m; ++k) {
       const int64_t i = c0 + k;
       const int32_t index = pos.up_index[k];
-      if (index < ref_) lower_reference(index);
       grid[i] = index;
-      // |u| <= (|index| + 1) / kPerLogit: sizes the rounding of the positions.
-      max_abs_ = std::max(max_abs_, (std::abs(double(index)) + 1.0) / kPerLogit);
-      const int64_t bin = int64_t(index) - ref_;
+      const int64_t bin = int64_t(index) - ref;
       if (bin >= kSelectBins) {
         Bin& deep = bins_[kSelectBins];
         deep.count += 1.0;
@@ -162,13 +172,14 @@ void ScoreHistogram::add(const float* estimate, const float* radius, const float
       b.count += 1.0;
       b.frac += pos.up_frac[k];
       b.v_max = std::max(b.v_max, v_norms[i]);
-      const int64_t bin_l = int64_t(pos.low_index[k]) - ref_;
+      const int64_t bin_l = int64_t(pos.low_index[k]) - ref;
       if (bin_l < kSelectBins) {
         const double low = table.down[bin_l] * (1.0 - pos.low_frac[k] / kPerLogit);
         b.low += low;
-        total_low_ += low;
+        low_sum += low;
       }
     }
+    total_low_ += low_sum;
   }
   n_ += count;
 }

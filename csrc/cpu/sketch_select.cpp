@@ -34,12 +34,16 @@ bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G
   out = GroupSelection{};
   out.stats.keys_sketched = n;
   std::vector<ScoreHistogram> hist(static_cast<size_t>(G));
-  std::vector<std::vector<int32_t>> grid(size_t(G), std::vector<int32_t>(static_cast<size_t>(n)));
+  // Per head, every key's grid index: reused between calls on a thread (a fresh buffer of this
+  // size is mapped anew by malloc every time, and its page faults cost more than the writes).
+  thread_local std::vector<int32_t> grid_buf;
+  grid_buf.resize(size_t(G) * size_t(n));
+  int32_t* grid = grid_buf.data();
   // With an estimate: every key's sketch score in logits, kept until the cut is known.
   std::vector<std::vector<float>> centre(estimate != nullptr ? size_t(G) : 0, std::vector<float>(size_t(n)));
   scan_blocks(sketch, n, q, G, [&](int64_t j0, int64_t count, const float* est, const float* rad) {
     for (int g = 0; g < G; ++g) {
-      hist[g].add(est + g * kBlock, rad + g * kBlock, v_norms + j0, count, scale, grid[g].data() + j0);
+      hist[g].add(est + g * kBlock, rad + g * kBlock, v_norms + j0, count, scale, grid + g * n + j0);
       if (estimate != nullptr)
         for (int64_t j = 0; j < count; ++j) centre[g][j0 + j] = float(double(est[g * kBlock + j]) * scale);
     }
@@ -58,12 +62,12 @@ bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G
         const int64_t end = std::min(n, (b + 1) * estimate->block);
         double sum = 0.0;
         for (int64_t j = b * estimate->block; j < end; ++j)
-          if (grid[g][j] > cut[g]) sum += exp_neg_chord(ref - centre[g][j]);
+          if (grid[g * n + j] > cut[g]) sum += exp_neg_chord(ref - centre[g][j]);
         w[b] = sum;
       }
     }
   }
-  collect_union(nullptr, n, n, G, [&](int g, int64_t j) { return grid[g][j] <= cut[g]; }, out);
+  collect_union(nullptr, n, n, G, [&](int g, int64_t j) { return grid[g * n + j] <= cut[g]; }, out);
   return std::all_of(hist.begin(), hist.end(), [](const ScoreHistogram& h) { return h.finite(); });
 }
 
@@ -72,7 +76,9 @@ bool select_relu_by_sketch(const SketchView& sketch, int64_t n, const float* q, 
   out = GroupSelection{};
   out.stats.keys_sketched = n;
   out.heads.assign(size_t(G), RowSelection{0.0, 0.0, 0.0, 0});
-  std::vector<uint8_t> pass(size_t(G) * n);
+  thread_local std::vector<uint8_t> pass_buf;  // reused between calls, as grid_buf above
+  pass_buf.resize(size_t(G) * size_t(n));
+  uint8_t* pass = pass_buf.data();
   bool finite = true;
   scan_blocks(sketch, n, q, G, [&](int64_t j0, int64_t count, const float* est, const float* rad) {
     for (int g = 0; g < G; ++g)

@@ -490,7 +490,7 @@ class HSRKVCache:
                                            v_norms=self._v_norms)
             return threshold_attention(q, k_idx, v_idx, self._index, self._sketch, threshold=policy.threshold,
                                        scale=self.scale, v_norms=self._v_norms, key_stats=stats)
-        blocks = dict(value_blocks=self._block_means.views()[0], block=self.leaf_size) if policy.estimate else {}
+        blocks = dict(value_blocks=self._block_means.view("mean"), block=self.leaf_size) if policy.estimate else {}
         return certified_attention(q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=policy.eps,
                                    scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
                                    k_norms=self._bufs.view("k_norms")[..., 0],

@@ -110,22 +110,20 @@ struct GroupSelection {
 };
 
 // Fills out.ids / out.mask from per-head choices: key j of `ids` (any order, no repeats, each
-// below id_limit; null: key j has id j) is used by head g when chosen(g, j); the union comes
-// out in ascending id order (sorted, or bucketed by id when the union is a large share of
-// id_limit).
+// below id_limit; null: key j has id j) is used by head g when chosen(g, j) (a cheap, pure
+// test: it is asked again for the keys of the union instead of being stored for every key);
+// the union comes out in ascending id order (sorted, or bucketed by id when the union is a
+// large share of id_limit).
 template <typename Chosen>
 void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, const Chosen& chosen,
                    GroupSelection& out) {
   std::vector<int64_t> order;
-  std::vector<uint8_t> use(size_t(count) * G);
-  for (int64_t j = 0; j < count; ++j) {
-    bool any = false;
-    for (int g = 0; g < G; ++g) {
-      use[j * G + g] = uint8_t(chosen(g, j));
-      any = any || use[j * G + g] != 0;
-    }
-    if (any) order.push_back(j);
-  }
+  for (int64_t j = 0; j < count; ++j)
+    for (int g = 0; g < G; ++g)
+      if (chosen(g, j)) {
+        order.push_back(j);
+        break;
+      }
   const auto id_of = [ids](int64_t j) { return ids == nullptr ? j : ids[j]; };
   bool sorted = true;
   for (size_t i = 1; i < order.size() && sorted; ++i) sorted = id_of(order[i - 1]) < id_of(order[i]);
@@ -142,7 +140,7 @@ void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, c
   out.mask.reserve(order.size() * G);
   for (const int64_t j : order) {
     out.ids.push_back(id_of(j));
-    out.mask.insert(out.mask.end(), use.begin() + j * G, use.begin() + (j + 1) * G);
+    for (int g = 0; g < G; ++g) out.mask.push_back(uint8_t(chosen(g, j)));
   }
 }
 

@@ -34,6 +34,7 @@ struct ScanCache {
   bool fresh = false;
   int64_t covered = 0;  // the tree's next_id() when the copy was last brought up to date
   void refresh(const index::HSRTree& tree);
+  bool up_to_date(const index::HSRTree& tree) const { return fresh && covered == tree.next_id(); }
   void invalidate() {
     points = {};
     fresh = false;

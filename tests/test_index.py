@@ -333,12 +333,15 @@ def test_stats_report_pruning_and_scan_fallback():
 @pytest.mark.parametrize("kind", ["random", "clustered", "duplicated"])
 @pytest.mark.parametrize("m", [1, 9])
 @pytest.mark.parametrize("threads", [1, 2, 4])
-def test_scan_and_tree_give_identical_results(kind, m, threads):
-    # 10_000 points make the scan split into pieces across threads (joined in id order);
-    # 9 queries make blocks of 4, 4 and 1; duplicated points make ties at the k-th score.
-    x = make_points(kind, 10_000, 20)
+@pytest.mark.parametrize("n,d", [(10_000, 20), (1_000, 128), (97, 17), (3_001, 256)])
+def test_scan_and_tree_give_identical_results(kind, m, threads, n, d):
+    # 10_000 points make the scan split into pieces across threads (joined in id order), fewer
+    # split the queries across threads instead; 9 queries make blocks of 4, 4 and 1;
+    # duplicated points make ties at the k-th score. A point's score must not depend on where
+    # it sits in a leaf or in a scan tile (the AVX-512 kernel sums 16 points' lanes together).
+    x = make_points(kind, n, d)
     q = make_queries(x, m)
-    index = hsr.HSRIndex(20)
+    index = hsr.HSRIndex(d)
     index.add(x)
     th = torch.quantile(inner_products_ref(x, q), 0.97, dim=1).float()
     before = torch.get_num_threads()

@@ -50,6 +50,14 @@ constexpr double kTopkBudgetDivisor = 10.0;
 constexpr int64_t kTopkTreeMinPoints = 32768;
 // A scan is split across threads in pieces of at least this many points.
 constexpr int64_t kMinScanPiece = 4096;
+// Waking the other threads costs about as much as scoring this many points (or copying this
+// many hits), so a loop over items with less work than this per thread runs on the caller.
+constexpr int64_t kMinParallelWork = 4096;
+
+// Grain of an at::parallel_for over items of about `work_per_item` work each.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+}
 
 void check_scan_fraction(double f) {
   TORCH_CHECK_VALUE(f >= 0.0 && f <= 1.0, "scan_fraction must be in [0, 1], got ", f);
@@ -88,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_range_results(
   at::Tensor ids = at::empty({lp[m]}, at::kLong);
   float* sp = scores.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, grain_for(lp[m] / std::max<int64_t>(1, m)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       for (size_t j = 0; j < hits[i].size(); ++j) {
         sp[lp[i] + j] = hits[i][j].score;
@@ -131,7 +139,8 @@ struct ScanWork {
 
 // One block per tree with all of its scan queries (one pass over its points serves them all)
 // and, when there are fewer trees than twice the threads, its points cut into pieces, so
-// every thread has work.
+// every thread has work; a tree with too few points to cut has its queries split instead
+// (whole kScanRows blocks; each group reads the points on its own).
 std::vector<ScanWork> plan_scans(const std::vector<std::vector<int64_t>>& by_tree,
                                  const ScanCache* caches, int& parts) {
   int64_t blocks = 0;
@@ -144,7 +153,15 @@ std::vector<ScanWork> plan_scans(const std::vector<std::vector<int64_t>>& by_tre
     if (qs.empty()) continue;
     const int64_t n = caches[t].points.size();
     const int64_t pieces = std::clamp<int64_t>(n / kMinScanPiece, 1, parts);
-    for (int64_t p = 0; p < pieces; ++p) work.push_back({t, qs, n * p / pieces, n * (p + 1) / pieces, int(p)});
+    const int64_t row_blocks = (int64_t(qs.size()) + index::kScanRows - 1) / index::kScanRows;
+    const int64_t groups = std::clamp<int64_t>(parts / pieces, 1, row_blocks);
+    for (int64_t g = 0; g < groups; ++g) {
+      const size_t first = size_t(row_blocks * g / groups * index::kScanRows);
+      const size_t last = std::min(qs.size(), size_t(row_blocks * (g + 1) / groups * index::kScanRows));
+      const std::vector<int64_t> group(qs.begin() + first, qs.begin() + last);
+      for (int64_t p = 0; p < pieces; ++p)
+        work.push_back({t, group, n * p / pieces, n * (p + 1) / pieces, int(p)});
+    }
   }
   return work;
 }
@@ -156,9 +173,11 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
                std::vector<std::vector<Hit>>& hits, std::vector<QueryStats>& stats) {
   const int64_t d = q.size(1);
   const float* qp = q.data_ptr<float>();
-  at::parallel_for(0, int64_t(by_tree.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      if (!by_tree[t].empty()) caches[t].refresh(trees[t]);
+  std::vector<int64_t> stale;  // trees with scan queries whose copy misses points
+  for (int64_t t = 0; t < int64_t(by_tree.size()); ++t)
+    if (!by_tree[t].empty() && !caches[t].up_to_date(trees[t])) stale.push_back(t);
+  at::parallel_for(0, int64_t(stale.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) caches[stale[i]].refresh(trees[stale[i]]);
   });
   int parts = 1;
   const std::vector<ScanWork> work = plan_scans(by_tree, caches, parts);
@@ -171,7 +190,10 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
       if (k < 0) range_parts[i].resize(parts);
       else topk_parts[i].assign(parts, index::TopK(k));
     }
-  at::parallel_for(0, int64_t(work.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t scores = 0;
+  for (const ScanWork& w : work) scores += int64_t(w.queries.size()) * (w.end - w.begin);
+  const int64_t grain = grain_for(scores / std::max<int64_t>(1, int64_t(work.size())));
+  at::parallel_for(0, int64_t(work.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t wi = begin; wi < end; ++wi) {
       const ScanWork& w = work[wi];
       const int rows = int(w.queries.size());
@@ -193,7 +215,14 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
       }
     }
   });
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+  int64_t merged = 0;  // hits to join or pieces' top-k to merge, over all queries
+  for (int64_t i = 0; i < m; ++i)
+    if (k < 0) {
+      for (const auto& p : range_parts[i]) merged += int64_t(p.size());
+    } else {
+      merged += int64_t(topk_parts[i].size()) * k;
+    }
+  at::parallel_for(0, m, grain_for(merged / std::max<int64_t>(1, m)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (k < 0 && !range_parts[i].empty()) {
         size_t total = 0;
@@ -227,7 +256,13 @@ void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
   hits.assign(m, {});
   stats.assign(m, {});
   std::vector<char> scan(m, 0);
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+  // A query's routing costs up to a traversal of its tree, or nothing for a top-k query sent
+  // straight to the scan (a small tree).
+  int64_t largest = 0;
+  for (int64_t t = 0; t < num_trees; ++t) largest = std::max(largest, trees[t].size());
+  const bool routed_for_free = k == 0 || scan_above <= 0.0 ||
+                               (k > 0 && scan_above < 1.0 && largest < kTopkTreeMinPoints);
+  at::parallel_for(0, m, routed_for_free ? m : grain_for(largest), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const HSRTree& tree = trees[tree_of(i)];
       if (tree.size() == 0 || k == 0) continue;

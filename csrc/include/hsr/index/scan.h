@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "hsr/index/hsr_tree.h"
@@ -23,6 +24,11 @@ class TopK {
   const Hit& worst() const { return heap_.front(); }
   // Whether a hit with this score could still enter (ties may, depending on the id).
   bool may_enter(float score) const { return !full() || score >= heap_.front().score; }
+  // The lowest score that may still enter (+inf when k = 0).
+  float entry_floor() const {
+    if (!full()) return -std::numeric_limits<float>::infinity();
+    return heap_.empty() ? std::numeric_limits<float>::infinity() : heap_.front().score;
+  }
   void offer(const Hit& h);
   void merge(const TopK& other);
   // The kept hits, best first.

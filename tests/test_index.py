@@ -337,8 +337,8 @@ def test_stats_report_pruning_and_scan_fallback():
 def test_scan_and_tree_give_identical_results(kind, m, threads, n, d):
     # 10_000 points make the scan split into pieces across threads (joined in id order), fewer
     # split the queries across threads instead; 9 queries make blocks of 4, 4 and 1;
-    # duplicated points make ties at the k-th score. A point's score must not depend on where
-    # it sits in a leaf or in a scan tile (the AVX-512 kernel sums 16 points' lanes together).
+    # duplicated points make ties at the k-th score; d = 17 and 256 exercise the kernel's
+    # remainder lanes and its longest rows.
     x = make_points(kind, n, d)
     q = make_queries(x, m)
     index = hsr.HSRIndex(d)

@@ -8,10 +8,6 @@
 
 #include "hsr/cpu/vec_math.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#endif
-
 namespace hsr::index {
 namespace {
 
@@ -44,76 +40,10 @@ __attribute__((target("avx"))) void score_points_avx(const float* q, int rows, i
                                                      int64_t lds) {
   score_rows_as<cpu::f32x8>(q, rows, dim, x, n, s, lds);
 }
-
-// Points per AVX-512 group: one 16-lane accumulator per point, summed across lanes together.
-constexpr int kGroup = 16;
-
-// The accumulator slot of point p of a group: reduce16 returns lane 4q + l from slot 4l + q.
-constexpr int group_slot(int p) { return ((p & 3) << 2) | (p >> 2); }
-
-// Lane p of the result = the sum of the 16 lanes of acc[group_slot(p)]. One horizontal sum
-// per point costs more than its dot product at d <= 128; this sums 16 accumulators with 15
-// adds. Every level adds lane j to lane j + half for every accumulator alike, so each point's
-// sum has the same association wherever the point sits in a group: a tree leaf and the
-// id-ordered scan give it the same score bit for bit.
-// GCC 12's _mm512_shuffle_f32x4 passes _mm512_undefined_ps() as the (unused, unmasked)
-// merge source, which -Wmaybe-uninitialized reports.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"), always_inline)) inline __m512 reduce16(const __m512* acc) {
-  __m512 c[8], g[4], h[2];
-  for (int i = 0; i < 8; ++i)  // lane j of each source + lane j + 8
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int i = 0; i < 4; ++i)  // + lane j + 4: each 128-bit quarter now holds one source
-    g[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int i = 0; i < 2; ++i)  // + lane j + 2 within each quarter
-    h[i] = _mm512_add_ps(_mm512_shuffle_ps(g[2 * i], g[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(g[2 * i], g[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm512_add_ps(_mm512_shuffle_ps(h[0], h[1], _MM_SHUFFLE(2, 0, 2, 0)),  // + lane j + 1
-                       _mm512_shuffle_ps(h[0], h[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-#pragma GCC diagnostic pop
-
-// <q, x_p> for `count` (<= 4) consecutive points into acc[group_slot(p0 + i)]: one pass over
-// q serves the points, and each point's products are added in the same order (full chunks,
-// then the masked tail) whichever pass it is in.
-__attribute__((target("avx512f,fma"), always_inline)) inline void dot_points(
-    const float* q, const float* x, int dim, int count, int p0, __m512* acc) {
-  const int chunks = dim / kGroup;
-  const __mmask16 tail = __mmask16((1u << (dim % kGroup)) - 1u);
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int c = 0; c < chunks; ++c) {
-    const __m512 qc = _mm512_loadu_ps(q + c * kGroup);
-    for (int i = 0; i < count; ++i)
-      a[i] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(x + int64_t(i) * dim + c * kGroup), a[i]);
-  }
-  if (tail) {
-    const __m512 qc = _mm512_maskz_loadu_ps(tail, q + chunks * kGroup);
-    for (int i = 0; i < count; ++i)
-      a[i] = _mm512_fmadd_ps(qc, _mm512_maskz_loadu_ps(tail, x + int64_t(i) * dim + chunks * kGroup), a[i]);
-  }
-  for (int i = 0; i < count; ++i) acc[group_slot(p0 + i)] = a[i];
-}
-
 __attribute__((target("avx512f,fma"))) void score_points_avx512(const float* q, int rows, int dim,
                                                                 const float* x, int64_t n, float* s,
                                                                 int64_t lds) {
-  for (int64_t t0 = 0; t0 < n; t0 += kGroup) {
-    const int count = int(std::min<int64_t>(kGroup, n - t0));
-    const float* xg = x + t0 * dim;
-    // The group (16 points) stays in L1 while every row is scored against it.
-    for (int r = 0; r < rows; ++r) {
-      const float* qr = q + int64_t(r) * dim;
-      __m512 acc[kGroup];
-      for (int p = count; p < kGroup; ++p) acc[group_slot(p)] = _mm512_setzero_ps();
-      int p = 0;
-      for (; p + 4 <= count; p += 4) dot_points(qr, xg + int64_t(p) * dim, dim, 4, p, acc);
-      for (; p < count; ++p) dot_points(qr, xg + int64_t(p) * dim, dim, 1, p, acc);
-      _mm512_mask_storeu_ps(s + r * lds + t0, __mmask16((1u << count) - 1u), reduce16(acc));
-    }
-  }
+  score_rows_as<cpu::f32x16>(q, rows, dim, x, n, s, lds);
 }
 #endif
 

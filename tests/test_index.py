@@ -370,6 +370,42 @@ def test_bad_scan_fraction(value):
         index._impl.set_scan_fraction(2.0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_range_batch_shares_leaves_and_matches_queries_one_by_one(threads):
+    # The tree path scores each leaf once for every query of the call that opened it; the
+    # answers must be those of the queries asked one at a time: repeated queries with
+    # different thresholds (one above every score, one below: every leaf "inside"), and
+    # queries that open disjoint leaves.
+    x = make_points("clustered", 5_000, 24)
+    q = make_queries(x, 6)
+    q = torch.cat([q, q[:3], q[:3]])
+    s = inner_products_ref(x, q)
+    th = torch.quantile(s, 0.95, dim=1).float()
+    th[6:9] = torch.quantile(s[6:9], 0.5, dim=1).float()
+    th[9] = float(s[9].max()) + 1.0
+    th[10] = float(s[10].min()) - 1.0
+    index = hsr.HSRIndex(24, leaf_size=32)
+    index.add(x)
+    index.scan_fraction = 1.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lims, D, I = index.range_search(q, th)
+        stats = index.last_stats
+        singles = []
+        for i in range(q.shape[0]):
+            singles.append(index.range_search(q[i:i + 1], th[i:i + 1]))
+            assert index.last_stats.queries_scanned == 0
+    finally:
+        torch.set_num_threads(before)
+    assert stats.queries_scanned == 0 and stats.results == int(lims[-1])
+    assert int(lims[10 + 1] - lims[10]) == 5_000 and int(lims[9 + 1] - lims[9]) == 0
+    for i, (sl, sd, si) in enumerate(singles):
+        assert torch.equal(I[lims[i]:lims[i + 1]], si), i
+        assert torch.equal(D[lims[i]:lims[i + 1]], sd), i
+    assert_range_exact(index, x, q, [0.9, 0.999])
+
+
 def test_batch_index_matches_single_indexes_with_gqa():
     B, H, n, d, group = 2, 3, 700, 16, 4
     g = torch.Generator().manual_seed(0)

@@ -244,6 +244,85 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
     }
 }
 
+// Answers the range queries whose walks listed their leaves (leaves[i] for query i, of
+// by_tree[t] for tree t) leaf by leaf: each leaf is read once and scored for every query that
+// opened it, kScanRows at a time, so queries of one batch that open the same leaves share
+// the memory traffic (a leaf per query per walk is what bounded a batch of traversals).
+void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
+                         const std::vector<std::vector<int64_t>>& by_tree,
+                         const std::vector<std::vector<HSRTree::LeafVisit>>& leaves,
+                         const float* thresh, std::vector<std::vector<Hit>>& hits,
+                         std::vector<QueryStats>& stats) {
+  const int64_t d = q.size(1), m = q.size(0);
+  const float* qp = q.data_ptr<float>();
+  struct Visit {
+    int64_t query;
+    bool inside;
+  };
+  struct LeafTask {
+    int64_t tree;
+    int32_t block;
+    int64_t begin, end;  // its visits in `visits`
+  };
+  // The visits of each tree grouped by leaf block (a counting sort over the block ids).
+  std::vector<Visit> visits;
+  std::vector<LeafTask> tasks;
+  int64_t scored = 0;
+  for (int64_t t = 0; t < int64_t(by_tree.size()); ++t) {
+    if (by_tree[t].empty()) continue;
+    std::vector<int64_t> start(size_t(trees[t].num_blocks()) + 1, 0);
+    for (int64_t i : by_tree[t])
+      for (const auto& v : leaves[i]) ++start[size_t(v.block) + 1];
+    for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
+    const int64_t base = int64_t(visits.size());
+    visits.resize(size_t(base + start.back()));
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i : by_tree[t]) {
+      for (const auto& v : leaves[i]) visits[size_t(base + fill[size_t(v.block)]++)] = {i, v.inside};
+      scored += stats[i].points_scored;
+    }
+    for (int32_t b = 0; b < trees[t].num_blocks(); ++b)
+      if (start[size_t(b) + 1] > start[size_t(b)])
+        tasks.push_back({t, b, base + start[size_t(b)], base + start[size_t(b) + 1]});
+  }
+  if (tasks.empty()) return;
+  // Hits per thread and query, joined and sorted by id at the end.
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<std::vector<Hit>>> found(size_t(threads), std::vector<std::vector<Hit>>(static_cast<size_t>(m)));
+  at::parallel_for(0, int64_t(tasks.size()), grain_for(scored / int64_t(tasks.size())),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<std::vector<Hit>>& mine = found[size_t(at::get_thread_num())];
+    float qbuf[index::kScanRows * HSRTree::kMaxDim], th[index::kScanRows];
+    bool inside[index::kScanRows];
+    std::vector<Hit>* out[index::kScanRows];
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const LeafTask& task = tasks[ti];
+      for (int64_t v0 = task.begin; v0 < task.end; v0 += index::kScanRows) {
+        const int rows = int(std::min<int64_t>(index::kScanRows, task.end - v0));
+        for (int r = 0; r < rows; ++r) {
+          const Visit& v = visits[size_t(v0 + r)];
+          std::memcpy(qbuf + r * d, qp + v.query * d, sizeof(float) * d);
+          th[r] = thresh[v.query];
+          inside[r] = v.inside;
+          out[r] = &mine[size_t(v.query)];
+        }
+        trees[task.tree].score_leaf(task.block, qbuf, rows, th, inside, out);
+      }
+    }
+  });
+  at::parallel_for(0, m, grain_for(scored / std::max<int64_t>(1, m)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (leaves[i].empty()) continue;
+      size_t total = 0;
+      for (const auto& f : found) total += f[size_t(i)].size();
+      hits[i].reserve(total);
+      for (const auto& f : found) hits[i].insert(hits[i].end(), f[size_t(i)].begin(), f[size_t(i)].end());
+      std::sort(hits[i].begin(), hits[i].end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
+      stats[i].results = int64_t(hits[i].size());
+    }
+  });
+}
+
 // Answers m queries, query i against trees[tree_of(i)]: a range query when k < 0 (with
 // thresh[i]), a top-k query otherwise. Each query goes through its tree, or through a scan
 // when the tree's frontier estimate says it would score more than scan_above of the points.
@@ -256,6 +335,7 @@ void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
   hits.assign(m, {});
   stats.assign(m, {});
   std::vector<char> scan(m, 0);
+  std::vector<std::vector<HSRTree::LeafVisit>> leaves(k < 0 ? m : 0);
   // A query's routing costs up to a traversal of its tree, or nothing for a top-k query sent
   // straight to the scan (a small tree).
   int64_t largest = 0;
@@ -279,13 +359,16 @@ void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
       } else if (scan_above < 1.0 && tree.estimated_scored_fraction(qi, thresh[i], scan_above) > scan_above) {
         scan[i] = 1;
       } else {
-        tree.range_search(qi, thresh[i], hits[i], stats[i]);
+        tree.range_leaves(qi, thresh[i], leaves[i], stats[i]);
       }
     }
   });
-  std::vector<std::vector<int64_t>> by_tree(num_trees);
-  for (int64_t i = 0; i < m; ++i)
+  std::vector<std::vector<int64_t>> by_tree(num_trees), walked(k < 0 ? num_trees : 0);
+  for (int64_t i = 0; i < m; ++i) {
     if (scan[i]) by_tree[tree_of(i)].push_back(i);
+    else if (k < 0 && !leaves[i].empty()) walked[tree_of(i)].push_back(i);
+  }
+  if (k < 0) score_listed_leaves(q, trees, walked, leaves, thresh, hits, stats);
   run_scans(q, trees, caches, by_tree, thresh, k, hits, stats);
 }
 

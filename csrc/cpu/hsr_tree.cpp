@@ -24,6 +24,9 @@ constexpr double kInflate = 1.0 + 1e-9;
 constexpr double kFloatEps = 1.0 / 16777216.0;
 // The scan-or-traverse estimate stops at nodes of at most this many leaves' worth of points.
 constexpr int kFrontierLeaves = 4;
+// Points of a leaf scored per kernel call (leaves may hold up to 65536): the score tile of
+// kScanRows rows stays on the stack.
+constexpr int32_t kMaxLeafScoreTile = 256;
 // Rebuild when removed points exceed this fraction of what the tree was built with.
 constexpr double kRebuildTombstones = 0.5;
 constexpr int kPcaSample = 64;
@@ -732,14 +735,13 @@ double HSRTree::estimated_scored_fraction(const float* q, float thresh, double s
   return double(must_score) / double(live_);
 }
 
-void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
+void HSRTree::range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
                            QueryStats& stats) const {
   require_points("range_search");
-  out.clear();
+  leaves.clear();
   stats = QueryStats{};
   if (live_ == 0) return;
   const double qnorm = norm_rounded_up(q, dim_);
-  std::vector<float> buf(leaf_size_);
   // (node, inside): inside = every point below is known to pass, no bounds needed.
   std::vector<std::pair<int32_t, bool>> stack = {{0, false}};
   while (!stack.empty()) {
@@ -759,12 +761,34 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
       stack.push_back({left_[node], inside});
       continue;
     }
-    const int32_t used = block_used_[b];
-    score_points(q, 1, dim_, point(b, 0), used, buf.data(), 1);
-    stats.points_scored += used;
-    for (int32_t s = 0; s < used; ++s)
-      if (inside || buf[s] >= thresh) out.push_back({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
+    leaves.push_back({b, inside});
+    stats.points_scored += block_used_[b];
   }
+}
+
+void HSRTree::score_leaf(int32_t block, const float* q, int rows, const float* thresh,
+                         const bool* inside, std::vector<Hit>* const* out) const {
+  const int32_t used = block_used_[block];
+  float buf[kScanRows * kMaxLeafScoreTile];
+  const int64_t* ids = slot_id_.data() + int64_t(block) * leaf_size_;
+  for (int32_t s0 = 0; s0 < used; s0 += kMaxLeafScoreTile) {
+    const int32_t n = std::min(used - s0, kMaxLeafScoreTile);
+    score_points(q, rows, dim_, point(block, s0), n, buf, kMaxLeafScoreTile);
+    for (int r = 0; r < rows; ++r) {
+      const float* sr = buf + r * kMaxLeafScoreTile;
+      for (int32_t s = 0; s < n; ++s)
+        if (inside[r] || sr[s] >= thresh[r]) out[r]->push_back({sr[s], ids[s0 + s]});
+    }
+  }
+}
+
+void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
+                           QueryStats& stats) const {
+  std::vector<LeafVisit> leaves;
+  range_leaves(q, thresh, leaves, stats);
+  out.clear();
+  std::vector<Hit>* target = &out;
+  for (const LeafVisit& v : leaves) score_leaf(v.block, q, 1, &thresh, &v.inside, &target);
   std::sort(out.begin(), out.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
   stats.results = int64_t(out.size());
 }

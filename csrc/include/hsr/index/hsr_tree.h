@@ -82,6 +82,23 @@ class HSRTree {
 
   // Every point with <q, x> >= thresh (scores as the fp32 scan computes them), sorted by id.
   void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
+  // The first half of range_search, for callers that score many queries' leaves together
+  // (each leaf read once for all the queries that open it): the leaves whose points may
+  // reach thresh, and whether every point of the leaf is known to (stats: nodes visited and
+  // the points of these leaves, which the caller scores).
+  struct LeafVisit {
+    int32_t block;
+    bool inside;
+  };
+  void range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
+                    QueryStats& stats) const;
+  // The second half: appends the points of leaf block `block` that pass to out[r], for rows
+  // r < rows (1..kScanRows) of q with thresholds thresh[r] (inside[r]: report all); scores
+  // with score_points, so they equal the scan's bit for bit.
+  void score_leaf(int32_t block, const float* q, int rows, const float* thresh,
+                     const bool* inside, std::vector<Hit>* const* out) const;
+  // Leaf blocks ever allocated (block ids are below this).
+  int32_t num_blocks() const { return int32_t(block_used_.size()); }
   // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than
   // k when fewer points are stored. Gives up (returns false, out empty) rather than score
   // more than max_scored points.

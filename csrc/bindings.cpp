@@ -107,6 +107,7 @@ TORCH_LIBRARY(hsr, m) {
       .def("add_leaves", &hsr::IndexBatchHolder::add_leaves)
       .def("relabel_in_leaf_order", &hsr::IndexBatchHolder::relabel_in_leaf_order)
       .def("range_search", &hsr::IndexBatchHolder::range_search)
+      .def("range_union", &hsr::IndexBatchHolder::range_union)
       .def("search", &hsr::IndexBatchHolder::search)
       .def("certified_select", &hsr::IndexBatchHolder::certified_select)
       .def("ntotal", &hsr::IndexBatchHolder::ntotal)

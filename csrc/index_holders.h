@@ -84,6 +84,11 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   at::Tensor relabel_in_leaf_order();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> range_search(const at::Tensor& q,
                                                               const at::Tensor& thresh);
+  // range_search grouped as hsr.sparse_attention reads it: per (batch, kv head) pair the
+  // union of its q heads' hits in id order, with which heads each id passed. Returns offsets
+  // (B*H + 1,), ids, mask (len(ids), Hq/H) bool, and counts (B, Hq) int64 of hits per q head.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> range_union(const at::Tensor& q,
+                                                                         const at::Tensor& thresh);
   std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& q, int64_t k);
   at::Tensor ntotal() const;  // (B, H) int64
   bool keeps_points() const { return trees[0].keeps_points(); }

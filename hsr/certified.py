@@ -417,15 +417,8 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
     _check_index(what, index, B, Hkv, n, D)
     _check_bias(what, bias)
-    lims, _, reported = index.range_search(q[:, :, 0].float(), float(bias) / scale)
-    stats = index.last_stats
-    counts = (lims[1:] - lims[:-1]).view(B, Hq)
-    chosen = _chosen_from_lists(lims, reported, B, Hq, n)
-    selection = _Selection()
-    for b in range(B):
-        for h in range(Hkv):
-            selection.add(chosen[b, h * G:(h + 1) * G])
-    return _relu_over(selection.tensors(), q, k, v, scale, alpha, bias, normalize, counts, stats)
+    offsets, ids, mask, counts = index.range_union(q[:, :, 0].float(), float(bias) / scale)
+    return _relu_over((offsets, ids, mask), q, k, v, scale, alpha, bias, normalize, counts, index.last_stats)
 
 
 def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *, bias: float,

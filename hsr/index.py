@@ -246,6 +246,15 @@ class HSRIndexBatch(_QueryRouting):
         th = _thresholds(thresh, t.shape[0] * t.shape[1], "HSRIndexBatch.range_search")
         return self._impl.range_search(t, th)
 
+    def range_union(self, q, thresh):
+        """range_search grouped the way hsr.sparse_attention reads a selection: per (batch, kv
+        head) the union of its q heads' hits in id order. Returns (offsets (B*H + 1,), ids,
+        mask (len(ids), Hq/H) bool: which q heads each id passed, counts (B, Hq): hits per q
+        head)."""
+        t = self._queries(q, "HSRIndexBatch.range_union")
+        th = _thresholds(thresh, t.shape[0] * t.shape[1], "HSRIndexBatch.range_union")
+        return self._impl.range_union(t, th)
+
     def search(self, q, k: int):
         """Top-k per query: (D, I), each (B, Hq, k)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:

@@ -437,6 +437,32 @@ def test_batch_index_matches_single_indexes_with_gqa():
         batch.add(torch.randn(B, H + 1, 3, d))
 
 
+@pytest.mark.parametrize("path", ["tree", "scan"])
+def test_range_union_groups_the_heads_hits(path):
+    B, H, G, n, d = 2, 3, 4, 500, 12
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(B, H, n, d, generator=g)
+    batch = hsr.HSRIndexBatch(keys, leaf_size=16)
+    batch.scan_fraction = PATHS[path]
+    q = torch.randn(B, H * G, d, generator=g)
+    th = torch.full((B, H * G), 2.5)
+    th[0, :G] = 1e9  # pair (0, 0): no head reports anything
+    th[1, G] = -1e9  # one head of pair (1, 1) reports every key
+    lims, _, I = batch.range_search(q, th)
+    offsets, ids, mask, counts = batch.range_union(q, th)
+    assert offsets.shape == (B * H + 1,) and mask.shape == (ids.numel(), G) and mask.dtype == torch.bool
+    assert torch.equal(counts.flatten(), lims[1:] - lims[:-1])
+    for p in range(B * H):
+        got_ids, got_mask = ids[offsets[p]:offsets[p + 1]], mask[offsets[p]:offsets[p + 1]]
+        heads = [set(I[lims[p * G + j]:lims[p * G + j + 1]].tolist()) for j in range(G)]
+        assert got_ids.tolist() == sorted(set().union(*heads))
+        for j in range(G):
+            assert set(got_ids[got_mask[:, j]].tolist()) == heads[j]
+    assert offsets[1] == 0 and offsets[5] - offsets[4] == n
+    with pytest.raises(ValueError, match="multiple"):
+        batch.range_union(torch.randn(B, 5, d), 0.0)
+
+
 def test_paper_threshold_reports_about_n_to_the_four_fifths():
     n, d = 200_000, 64
     g = torch.Generator().manual_seed(0)

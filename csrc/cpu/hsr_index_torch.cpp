@@ -586,6 +586,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::range_search(
   return pack_range_results(hits, st, stats);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::range_union(
+    const at::Tensor& q_in, const at::Tensor& thresh) {
+  check_batch_queries(*this, q_in, "HSRIndexBatch.range_union");
+  const int64_t hq = q_in.size(1), group = hq / heads, m = batch * hq, pairs = batch * heads;
+  const at::Tensor q = q_in.contiguous().view({m, dim});
+  check_finite(q, "HSRIndexBatch.range_union", "q");
+  const at::Tensor t = thresholds_for(thresh, m, "HSRIndexBatch.range_union");
+  std::vector<std::vector<Hit>> hits;
+  std::vector<QueryStats> st;
+  route_queries(q, trees.data(), scan_caches.data(), pairs, [=](int64_t i) { return i / group; },
+                t.data_ptr<float>(), -1, scan_above, hits, st);
+  stats = IndexCallStats{};
+  stats.queries = m;
+  at::Tensor counts = at::empty({batch, hq}, at::kLong);
+  for (int64_t i = 0; i < m; ++i) {
+    stats.total.add(st[i]);
+    stats.scans += st[i].fell_back_to_scan ? 1 : 0;
+    counts.data_ptr<int64_t>()[i] = int64_t(hits[i].size());
+  }
+  // Per pair, the union of its group's hit lists (each sorted by id), merged in id order.
+  std::vector<std::vector<int64_t>> ids(static_cast<size_t>(pairs));
+  std::vector<std::vector<char>> masks(static_cast<size_t>(pairs));
+  at::parallel_for(0, pairs, grain_for(int64_t(hits.empty() ? 0 : hits[0].size()) * group), [&](int64_t begin, int64_t end) {
+    std::vector<size_t> at_hit(static_cast<size_t>(group));
+    for (int64_t p = begin; p < end; ++p) {
+      const std::vector<Hit>* lists = hits.data() + p * group;
+      std::fill(at_hit.begin(), at_hit.end(), 0);
+      while (true) {
+        int64_t next = std::numeric_limits<int64_t>::max();
+        for (int64_t g = 0; g < group; ++g)
+          if (at_hit[g] < lists[g].size()) next = std::min(next, lists[g][at_hit[g]].id);
+        if (next == std::numeric_limits<int64_t>::max()) break;
+        ids[p].push_back(next);
+        for (int64_t g = 0; g < group; ++g) {
+          const bool has = at_hit[g] < lists[g].size() && lists[g][at_hit[g]].id == next;
+          masks[p].push_back(has);
+          at_hit[g] += has;
+        }
+      }
+    }
+  });
+  int64_t total = 0;
+  for (const auto& v : ids) total += int64_t(v.size());
+  at::Tensor offsets = at::empty({pairs + 1}, at::kLong);
+  at::Tensor ids_t = at::empty({total}, at::kLong);
+  at::Tensor mask_t = at::empty({total, group}, at::kBool);
+  int64_t row = 0;
+  for (int64_t p = 0; p < pairs; ++p) {
+    offsets.data_ptr<int64_t>()[p] = row;
+    std::copy(ids[p].begin(), ids[p].end(), ids_t.data_ptr<int64_t>() + row);
+    std::copy(masks[p].begin(), masks[p].end(), mask_t.data_ptr<bool>() + row * group);
+    row += int64_t(ids[p].size());
+  }
+  offsets.data_ptr<int64_t>()[pairs] = row;
+  return {offsets, ids_t, mask_t, counts};
+}
+
 std::tuple<at::Tensor, at::Tensor> IndexBatchHolder::search(const at::Tensor& q_in, int64_t k) {
   check_batch_queries(*this, q_in, "HSRIndexBatch.search");
   TORCH_CHECK_VALUE(k >= 0, "HSRIndexBatch.search: k must be >= 0, got ", k);

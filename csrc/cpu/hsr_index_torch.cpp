@@ -600,15 +600,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::ran
   stats = IndexCallStats{};
   stats.queries = m;
   at::Tensor counts = at::empty({batch, hq}, at::kLong);
+  int64_t all_hits = 0;
   for (int64_t i = 0; i < m; ++i) {
     stats.total.add(st[i]);
     stats.scans += st[i].fell_back_to_scan ? 1 : 0;
     counts.data_ptr<int64_t>()[i] = int64_t(hits[i].size());
+    all_hits += int64_t(hits[i].size());
   }
   // Per pair, the union of its group's hit lists (each sorted by id), merged in id order.
   std::vector<std::vector<int64_t>> ids(static_cast<size_t>(pairs));
   std::vector<std::vector<char>> masks(static_cast<size_t>(pairs));
-  at::parallel_for(0, pairs, grain_for(int64_t(hits.empty() ? 0 : hits[0].size()) * group), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pairs, grain_for(all_hits / std::max<int64_t>(1, pairs)), [&](int64_t begin, int64_t end) {
     std::vector<size_t> at_hit(static_cast<size_t>(group));
     for (int64_t p = begin; p < end; ++p) {
       const std::vector<Hit>* lists = hits.data() + p * group;

@@ -96,7 +96,7 @@ class HSRTree {
   // r < rows (1..kScanRows) of q with thresholds thresh[r] (inside[r]: report all); scores
   // with score_points, so they equal the scan's bit for bit.
   void score_leaf(int32_t block, const float* q, int rows, const float* thresh,
-                     const bool* inside, std::vector<Hit>* const* out) const;
+                  const bool* inside, std::vector<Hit>* const* out) const;
   // Leaf blocks ever allocated (block ids are below this).
   int32_t num_blocks() const { return int32_t(block_used_.size()); }
   // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than

@@ -114,6 +114,12 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   std::vector<ScanCache> scan_caches;
   IndexCallStats stats;
   double scan_above;
+
+ private:
+  // Checks q (B, Hq, d) and thresh (a float or one per query) and answers the B*Hq range
+  // queries, each against its (batch, kv head) tree: hits per query, sorted by id.
+  void route_ranges(const at::Tensor& q, const at::Tensor& thresh, const char* what,
+                    std::vector<std::vector<index::Hit>>& hits, std::vector<index::QueryStats>& st);
 };
 
 }  // namespace hsr

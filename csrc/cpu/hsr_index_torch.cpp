@@ -82,6 +82,17 @@ void ScanCache::refresh(const HSRTree& tree) {
 
 namespace {
 
+// The statistics of one call over its queries.
+IndexCallStats call_stats(const std::vector<QueryStats>& stats) {
+  IndexCallStats call;
+  call.queries = int64_t(stats.size());
+  for (const QueryStats& s : stats) {
+    call.total.add(s);
+    call.scans += s.fell_back_to_scan ? 1 : 0;
+  }
+  return call;
+}
+
 // Packs faiss-style range results: lims (m + 1), scores (lims[m]) and ids (lims[m]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_range_results(
     const std::vector<std::vector<Hit>>& hits, const std::vector<QueryStats>& stats,
@@ -90,13 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_range_results(
   at::Tensor lims = at::empty({m + 1}, at::kLong);
   int64_t* lp = lims.data_ptr<int64_t>();
   lp[0] = 0;
-  call = IndexCallStats{};
-  call.queries = m;
-  for (int64_t i = 0; i < m; ++i) {
-    lp[i + 1] = lp[i] + int64_t(hits[i].size());
-    call.total.add(stats[i]);
-    call.scans += stats[i].fell_back_to_scan ? 1 : 0;
-  }
+  call = call_stats(stats);
+  for (int64_t i = 0; i < m; ++i) lp[i + 1] = lp[i] + int64_t(hits[i].size());
   at::Tensor scores = at::empty({lp[m]}, at::kFloat);
   at::Tensor ids = at::empty({lp[m]}, at::kLong);
   float* sp = scores.data_ptr<float>();
@@ -120,16 +126,12 @@ std::tuple<at::Tensor, at::Tensor> pack_topk_results(const std::vector<std::vect
   at::Tensor ids = at::full({m, k}, -1, at::kLong);
   float* sp = scores.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
-  call = IndexCallStats{};
-  call.queries = m;
-  for (int64_t i = 0; i < m; ++i) {
+  call = call_stats(stats);
+  for (int64_t i = 0; i < m; ++i)
     for (size_t j = 0; j < hits[i].size(); ++j) {
       sp[i * k + j] = hits[i][j].score;
       ip[i * k + j] = hits[i][j].id;
     }
-    call.total.add(stats[i]);
-    call.scans += stats[i].fell_back_to_scan ? 1 : 0;
-  }
   return {scores, ids};
 }
 
@@ -570,40 +572,36 @@ void check_batch_queries(const IndexBatchHolder& h, const at::Tensor& q, const c
 }
 }  // namespace
 
+void IndexBatchHolder::route_ranges(const at::Tensor& q_in, const at::Tensor& thresh, const char* what,
+                                    std::vector<std::vector<Hit>>& hits, std::vector<QueryStats>& st) {
+  check_batch_queries(*this, q_in, what);
+  const int64_t group = q_in.size(1) / heads, m = batch * q_in.size(1);
+  const at::Tensor q = q_in.contiguous().view({m, dim});
+  check_finite(q, what, "q");
+  const at::Tensor t = thresholds_for(thresh, m, what);
+  // Query i = (b, h * group + g) in (batch, q head) order asks tree b * heads + h = i / group.
+  route_queries(q, trees.data(), scan_caches.data(), int64_t(trees.size()),
+                [=](int64_t i) { return i / group; }, t.data_ptr<float>(), -1, scan_above, hits, st);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::range_search(
     const at::Tensor& q_in, const at::Tensor& thresh) {
-  check_batch_queries(*this, q_in, "HSRIndexBatch.range_search");
-  const int64_t hq = q_in.size(1), group = hq / heads, m = batch * hq;
-  const at::Tensor q = q_in.contiguous().view({m, dim});
-  check_finite(q, "HSRIndexBatch.range_search", "q");
-  const at::Tensor t = thresholds_for(thresh, m, "HSRIndexBatch.range_search");
   std::vector<std::vector<Hit>> hits;
   std::vector<QueryStats> st;
-  const int64_t kv_heads = heads;
-  route_queries(q, trees.data(), scan_caches.data(), int64_t(trees.size()),
-                [=](int64_t i) { return (i / hq) * kv_heads + (i % hq) / group; },
-                t.data_ptr<float>(), -1, scan_above, hits, st);
+  route_ranges(q_in, thresh, "HSRIndexBatch.range_search", hits, st);
   return pack_range_results(hits, st, stats);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::range_union(
     const at::Tensor& q_in, const at::Tensor& thresh) {
-  check_batch_queries(*this, q_in, "HSRIndexBatch.range_union");
-  const int64_t hq = q_in.size(1), group = hq / heads, m = batch * hq, pairs = batch * heads;
-  const at::Tensor q = q_in.contiguous().view({m, dim});
-  check_finite(q, "HSRIndexBatch.range_union", "q");
-  const at::Tensor t = thresholds_for(thresh, m, "HSRIndexBatch.range_union");
   std::vector<std::vector<Hit>> hits;
   std::vector<QueryStats> st;
-  route_queries(q, trees.data(), scan_caches.data(), pairs, [=](int64_t i) { return i / group; },
-                t.data_ptr<float>(), -1, scan_above, hits, st);
-  stats = IndexCallStats{};
-  stats.queries = m;
+  route_ranges(q_in, thresh, "HSRIndexBatch.range_union", hits, st);
+  const int64_t hq = q_in.size(1), group = hq / heads, m = batch * hq, pairs = batch * heads;
+  stats = call_stats(st);
   at::Tensor counts = at::empty({batch, hq}, at::kLong);
   int64_t all_hits = 0;
   for (int64_t i = 0; i < m; ++i) {
-    stats.total.add(st[i]);
-    stats.scans += st[i].fell_back_to_scan ? 1 : 0;
     counts.data_ptr<int64_t>()[i] = int64_t(hits[i].size());
     all_hits += int64_t(hits[i].size());
   }
@@ -653,10 +651,8 @@ std::tuple<at::Tensor, at::Tensor> IndexBatchHolder::search(const at::Tensor& q_
   check_finite(q, "HSRIndexBatch.search", "q");
   std::vector<std::vector<Hit>> hits;
   std::vector<QueryStats> st;
-  const int64_t kv_heads = heads;
   route_queries(q, trees.data(), scan_caches.data(), int64_t(trees.size()),
-                [=](int64_t i) { return (i / hq) * kv_heads + (i % hq) / group; }, nullptr, k,
-                scan_above, hits, st);
+                [=](int64_t i) { return i / group; }, nullptr, k, scan_above, hits, st);
   auto [scores, ids] = pack_topk_results(hits, st, k, stats);
   return {scores.view({batch, hq, k}), ids.view({batch, hq, k})};
 }

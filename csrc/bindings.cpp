@@ -110,6 +110,7 @@ TORCH_LIBRARY(hsr, m) {
       .def("range_union", &hsr::IndexBatchHolder::range_union)
       .def("search", &hsr::IndexBatchHolder::search)
       .def("certified_select", &hsr::IndexBatchHolder::certified_select)
+      .def("relu_select", &hsr::IndexBatchHolder::relu_select)
       .def("ntotal", &hsr::IndexBatchHolder::ntotal)
       .def("last_stats", &hsr::IndexBatchHolder::last_stats)
       .def("scan_fraction", &hsr::IndexBatchHolder::scan_fraction)

@@ -72,7 +72,8 @@ struct IndexHolder : torch::CustomClassHolder {
 // One tree per (batch, kv head) over keys (B, H, n, d); queries (B, Hq, d) with Hq a multiple
 // of H use the tree of kv head hq / (Hq / H).
 struct IndexBatchHolder : torch::CustomClassHolder {
-  // keep_points = false: bounds-only trees (HSRTree's keep_points), for certified_select only.
+  // keep_points = false: bounds-only trees (HSRTree's keep_points), for certified_select and
+  // relu_select only.
   IndexBatchHolder(int64_t batch, int64_t heads, int64_t d, int64_t leaf_size, bool keep_points);
 
   void add(const at::Tensor& keys);
@@ -108,6 +109,14 @@ struct IndexBatchHolder : torch::CustomClassHolder {
                    const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& delta, int64_t bits,
                    int64_t group, const at::Tensor& v_norms, const at::Tensor& v_norm_max, double scale,
                    double eps);
+  // ReLU selection in two levels (sketch::select_relu_two_level) for decode queries q
+  // (B, Hq, D): every key that can have relu(scale * <q, k> - bias) > 0, found by the tree,
+  // then the key sketch (codes, lo, delta as certified_select's). Returns (offsets, ids,
+  // mask) as certified_select, keys_kept (B, Hq) int64 and stats [nodes_visited,
+  // leaves_opened, keys_sketched].
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  relu_select(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& delta,
+              int64_t bits, int64_t group, double scale, double bias);
 
   int64_t batch, heads, dim;
   std::vector<index::HSRTree> trees;

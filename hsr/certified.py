@@ -379,8 +379,11 @@ def _check_index(what, index, B, Hkv, n, D):
 
 @dataclass(frozen=True)
 class ReportedInfo:
-    """keys_reported (B, Hq): keys with a positive ReLU weight per q head; keys_read
-    (B, Hkv): the union over the GQA group; the index's IndexStats; the selection."""
+    """keys_reported (B, Hq): keys selected per q head (relu_reported_attention: those the
+    index reports; relu_sketch_attention: those whose bound passes, a superset of the keys
+    with a positive weight); keys_read (B, Hkv): the union over the GQA group; index_stats:
+    the index's IndexStats (relu_reported_attention), (nodes visited, leaves opened, keys
+    sketched) int64 (relu_sketch_attention with an index) or None; the selection."""
 
     keys_reported: torch.Tensor
     keys_read: torch.Tensor
@@ -422,16 +425,30 @@ def relu_reported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
 
 
 def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch, *, bias: float,
-                          alpha: int = 1, scale: float | None = None,
-                          normalize: bool = True) -> tuple[torch.Tensor, ReportedInfo]:
+                          alpha: int = 1, scale: float | None = None, normalize: bool = True,
+                          index=None) -> tuple[torch.Tensor, ReportedInfo]:
     """ReLU^alpha attention of decode queries q (B, Hq, 1, D) that reads in full only the
     keys whose sketch upper bound passes the threshold: a key with scale * upper <= bias has
     weight exactly 0, so the result equals dense ReLU attention up to float rounding (as
-    relu_reported_attention, without the index). info.index_stats is None."""
+    relu_reported_attention, with the sketch instead of float32 keys).
+
+    index: an hsr.HSRIndexBatch over k (ids = positions; it need not keep its points): the
+    tree first drops whole nodes whose upper bound is at most bias (and keeps whole nodes
+    whose lower bound passes), and only the keys of the leaves left undecided have their
+    sketch scored; info.index_stats is then (nodes visited, leaves opened, keys sketched),
+    else None (every key's sketch is scored). info.keys_reported counts the keys selected
+    per q head (those that can have a positive weight)."""
     what = "hsr.relu_sketch_attention"
     B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
     _check_sketch(what, sketch, B, Hkv, n, D)
     _check_bias(what, bias)
-    offsets_t, ids_t, mask_t, counts = torch.ops.hsr.sketch_relu_select(
-        q[:, :, 0].float(), sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, scale, float(bias))
-    return _relu_over((offsets_t, ids_t, mask_t), q, k, v, scale, alpha, bias, normalize, counts, None)
+    qf = q[:, :, 0].float()
+    if index is None:
+        offsets_t, ids_t, mask_t, counts = torch.ops.hsr.sketch_relu_select(
+            qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, scale, float(bias))
+        stats = None
+    else:
+        _check_index(what, index, B, Hkv, n, D)
+        offsets_t, ids_t, mask_t, counts, stats = index._impl.relu_select(
+            qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, scale, float(bias))
+    return _relu_over((offsets_t, ids_t, mask_t), q, k, v, scale, alpha, bias, normalize, counts, stats)

@@ -17,8 +17,10 @@ is built), so an opened leaf is one block of K/V and sketch rows. Policies:
   kernel's own float error comes on top). select="sketch" scores every key's sketch,
   select="tree" keeps whole leaves.
 - ``hsr.ReLU(alpha, bias, normalize, select)``: every key that can have a positive weight is
-  read, found from the sketch bounds (hsr.relu_sketch_attention) or by the index's half-space
-  query (hsr.relu_reported_attention): the result equals dense ReLU attention up to rounding.
+  read, found by the tree and the sketch bounds of the leaves it keeps, or from every key's
+  sketch bounds (hsr.relu_sketch_attention with or without the index), or by the index's
+  half-space query (hsr.relu_reported_attention): the result equals dense ReLU attention up
+  to rounding.
 
 The selection runs in C++; packing, the attention call, the certificate and the merge with
 the tail are orchestrated from Python.
@@ -43,6 +45,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 _SOFTMAX_SELECT = ("auto", "tree+sketch", "sketch", "tree")
+_RELU_SELECT = ("auto", "tree+sketch", "sketch", "index")
 
 
 class _BlockMeans(TokenBuffers):
@@ -118,17 +121,20 @@ class TopK:
 @dataclass(frozen=True)
 class ReLU:
     """relu(scale <q, k> - bias) ** alpha attention, exact: only keys with weight 0 are skipped.
-    select: how those keys are found: "sketch" (keys whose sketch upper bound passes; the
-    sketch is scanned) or "index" (the HSR index's half-space query on float32 keys)."""
+    select: how those keys are found: "tree+sketch" (the tree drops whole nodes whose upper
+    bound is at most bias, then the keys of the leaves left whose sketch upper bound passes),
+    "sketch" (every key's sketch is scanned), "index" (the HSR index's half-space query on a
+    float32 copy of the keys: exact scores, more memory), or "auto" (the default: decode times
+    tree+sketch and sketch every probe_every steps and keeps the faster)."""
 
     alpha: int = 2
     bias: float = 0.0
     normalize: bool = True
-    select: str = "sketch"
+    select: str = "auto"
 
     def __post_init__(self):
-        if self.select not in ("sketch", "index"):
-            raise ValueError(f"hsr.ReLU: select must be 'sketch' or 'index', got {self.select!r}")
+        if self.select not in _RELU_SELECT:
+            raise ValueError(f"hsr.ReLU: select must be one of {_RELU_SELECT}, got {self.select!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha < 1:
             raise ValueError(f"hsr.ReLU: alpha must be a positive integer, got {self.alpha!r}")
         if not math.isfinite(float(self.bias)):
@@ -147,7 +153,8 @@ class DecodeInfo:
     from cache.indexed_length on) is always attended as well. path: "sparse" or "dense" (with
     dense_fallback, a step reads every key when that was timed faster: bounds 0, exact);
     select: the selection the step used ("tree+sketch", "sketch" or "tree" for certified
-    softmax, "sketch" or "index" for ReLU; None for dense steps and the other policies)."""
+    softmax, "tree+sketch", "sketch" or "index" for ReLU; None for dense steps and the other
+    policies)."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor
@@ -420,7 +427,7 @@ class HSRKVCache:
         certified = isinstance(policy, Softmax) and policy.threshold is None
         if certified and policy.estimate:
             sparse = [("sparse", "sketch")]
-        elif certified and policy.select == "auto":
+        elif (certified or isinstance(policy, ReLU)) and policy.select == "auto":
             sparse = [("sparse", "tree+sketch"), ("sparse", "sketch")]
         else:
             sparse = [("sparse", policy.select if certified or isinstance(policy, ReLU) else None)]
@@ -467,15 +474,24 @@ class HSRKVCache:
         tree; with it, the node summaries it visited (centroid and box, float32), the sketch
         of the keys in the leaves it opened and their value norms."""
         if not isinstance(self.policy, Softmax) or self.policy.threshold is not None:
-            # Every key's sketch (for the certificate) and the points the index scored.
-            return self._sketch.nbytes + self._v_norms.numel() * 4 + \
-                self._index.last_stats.points_scored * self.head_dim * 4
+            # Every key's sketch (for the certificate), the node summaries the index visited and
+            # the points it scored.
+            stats = self._index.last_stats
+            return self._sketch.nbytes + self._v_norms.numel() * 4 + self._node_bytes(stats.nodes_visited) + \
+                stats.points_scored * self.head_dim * 4
         if info.index_stats is None:
             return self._sketch.nbytes + self._v_norms.numel() * 4
         nodes, _, sketched = (int(x) for x in info.index_stats)
-        per_key = self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
         opened = sketched if select != "tree" else int(info.keys_read.sum())
-        return nodes * 3 * self.head_dim * 4 + sketched * per_key + opened * 4
+        return self._node_bytes(nodes) + sketched * self._sketch_bytes_per_key() + opened * 4
+
+    def _node_bytes(self, nodes: int) -> int:
+        """Bytes of the node summaries a walk read (centroid and box, float32)."""
+        return nodes * 3 * self.head_dim * 4
+
+    def _sketch_bytes_per_key(self) -> int:
+        """Bytes of one key's sketch: its codes and per-group lo and delta."""
+        return self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
 
     def _select_and_attend(self, q, k_idx, v_idx, select):
         """The softmax-family policies over the indexed keys: (out, CertifiedInfo)."""
@@ -524,16 +540,22 @@ class HSRKVCache:
                 if info.estimate_share is not None:  # the estimate added in for the keys left out
                     error = error + info.estimate_share * (info.estimate_norm + kept_max)
                 bytes_read += self._selection_bytes(info, select)
-            elif self.policy.select == "index":
+            elif select == "index":
                 out, info = relu_reported_attention(q, k_idx, v_idx, self._index, bias=self.policy.bias,
                                                     alpha=self.policy.alpha, scale=self.scale,
                                                     normalize=self.policy.normalize)
-                bytes_read += info.index_stats.points_scored * D * 4
+                bytes_read += self._node_bytes(info.index_stats.nodes_visited) + \
+                    info.index_stats.points_scored * D * 4
             else:
                 out, info = relu_sketch_attention(q, k_idx, v_idx, self._sketch, bias=self.policy.bias,
                                                   alpha=self.policy.alpha, scale=self.scale,
-                                                  normalize=self.policy.normalize)
-                bytes_read += self._sketch.nbytes
+                                                  normalize=self.policy.normalize,
+                                                  index=self._index if select == "tree+sketch" else None)
+                if info.index_stats is None:
+                    bytes_read += self._sketch.nbytes
+                else:
+                    nodes, _, sketched = (int(x) for x in info.index_stats)
+                    bytes_read += self._node_bytes(nodes) + sketched * self._sketch_bytes_per_key()
             keys = info.keys_selected if softmax else info.keys_reported
             attended += keys
             read += info.keys_read

@@ -83,7 +83,7 @@ def test_fixed_rules_report_valid_certificates_over_many_steps(policy):
             assert (info.keys_attended == 20 + cache.length - cache.indexed_length).all()
 
 
-@pytest.mark.parametrize("select", ["sketch", "index"])
+@pytest.mark.parametrize("select", ["auto", "tree+sketch", "sketch", "index"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_relu_equals_dense_relu_over_many_steps(normalize, select):
     B, Hkv, G, D, prompt, steps = 1, 2, 4, 64, 70, 30
@@ -98,6 +98,7 @@ def test_relu_equals_dense_relu_over_many_steps(normalize, select):
                                normalize=normalize)
         assert (out.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
         assert (info.mass_bound == 0).all() and (info.error_bound == 0).all()
+        assert info.select in (("tree+sketch", "sketch") if select == "auto" else (select,))
 
 
 @pytest.mark.parametrize("select", ["tree+sketch", "sketch", "tree"])
@@ -357,6 +358,7 @@ def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order(
 
 
 @pytest.mark.parametrize("policy, keeps", [(hsr.Softmax(eps=1e-3), False), (hsr.ReLU(bias=1.0), False),
+                                           (hsr.ReLU(bias=1.0, select="tree+sketch"), False),
                                            (hsr.ReLU(bias=1.0, select="index"), True), (hsr.TopK(8), True),
                                            (hsr.Softmax(threshold=1.0), True)])
 def test_index_keeps_a_float_copy_of_the_keys_only_for_policies_that_query_it(policy, keeps):

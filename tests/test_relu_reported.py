@@ -1,5 +1,6 @@
 """hsr.relu_reported_attention / relu_sketch_attention: ReLU attention over the keys the HSR
-index reports, or whose sketch bound passes, equals dense ReLU attention."""
+index reports, or whose sketch bound passes (every key's, or those of the leaves the tree
+keeps), equals dense ReLU attention."""
 
 import pytest
 import torch
@@ -23,10 +24,21 @@ def make(kind, B, Hkv, G, n, D, dtype, seed=0):
 def run(path, q, k, v, **kw):
     if path == "index":
         return hsr.relu_reported_attention(q, k, v, hsr.HSRIndexBatch(k.float()), **kw)
-    return hsr.relu_sketch_attention(q, k, v, hsr.KeySketch.from_keys(k), **kw)
+    index = hsr.HSRIndexBatch(k.float(), keep_points=False) if path == "tree+sketch" else None
+    return hsr.relu_sketch_attention(q, k, v, hsr.KeySketch.from_keys(k), index=index, **kw)
 
 
-@pytest.mark.parametrize("path", ["index", "sketch"])
+def per_head_sets(info, G):
+    """{(pair, head): set of selected ids} from a selection (offsets, ids, mask)."""
+    out = {}
+    for p in range(info.offsets.numel() - 1):
+        rows = slice(int(info.offsets[p]), int(info.offsets[p + 1]))
+        for g in range(G):
+            out[p, g] = set(info.ids[rows][info.mask[rows, g]].tolist())
+    return out
+
+
+@pytest.mark.parametrize("path", ["index", "sketch", "tree+sketch"])
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G", [1, 3])
@@ -51,7 +63,7 @@ def test_equals_dense_relu_attention(path, kind, dtype, G, bias, alpha, normaliz
     assert (info.keys_read >= info.keys_reported.view(2, 2, G).amax(-1)).all()
 
 
-@pytest.mark.parametrize("path", ["index", "sketch"])
+@pytest.mark.parametrize("path", ["index", "sketch", "tree+sketch"])
 def test_a_selective_bias_reads_few_keys(path):
     q, k, v = make("clustered", 1, 2, 4, 20_000, 64, torch.float32, seed=1)
     s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k.repeat_interleave(4, 1)) / 8.0
@@ -59,6 +71,83 @@ def test_a_selective_bias_reads_few_keys(path):
     out, info = run(path, q, k, v, bias=bias, alpha=2)
     torch.testing.assert_close(out, hsr.attention(q, k, v, kind="relu", bias=bias, alpha=2), atol=1e-5, rtol=1e-5)
     assert info.keys_read.max() < 0.05 * 20_000
+    if path == "tree+sketch":  # the tree left most leaves out: few keys had their sketch scored
+        nodes, leaves, sketched = info.index_stats.tolist()
+        assert 0 < sketched < 0.2 * 2 * 20_000 and leaves * 64 >= sketched
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("quantile", [0.5, 0.99, 0.9995])
+def test_tree_and_sketch_select_between_the_positive_keys_and_the_sketch_alone(kind, quantile):
+    # Per q head: every key with a positive weight, and only keys the sketch alone would
+    # select (the tree drops keys, or keeps whole nodes whose keys all pass).
+    G = 3
+    q, k, v = make(kind, 2, 2, G, 2000, 48, torch.float32, seed=3)
+    s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k.repeat_interleave(G, 1)) / 48 ** 0.5
+    bias = float(torch.quantile(s.flatten(), quantile))
+    _, tree = run("tree+sketch", q, k, v, bias=bias)
+    _, alone = run("sketch", q, k, v, bias=bias)
+    tree_sets, alone_sets = per_head_sets(tree, G), per_head_sets(alone, G)
+    for (p, g), chosen in tree_sets.items():
+        positive = set(torch.nonzero(s[p // 2, (p % 2) * G + g] > bias)[:, 0].tolist())
+        assert positive <= chosen <= alone_sets[p, g]
+        assert len(chosen) == int(tree.keys_reported.view(-1)[p * G + g])
+
+
+@pytest.mark.parametrize("offset", [-0.2, 0.2])
+def test_tree_and_sketch_on_duplicated_keys_where_node_bounds_are_tight(offset):
+    # 16 distinct keys, each repeated 125 times: leaves hold copies of one key, so a node's
+    # bounds are its score (up to rounding). A bias 0.2 below a key's score must keep that
+    # key; 0.2 above must leave it out (its sketch bound is within 0.2 of its score).
+    g = torch.Generator().manual_seed(5)
+    G, D = 2, 48
+    distinct = torch.randn(1, 1, 16, D, generator=g) * 2
+    k = distinct.repeat_interleave(125, 2)[:, :, torch.randperm(2000, generator=g)].contiguous()
+    v = torch.randn(1, 1, 2000, D, generator=g)
+    q = torch.randn(1, G, 1, D, generator=g)
+    s = (q[0, :, 0] @ k[0, 0].T) / D ** 0.5
+    bias = float(s[0].unique()[8]) + offset
+    _, tree = run("tree+sketch", q, k, v, bias=bias)
+    _, alone = run("sketch", q, k, v, bias=bias)
+    tree_sets, alone_sets = per_head_sets(tree, G), per_head_sets(alone, G)
+    for g_ in range(G):
+        positive = set(torch.nonzero(s[g_] > bias)[:, 0].tolist())
+        assert positive <= tree_sets[0, g_] <= alone_sets[0, g_]
+    assert tree_sets[0, 0] == set(torch.nonzero(s[0] > bias)[:, 0].tolist())
+
+
+def test_tree_and_sketch_keep_a_whole_node_only_when_all_its_keys_pass():
+    # Two keys 0.3 apart in score along q (so a node holding both has bounds that tight),
+    # 125 copies each among 14 far-away keys; the bias between them keeps one and not the other.
+    g = torch.Generator().manual_seed(6)
+    D = 48
+    q = torch.randn(1, 1, 1, D, generator=g)
+    distinct = torch.randn(16, D, generator=g) * 2
+    u = q[0, 0, 0] / q[0, 0, 0].norm()
+    distinct[1] = distinct[0] + 0.3 * D ** 0.5 / q[0, 0, 0].norm() * u
+    k = distinct.repeat_interleave(125, 0)[torch.randperm(2000, generator=g)].view(1, 1, 2000, D).contiguous()
+    v = torch.randn(1, 1, 2000, D, generator=g)
+    s = (q[0, 0, 0] @ k[0, 0].T) / D ** 0.5
+    low = float(q[0, 0, 0] @ distinct[0]) / D ** 0.5
+    bias = low + 0.2
+    _, tree = run("tree+sketch", q, k, v, bias=bias)
+    assert per_head_sets(tree, 1)[0, 0] == set(torch.nonzero(s > bias)[:, 0].tolist())
+
+
+def test_tree_and_sketch_decide_whole_trees_at_the_root():
+    q, k, v = make("clustered", 1, 2, 2, 500, 64, torch.float32)
+    index = hsr.HSRIndexBatch(k, keep_points=False)
+    sk = hsr.KeySketch.from_keys(k)
+    # Far below every score: the root's lower bound passes, every key is kept unsketched.
+    out, info = hsr.relu_sketch_attention(q, k, v, sk, bias=-1e6, index=index)
+    nodes, leaves, sketched = info.index_stats.tolist()
+    assert nodes == 2 and leaves >= 2 * 8 and sketched == 0
+    assert (info.keys_reported == 500).all()
+    torch.testing.assert_close(out, hsr.attention(q, k, v, kind="relu", bias=-1e6), atol=1e-5, rtol=1e-5)
+    # Far above: the root's upper bound fails, nothing is read.
+    out, info = hsr.relu_sketch_attention(q, k, v, sk, bias=1e6, index=index)
+    assert info.index_stats.tolist() == [2, 0, 0]
+    assert (info.keys_read == 0).all() and (out == 0).all()
 
 
 def test_bad_inputs_raise():
@@ -79,3 +168,7 @@ def test_bad_inputs_raise():
         hsr.relu_sketch_attention(q, k, v, sk, bias=0.0, scale=0.0)
     with pytest.raises(ValueError, match="bias"):
         hsr.relu_sketch_attention(q, k, v, sk, bias=float("inf"))
+    with pytest.raises(ValueError, match="index"):
+        hsr.relu_sketch_attention(q, k, v, sk, bias=0.0, index=hsr.HSRIndexBatch(k[:, :, :50]))
+    with pytest.raises(ValueError, match="index"):
+        hsr.relu_sketch_attention(q, k, v, sk, bias=0.0, index=index.ntotal)

@@ -19,6 +19,20 @@ constexpr double kWiden = 1e-12;
 double widen_up(double x) { return x + std::fabs(x) * kWiden + 1e-300; }
 double widen_down(double x) { return x - std::fabs(x) * kWiden - 1e-300; }
 
+// Score intervals of a leaf's n keys (ids) for the scanner's heads: est/rad hold G rows of n.
+void sketch_keys_of_leaf(IntervalScanner& scanner, const SketchView& sketch, const int64_t* ids, int64_t n,
+                         float* est, float* rad) {
+  if (n > 0 && ids[n - 1] - ids[0] == n - 1 && std::is_sorted(ids, ids + n)) {
+    // Consecutive rows (a cache stored leaf-contiguous): one streamed block.
+    const SketchLayout& layout = sketch.layout;
+    const int64_t first = ids[0];
+    scanner.run(sketch.codes + first * layout.code_bytes(), sketch.lo + first * layout.groups(),
+                sketch.delta + first * layout.groups(), nullptr, n, est, rad, n);
+  } else {
+    scanner.run(sketch.codes, sketch.lo, sketch.delta, ids, n, est, rad, n);
+  }
+}
+
 // A node waiting in the best-first frontier; its per-head logit bounds sit at
 // bounds[slot * 2G ...]: G upper bounds, then G lower bounds.
 struct Entry {
@@ -155,17 +169,8 @@ class TwoLevelWalk {
     buf_est_.resize(size_t(G_) * n);
     buf_rad_.resize(size_t(G_) * n);
     buf_v_.resize(size_t(n));
-    if (n > 0 && ids[n - 1] - ids[0] == n - 1 && std::is_sorted(ids, ids + n)) {
-      // Consecutive rows (a cache stored leaf-contiguous): one streamed block.
-      const SketchLayout& layout = sketch_->layout;
-      const int64_t first = ids[0];
-      scanner_->run(sketch_->codes + first * layout.code_bytes(), sketch_->lo + first * layout.groups(),
-                    sketch_->delta + first * layout.groups(), nullptr, n, buf_est_.data(), buf_rad_.data(), n);
-      std::copy_n(v_norms_ + first, n, buf_v_.data());
-    } else {
-      scanner_->run(sketch_->codes, sketch_->lo, sketch_->delta, ids, n, buf_est_.data(), buf_rad_.data(), n);
-      for (int64_t j = 0; j < n; ++j) buf_v_[j] = v_norms_[ids[j]];
-    }
+    sketch_keys_of_leaf(*scanner_, *sketch_, ids, n, buf_est_.data(), buf_rad_.data());
+    for (int64_t j = 0; j < n; ++j) buf_v_[j] = v_norms_[ids[j]];
     for (int g = 0; g < G_; ++g) {
       const size_t at = grid_[g].size();
       grid_[g].resize(at + n);
@@ -239,6 +244,138 @@ bool select_two_level(const index::HSRTree& tree, const float* q, int G, const S
   }
   collect_union(ids.data(), m, tree.next_id(), G, [&](int g, int64_t j) { return walk.grid(g)[j] <= cut[g]; }, out);
   return walk.finite();
+}
+
+namespace {
+
+// Per head, what a node's bounds decided for every key below it.
+enum class Verdict : uint8_t { kOut, kOpen, kIn };
+
+// ReLU selection for one tree: depth first, a head drops out of a subtree once the node's
+// upper bound shows no key below can pass, and is in for every key below once its lower
+// bound passes; heads still open at a leaf test each key's sketch upper bound.
+class ReluWalk {
+ public:
+  ReluWalk(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch, double scale,
+           double bias)
+      : tree_(tree), q_(q), G_(G), d_(tree.dim()), sketch_(sketch), scale_(scale), bias_(bias),
+        prune_below_(bias / scale), qnorm_(G) {
+    for (int g = 0; g < G; ++g) {
+      qnorm_[g] = tree.query_norm(q + int64_t(g) * d_);
+      scanners_.emplace_back(sketch.layout, q + int64_t(g) * d_, 1);
+    }
+  }
+
+  // Fills ids_ (candidate keys, leaf after leaf) and pass_ (G flags per candidate).
+  bool run(TreeSelectStats& stats) {
+    // Depth first; each stacked node's G verdicts sit at verdicts_[slot * G ...].
+    std::vector<std::pair<int32_t, int64_t>> stack;
+    std::vector<Verdict> parent(size_t(G_), Verdict::kOpen);
+    push_if_any(0, parent.data(), stack, stats);
+    while (!stack.empty()) {
+      const auto [node, slot] = stack.back();
+      stack.pop_back();
+      std::copy_n(verdicts_.begin() + slot * G_, G_, parent.begin());
+      if (tree_.is_leaf(node)) {
+        if (!open_leaf(node, parent.data(), stats)) return false;
+        continue;
+      }
+      for (const int32_t c : {tree_.right_child(node), tree_.left_child(node)})
+        if (tree_.live_count(c) > 0) push_if_any(c, parent.data(), stack, stats);
+    }
+    return true;
+  }
+
+  const std::vector<int64_t>& candidates() const { return ids_; }
+  bool passes(int g, int64_t j) const { return pass_[size_t(j) * G_ + g] != 0; }
+
+ private:
+  // Stacks node with its heads' verdicts (from their verdicts at its parent) unless every
+  // head is out.
+  void push_if_any(int32_t node, const Verdict* parent, std::vector<std::pair<int32_t, int64_t>>& stack,
+                   TreeSelectStats& stats) {
+    const int64_t slot = int64_t(verdicts_.size()) / G_;
+    verdicts_.insert(verdicts_.end(), parent, parent + G_);
+    Verdict* out = verdicts_.data() + slot * G_;
+    bool bounded = false, any = false;
+    for (int g = 0; g < G_; ++g) {
+      if (out[g] == Verdict::kOpen) {
+        double upper, lower, slack;
+        tree_.bounds(node, q_ + int64_t(g) * d_, qnorm_[g], prune_below_, upper, lower, slack);
+        bounded = true;
+        if (widen_up((upper + slack) * scale_) <= bias_)
+          out[g] = Verdict::kOut;
+        else if (widen_down((lower - slack) * scale_) > bias_)
+          out[g] = Verdict::kIn;
+      }
+      any = any || out[g] != Verdict::kOut;
+    }
+    stats.nodes_visited += bounded;
+    if (any)
+      stack.emplace_back(node, slot);
+    else
+      verdicts_.resize(size_t(slot) * G_);
+  }
+
+  // Appends the leaf's keys with each head's pass flags; false when a sketch bound came out
+  // non-finite. Only the heads still open score the sketch: the G heads of a group point
+  // at different keys, so a leaf is usually open for one of them.
+  bool open_leaf(int32_t leaf, const Verdict* heads, TreeSelectStats& stats) {
+    ++stats.leaves_opened;
+    const int64_t* ids = tree_.leaf_ids(leaf);
+    const int64_t n = tree_.leaf_point_count(leaf);
+    const size_t at = ids_.size();
+    ids_.insert(ids_.end(), ids, ids + n);
+    pass_.resize(ids_.size() * G_);
+    uint8_t* pass = pass_.data() + at * G_;
+    est_.resize(size_t(n));
+    rad_.resize(size_t(n));
+    bool finite = true, sketched = false;
+    for (int g = 0; g < G_; ++g) {
+      if (heads[g] != Verdict::kOpen) {
+        for (int64_t j = 0; j < n; ++j) pass[j * G_ + g] = heads[g] == Verdict::kIn;
+        continue;
+      }
+      sketched = true;
+      sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
+      for (int64_t j = 0; j < n; ++j) {
+        const double u = upper_logit(est_[j], rad_[j], scale_);
+        finite &= std::isfinite(u);
+        pass[j * G_ + g] = u > bias_;
+      }
+    }
+    stats.keys_sketched += sketched ? n : 0;
+    return finite;
+  }
+
+  const index::HSRTree& tree_;
+  const float* q_;
+  int G_, d_;
+  const SketchView& sketch_;
+  double scale_, bias_, prune_below_;
+  std::vector<double> qnorm_;
+  std::vector<IntervalScanner> scanners_;  // one per head
+  std::vector<Verdict> verdicts_;
+  std::vector<int64_t> ids_;
+  std::vector<uint8_t> pass_;  // G flags per entry of ids_
+  std::vector<float> est_, rad_;
+};
+
+}  // namespace
+
+bool select_relu_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch,
+                           double scale, double bias, GroupSelection& out) {
+  out = GroupSelection{};
+  out.heads.assign(size_t(G), RowSelection{0.0, 0.0, 0.0, 0});
+  if (tree.size() == 0) return true;
+  ReluWalk walk(tree, q, G, sketch, scale, bias);
+  if (!walk.run(out.stats)) return false;
+  const std::vector<int64_t>& ids = walk.candidates();
+  const int64_t m = int64_t(ids.size());
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < m; ++j) out.heads[g].kept += walk.passes(g, j);
+  collect_union(ids.data(), m, tree.next_id(), G, [&](int g, int64_t j) { return walk.passes(g, j); }, out);
+  return true;
 }
 
 }  // namespace hsr::sketch

@@ -33,6 +33,55 @@ void check_per_key(const at::Tensor& t, at::ScalarType type, int64_t batch, int6
                     ") indexed by key id, got ", t.scalar_type(), " of shape ", t.sizes());
 }
 
+
+// The decode queries and the optional key sketch of a selection, checked against the trees.
+struct TreeSketchArgs {
+  at::Tensor q;  // (B, Hq, d) float32, contiguous and finite
+  bool use_sketch = false;
+  sketch::SketchLayout layout{};
+  at::Tensor codes, lo, delta;  // rows contiguous, by key id
+  int64_t G = 0;
+
+  sketch::SketchView view(int64_t p, int64_t heads) const {
+    return {layout, pair_rows<uint8_t>(codes, p, heads), pair_rows<float>(lo, p, heads),
+            pair_rows<float>(delta, p, heads)};
+  }
+};
+
+TreeSketchArgs checked_tree_sketch_args(const char* what, const at::Tensor& q_in, int64_t batch, int64_t heads,
+                                        int64_t dim, int64_t rows, const std::optional<at::Tensor>& codes_in,
+                                        const std::optional<at::Tensor>& lo_in,
+                                        const std::optional<at::Tensor>& delta_in, int64_t bits, int64_t group,
+                                        double scale) {
+  TORCH_CHECK_VALUE(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat && q_in.device().is_cpu() &&
+                        q_in.size(0) == batch && q_in.size(2) == dim && q_in.size(1) % heads == 0,
+                    what, ": q must be a CPU float32 tensor (", batch, ", Hq, ", dim, ") with Hq a multiple of ",
+                    heads, ", got ", q_in.scalar_type(), " of shape ", q_in.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, what, ": scale must be positive and finite, got ", scale);
+  TreeSketchArgs a;
+  a.use_sketch = codes_in.has_value();
+  TORCH_CHECK_VALUE(a.use_sketch == lo_in.has_value() && a.use_sketch == delta_in.has_value(), what,
+                    ": codes, lo and delta must be given together (or none, for the tree-only selection)");
+  a.layout = sketch::SketchLayout{int(dim), int(std::min<int64_t>(group, dim)), int(bits)};
+  if (a.use_sketch) {
+    a.layout = checked_layout(dim, bits, group, what);
+    check_per_key(*codes_in, at::kByte, batch, heads, rows, a.layout.code_bytes(), what, "codes");
+    check_per_key(*lo_in, at::kFloat, batch, heads, rows, a.layout.groups(), what, "lo");
+    check_per_key(*delta_in, at::kFloat, batch, heads, rows, a.layout.groups(), what, "delta");
+    a.codes = rows_contiguous(*codes_in), a.lo = rows_contiguous(*lo_in), a.delta = rows_contiguous(*delta_in);
+  }
+  a.q = q_in.contiguous();
+  check_all_finite(a.q.const_data_ptr<float>(), a.q.numel(), what, "q");
+  a.G = a.q.size(1) / heads;
+  return a;
+}
+
+void check_finite_sketch_bounds(const std::vector<char>& finite, const char* what) {
+  for (const char f : finite)
+    TORCH_CHECK_VALUE(f, what, ": a sketch score bound was not finite: codes, lo and delta must come from "
+                      "hsr.sketch_keys over finite keys");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -42,55 +91,51 @@ IndexBatchHolder::certified_select(const at::Tensor& q_in, const std::optional<a
                                    const at::Tensor& v_norms_in, const at::Tensor& v_norm_max_in,
                                    double scale, double eps) {
   const char* what = "HSRIndexBatch.certified_select";
-  TORCH_CHECK_VALUE(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat && q_in.device().is_cpu() &&
-                        q_in.size(0) == batch && q_in.size(2) == dim && q_in.size(1) % heads == 0,
-                    what, ": q must be a CPU float32 tensor (", batch, ", Hq, ", dim, ") with Hq a multiple of ",
-                    heads, ", got ", q_in.scalar_type(), " of shape ", q_in.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, what, ": scale must be positive and finite, got ", scale);
-  TORCH_CHECK_VALUE(eps >= 0.0 && eps < 1.0, what, ": eps must be in [0, 1), got ", eps);
   const int64_t rows = largest_next_id(trees);
+  const TreeSketchArgs a =
+      checked_tree_sketch_args(what, q_in, batch, heads, dim, rows, codes_in, lo_in, delta_in, bits, group, scale);
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps < 1.0, what, ": eps must be in [0, 1), got ", eps);
   check_per_key(v_norms_in, at::kFloat, batch, heads, rows, -1, what, "v_norms");
   TORCH_CHECK_VALUE(v_norm_max_in.dim() == 2 && v_norm_max_in.scalar_type() == at::kFloat &&
                         v_norm_max_in.device().is_cpu() && v_norm_max_in.size(0) == batch &&
                         v_norm_max_in.size(1) == heads,
                     what, ": v_norm_max must be a CPU float32 tensor (", batch, ", ", heads, "), got ",
                     v_norm_max_in.scalar_type(), " of shape ", v_norm_max_in.sizes());
-  const at::Tensor v_norm_max = v_norm_max_in.contiguous();
-  const bool use_sketch = codes_in.has_value();
-  TORCH_CHECK_VALUE(use_sketch == lo_in.has_value() && use_sketch == delta_in.has_value(), what,
-                    ": codes, lo and delta must be given together (or none, for the tree-only selection)");
-  sketch::SketchLayout layout{int(dim), int(std::min<int64_t>(group, dim)), int(bits)};
-  at::Tensor codes, lo, delta;
-  if (use_sketch) {
-    layout = checked_layout(dim, bits, group, what);
-    check_per_key(*codes_in, at::kByte, batch, heads, rows, layout.code_bytes(), what, "codes");
-    check_per_key(*lo_in, at::kFloat, batch, heads, rows, layout.groups(), what, "lo");
-    check_per_key(*delta_in, at::kFloat, batch, heads, rows, layout.groups(), what, "delta");
-    codes = rows_contiguous(*codes_in), lo = rows_contiguous(*lo_in), delta = rows_contiguous(*delta_in);
-  }
-  const at::Tensor q = q_in.contiguous(), v_norms = rows_contiguous(v_norms_in);
-  check_all_finite(q.const_data_ptr<float>(), q.numel(), what, "q");
-  const int64_t hq = q.size(1), G = hq / heads, pairs = batch * heads;
+  const at::Tensor v_norm_max = v_norm_max_in.contiguous(), v_norms = rows_contiguous(v_norms_in);
+  const int64_t pairs = batch * heads, G = a.G;
 
   std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
   std::vector<char> finite(static_cast<size_t>(pairs), 1);
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      sketch::SketchView view{};
-      if (use_sketch)
-        view = sketch::SketchView{layout, pair_rows<uint8_t>(codes, p, heads), pair_rows<float>(lo, p, heads),
-                                  pair_rows<float>(delta, p, heads)};
-      const int64_t b = p / heads, h = p % heads;
-      finite[p] = sketch::select_two_level(trees[p], q.const_data_ptr<float>() + (b * hq + h * G) * dim, int(G),
-                                           use_sketch ? &view : nullptr, pair_rows<float>(v_norms, p, heads),
+      const sketch::SketchView view = a.use_sketch ? a.view(p, heads) : sketch::SketchView{};
+      finite[p] = sketch::select_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
+                                           a.use_sketch ? &view : nullptr, pair_rows<float>(v_norms, p, heads),
                                            v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
     }
   });
-  for (int64_t p = 0; p < pairs; ++p)
-    TORCH_CHECK_VALUE(finite[p], what, ": a sketch score bound was not finite: codes, lo and delta must come from "
-                      "hsr.sketch_keys over finite keys");
-
+  check_finite_sketch_bounds(finite, what);
   return pack_selections(sel, batch, heads, G);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::relu_select(
+    const at::Tensor& q_in, const at::Tensor& codes_in, const at::Tensor& lo_in, const at::Tensor& delta_in,
+    int64_t bits, int64_t group, double scale, double bias) {
+  const char* what = "HSRIndexBatch.relu_select";
+  const TreeSketchArgs a = checked_tree_sketch_args(what, q_in, batch, heads, dim, largest_next_id(trees), codes_in,
+                                                    lo_in, delta_in, bits, group, scale);
+  TORCH_CHECK_VALUE(std::isfinite(bias), what, ": bias must be finite, got ", bias);
+  const int64_t pairs = batch * heads, G = a.G;
+  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
+  std::vector<char> finite(static_cast<size_t>(pairs), 1);
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      finite[p] = sketch::select_relu_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
+                                                a.view(p, heads), scale, bias, sel[p]);
+  });
+  check_finite_sketch_bounds(finite, what);
+  auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, G);
+  return {offsets, ids, mask, kept, stats};
 }
 
 }  // namespace hsr

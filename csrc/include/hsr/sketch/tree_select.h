@@ -32,4 +32,13 @@ bool select_two_level(const index::HSRTree& tree, const float* q, int G, const S
                       const float* v_norms, double v_norm_max, double scale, double eps,
                       GroupSelection& out);
 
+// ReLU: per head, the keys that can have a positive weight relu(scale * <q, k> - bias)^alpha.
+// The tree drops a node for a head once its upper bound shows scale * <q, k> <= bias for every
+// key below, keeps every key below once its lower bound shows > bias, and inside the leaves
+// still undecided a key passes when its scaled sketch upper bound exceeds bias (as
+// select_relu_by_sketch). A superset of the positive-weight keys, never missing one;
+// heads[g].kept counts head g's. Returns false when a sketch bound came out non-finite.
+bool select_relu_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch,
+                           double scale, double bias, GroupSelection& out);
+
 }  // namespace hsr::sketch

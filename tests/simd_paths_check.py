@@ -1,14 +1,17 @@
 """Run by test_simd_paths.py in a child process with HSR_SIMD set: the kernels of one vector
-tier (sse, avx, avx512) give certified sketch intervals, exact index results and valid
-certificates. Exits 77 when the CPU does not run the tier asked for."""
+tier (sse, avx, avx512) give certified sketch intervals, exact index results, valid
+certificates and attention (dense and sparse) as accurate as the reference rule asks. Exits
+77 when the CPU does not run the tier asked for."""
 
 import sys
 
 import torch
 
 import hsr
+from attention_cases import DTYPES, check_against_reference, make_qkv
 from test_certified import certify, check_certificate, keys_for
 from test_index import assert_range_exact, assert_topk_exact, make_points, make_queries
+from test_sparse_attention import check_rows, random_selection
 
 
 def check_sketch_intervals():
@@ -44,12 +47,31 @@ def check_certified():
         check_certificate(q, k, v, out, info, 1e-3)
 
 
+def check_attention():
+    # Head and value widths around each tier's vector pairs (8, 16, 32 floats), decode and
+    # causal prefill, both kinds, every dtype; a long decode takes the key-split path.
+    kinds = [dict(), dict(kind="relu", alpha=2, bias=0.5, normalize=True)]
+    for dtype in DTYPES:
+        for d, dv, lq, lk, causal in [(128, 128, 1, 3000, False), (48, 48, 5, 70, True), (97, 40, 3, 130, False),
+                                      (64, 72, 1, 300, False)]:
+            for kw in kinds:
+                q, k, v = make_qkv(1, 2, 3, lq, lk, d, dtype, "cpu", seed=d, dv=dv)
+                out, lse = hsr.attention(q, k, v, causal=causal, return_lse=True, **kw)
+                check_against_reference(out, lse, q, k, v, causal=causal, **kw)
+        q, k, v = make_qkv(2, 2, 4, 1, 200, 72, dtype, "cpu", seed=3)
+        offsets, ids, mask = random_selection(2, 2, 4, 200, seed=4, masked=True)
+        for kw in kinds:
+            out, lse = hsr.sparse_attention(q, k, v, offsets, ids, mask, return_lse=True, **kw)
+            check_rows(out, lse, q, k, v, offsets, ids, mask, kw)
+
+
 def main(tier):
     if torch.ops.hsr.cpu_simd_tier() != tier:
         sys.exit(77)
     check_sketch_intervals()
     check_index()
     check_certified()
+    check_attention()
     print(f"{tier}: ok")
 
 

@@ -90,6 +90,20 @@ inline void finalize_row(const DenseAttentionProblem& p, RowAccumulator st, cons
 }
 
 template <typename T>
+class DenseAttentionCpu;
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HSR_DENSE_ATTENTION_WIDE 1
+// The work unit compiled for AVX-512 / AVX (16 / 8 float lanes); DenseAttentionCpu::run_unit
+// picks one at run time (cpu::simd_tier), so the library still runs on the x86-64 baseline.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void run_unit_avx512(const DenseAttentionCpu<T>& kernel,
+                                                                              int64_t unit);
+template <typename T>
+__attribute__((target("avx"))) void run_unit_avx(const DenseAttentionCpu<T>& kernel, int64_t unit);
+#endif
+
+template <typename T>
 class DenseAttentionCpu {
  public:
   DenseAttentionCpu(const DenseAttentionProblem& p, const DenseAttentionPlan& plan, const T* q,
@@ -98,8 +112,20 @@ class DenseAttentionCpu {
       : p_(p), plan_(plan), q_(q), k_(k), v_(v), out_(out), lse_(lse), ws_(workspace),
         sel_(selection) {}
 
-  // Runs one work unit (see DenseAttentionPlan). Thread-safe across distinct units.
+  // Runs one work unit (see DenseAttentionPlan) with the widest vectors the CPU runs.
+  // Thread-safe across distinct units.
   void run_unit(int64_t unit) const {
+#ifdef HSR_DENSE_ATTENTION_WIDE
+    if (has_avx512()) return run_unit_avx512(*this, unit);
+    if (has_avx()) return run_unit_avx(*this, unit);
+#endif
+    run_unit_as<f32x4>(unit);
+  }
+
+  // The unit with V (f32x4, f32x8 or f32x16) vectors; always inlined, so it is compiled for
+  // its caller's target.
+  template <typename V>
+  __attribute__((always_inline)) void run_unit_as(int64_t unit) const {
     const int64_t split = unit % plan_.splits;
     const int64_t group_index = unit / plan_.splits;
     const int64_t row_block = group_index % plan_.row_blocks;
@@ -139,20 +165,20 @@ class DenseAttentionCpu {
       int64_t kld, vld;
       if (sel_.offsets) {
         const int64_t* ids = sel_.ids + sel_begin + t0;
-        gather_rows(kbase, p_.k_stride[2], ids, tn, d, s.k);
-        gather_rows(vbase, p_.v_stride[2], ids, tn, dv, s.v);
+        gather_rows<V>(kbase, p_.k_stride[2], ids, tn, d, s.k);
+        gather_rows<V>(vbase, p_.v_stride[2], ids, tn, dv, s.v);
         ktile = s.k.data(), vtile = s.v.data(), kld = d, vld = dv;
       } else {
-        ktile = tile_rows(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, d, s.k);
-        vtile = tile_rows(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, dv, s.v);
+        ktile = tile_rows<V>(kbase + t0 * p_.k_stride[2], p_.k_stride[2], tn, d, s.k);
+        vtile = tile_rows<V>(vbase + t0 * p_.v_stride[2], p_.v_stride[2], tn, dv, s.v);
         kld = tile_stride(p_.k_stride[2], d), vld = tile_stride(p_.v_stride[2], dv);
       }
       float* w = s.scores.data();
       int64_t r = 0;
       for (; r + 4 <= nrows; r += 4)
-        scores_rows<4>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
+        scores_rows<4, V>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
       for (; r < nrows; ++r)
-        scores_rows<1>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
+        scores_rows<1, V>(s.q.data() + r * d, d, ktile, kld, tn, w + r * kKeyTile, kKeyTile);
       if (sel_.mask) mask_scores(sel_begin + t0, tn, row0, nrows, w);
       for (r = 0; r < nrows; ++r) {
         const int64_t visible =
@@ -160,9 +186,9 @@ class DenseAttentionCpu {
         scores_to_weights(w + r * kKeyTile, tn, visible, s.state[r], s.acc.data() + r * dv);
       }
       for (r = 0; r + 4 <= nrows; r += 4)
-        accumulate_pv_rows<4>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * dv, dv);
+        accumulate_pv_rows<4, V>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * dv, dv);
       for (; r < nrows; ++r)
-        accumulate_pv_rows<1>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * dv, dv);
+        accumulate_pv_rows<1, V>(w + r * kKeyTile, kKeyTile, vtile, vld, tn, s.acc.data() + r * dv, dv);
     }
     store_rows(unit, b, hkv, row0, nrows, s);
   }
@@ -215,13 +241,29 @@ class DenseAttentionCpu {
     return s;
   }
 
+  // One row of n elements to float: the 4-lane conversion, or (inside a wider caller) the
+  // plain loop the compiler vectorises at that width.
+  template <typename V>
+  __attribute__((always_inline)) static void convert(const T* src, float* dst, int64_t n) {
+    if constexpr (sizeof(V) == sizeof(f32x4))
+      convert_row(src, dst, n);
+    else
+      convert_row_wide(src, dst, n);
+  }
+
   // fp32 rows (of d elements) are read in place; 16-bit rows are converted into the scratch tile.
-  const float* tile_rows(const T* src, int64_t stride, int64_t n, int64_t d,
-                         std::vector<float>& buf) const {
+  template <typename V>
+  __attribute__((always_inline)) const float* tile_rows(const T* src, int64_t stride, int64_t n, int64_t d,
+                                                        std::vector<float>& buf) const {
     if constexpr (std::is_same_v<T, float>) {
       return src;
     } else {
-      for (int64_t t = 0; t < n; ++t) convert_row(src + t * stride, buf.data() + t * d, d);
+      for (int64_t t = 0; t < n; ++t) {
+        // Rows one tile ahead: the hardware prefetcher alone leaves the conversion waiting.
+        const char* ahead = reinterpret_cast<const char*>(src + (t + kKeyTile) * stride);
+        for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+        convert<V>(src + t * stride, buf.data() + t * d, d);
+      }
       return buf.data();
     }
   }
@@ -230,9 +272,10 @@ class DenseAttentionCpu {
   }
 
   // The selected rows ids[0..n) of one (batch, kv head), converted into the scratch tile.
-  static void gather_rows(const T* base, int64_t stride, const int64_t* ids, int64_t n, int64_t d,
-                          std::vector<float>& buf) {
-    for (int64_t t = 0; t < n; ++t) convert_row(base + ids[t] * stride, buf.data() + t * d, d);
+  template <typename V>
+  __attribute__((always_inline)) static void gather_rows(const T* base, int64_t stride, const int64_t* ids,
+                                                         int64_t n, int64_t d, std::vector<float>& buf) {
+    for (int64_t t = 0; t < n; ++t) convert<V>(base + ids[t] * stride, buf.data() + t * d, d);
   }
 
   // Scores of keys a row's q head does not select become -inf (weight 0 for either kind).
@@ -310,5 +353,21 @@ class DenseAttentionCpu {
   float* ws_;
   KeySelection sel_;
 };
+
+#ifdef HSR_DENSE_ATTENTION_WIDE
+// f32x8 / f32x16 values stay inside these functions (run_unit_as is inlined into them).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void run_unit_avx512(const DenseAttentionCpu<T>& kernel,
+                                                                              int64_t unit) {
+  kernel.template run_unit_as<f32x16>(unit);
+}
+template <typename T>
+__attribute__((target("avx"))) void run_unit_avx(const DenseAttentionCpu<T>& kernel, int64_t unit) {
+  kernel.template run_unit_as<f32x8>(unit);
+}
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace hsr::cpu

@@ -123,22 +123,23 @@ __attribute__((always_inline)) inline void scores_rows(const float* q, int64_t d
   }
 }
 
-#pragma GCC diagnostic pop
-
-// acc[r * d + c] += sum_t p[r * ldp + t] * v[t * ldv + c] for r < RB, t < n, c < d.
-template <int RB>
-inline void accumulate_pv_rows(const float* p, int64_t ldp, const float* v, int64_t ldv,
-                               int64_t n, float* acc, int64_t d) {
-  int64_t c0 = 0;
-  for (; c0 + 8 <= d; c0 += 8) {
-    f32x4 a[RB], b[RB];
+// acc[r * d + c] += sum_t p[r * ldp + t] * v[t * ldv + c] for r < RB, t < n, c < d. V as in
+// scores_rows (always inlined, so it takes its caller's vector width and target); columns
+// past the last full pair of V vectors go in 4-lane pairs, then one by one.
+template <int RB, typename V = f32x4>
+__attribute__((always_inline)) inline void accumulate_pv_rows(const float* p, int64_t ldp, const float* v,
+                                                              int64_t ldv, int64_t n, float* acc, int64_t d,
+                                                              int64_t c0 = 0) {
+  constexpr int W = int(sizeof(V) / sizeof(float));
+  for (; c0 + 2 * W <= d; c0 += 2 * W) {
+    V a[RB], b[RB];
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
-      a[r] = load4(acc + r * d + c0);
-      b[r] = load4(acc + r * d + c0 + 4);
+      a[r] = loadv<V>(acc + r * d + c0);
+      b[r] = loadv<V>(acc + r * d + c0 + W);
     }
     for (int64_t t = 0; t < n; ++t) {
-      const f32x4 v0 = load4(v + t * ldv + c0), v1 = load4(v + t * ldv + c0 + 4);
+      const V v0 = loadv<V>(v + t * ldv + c0), v1 = loadv<V>(v + t * ldv + c0 + W);
 #pragma GCC unroll 8
       for (int r = 0; r < RB; ++r) {
         const float w = p[r * ldp + t];
@@ -148,17 +149,23 @@ inline void accumulate_pv_rows(const float* p, int64_t ldp, const float* v, int6
     }
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
-      store4(acc + r * d + c0, a[r]);
-      store4(acc + r * d + c0 + 4, b[r]);
+      std::memcpy(acc + r * d + c0, &a[r], sizeof(V));
+      std::memcpy(acc + r * d + c0 + W, &b[r], sizeof(V));
     }
   }
-  for (; c0 < d; ++c0)
-    for (int r = 0; r < RB; ++r) {
-      float a = acc[r * d + c0];
-      for (int64_t t = 0; t < n; ++t) a += p[r * ldp + t] * v[t * ldv + c0];
-      acc[r * d + c0] = a;
-    }
+  if constexpr (W > 4) {
+    accumulate_pv_rows<RB, f32x4>(p, ldp, v, ldv, n, acc, d, c0);
+  } else {
+    for (; c0 < d; ++c0)
+      for (int r = 0; r < RB; ++r) {
+        float a = acc[r * d + c0];
+        for (int64_t t = 0; t < n; ++t) a += p[r * ldp + t] * v[t * ldv + c0];
+        acc[r * d + c0] = a;
+      }
+  }
 }
+
+#pragma GCC diagnostic pop
 
 }  // namespace hsr::cpu
 
@@ -263,6 +270,13 @@ inline void convert_row(const T* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) store4(dst + i, to_float4(src + i));
   for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// The same conversion as a plain loop, for callers compiled for a wider target (AVX,
+// AVX-512): inlined there, the compiler vectorises it at that width.
+template <typename T>
+__attribute__((always_inline)) inline void convert_row_wide(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 }  // namespace hsr::cpu

@@ -13,8 +13,9 @@ the true left-out softmax mass (total-variation distance of the selection; the l
 every step and head) and the output error, next to the certified bounds the steps reported
 (mass bound: the largest over steps and heads; steps_tv_over_bound counts the steps where some q head's
 measured TV exceeds that head's reported bound: 0 when every certificate held).
-Softmax runs with each selection: tree+sketch, sketch (every key's sketch) and tree (whole
-leaves), and at eps=0.1 with and without the estimate mode (Softmax(estimate=True): the keys
+Softmax and ReLU run with each selection: tree+sketch, sketch (every key's sketch), and tree
+(whole leaves) for softmax, index (the index's half-space query on float32 keys) for ReLU;
+softmax also runs at eps=0.1 with and without the estimate mode (Softmax(estimate=True): the keys
 left out are added in from their sketch scores and block value means; its err column is the
 measured error of that uncertified estimate, next to the certified err bound); top-1024
 (the index's exact top-k) and the paper's threshold (hsr.paper_threshold; its keys read is
@@ -176,7 +177,8 @@ def main():
         bias = relu_bias_for(n, 0.01)
         for policy in (hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.Softmax(eps=1e-3, select="sketch"),
                        hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(1024), hsr.Softmax(threshold="paper"),
-                       hsr.ReLU(alpha=2, bias=bias, select="sketch"), hsr.ReLU(alpha=2, bias=bias, select="index"),
+                       hsr.ReLU(alpha=2, bias=bias, select="tree+sketch"), hsr.ReLU(alpha=2, bias=bias, select="sketch"),
+                       hsr.ReLU(alpha=2, bias=bias, select="index"),
                        hsr.Softmax(eps=1e-1, select="sketch"), hsr.Softmax(eps=1e-1, estimate=True)):
             if wanted(policy_name(policy), args.policies):
                 row = bench_case(n, policy, args.steps)

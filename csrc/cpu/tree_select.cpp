@@ -259,7 +259,7 @@ class ReluWalk {
   ReluWalk(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch, double scale,
            double bias)
       : tree_(tree), q_(q), G_(G), d_(tree.dim()), sketch_(sketch), scale_(scale), bias_(bias),
-        prune_below_(bias / scale), qnorm_(G) {
+        prune_below_(bias / scale), qnorm_(G), group_scanner_(sketch.layout, q, G) {
     for (int g = 0; g < G; ++g) {
       qnorm_[g] = tree.query_norm(q + int64_t(g) * d_);
       scanners_.emplace_back(sketch.layout, q + int64_t(g) * d_, 1);
@@ -318,8 +318,9 @@ class ReluWalk {
   }
 
   // Appends the leaf's keys with each head's pass flags; false when a sketch bound came out
-  // non-finite. Only the heads still open score the sketch: the G heads of a group point
-  // at different keys, so a leaf is usually open for one of them.
+  // non-finite. The G heads of a group usually point at different keys, so a leaf is mostly
+  // open for one of them: that head alone scores the sketch; with several open, one pass
+  // scores all G (a key's codes feed every head).
   bool open_leaf(int32_t leaf, const Verdict* heads, TreeSelectStats& stats) {
     ++stats.leaves_opened;
     const int64_t* ids = tree_.leaf_ids(leaf);
@@ -328,23 +329,27 @@ class ReluWalk {
     ids_.insert(ids_.end(), ids, ids + n);
     pass_.resize(ids_.size() * G_);
     uint8_t* pass = pass_.data() + at * G_;
-    est_.resize(size_t(n));
-    rad_.resize(size_t(n));
-    bool finite = true, sketched = false;
+    const int open = int(std::count(heads, heads + G_, Verdict::kOpen));
+    if (open > 0) {
+      stats.keys_sketched += n;
+      est_.resize(size_t(G_) * n);
+      rad_.resize(size_t(G_) * n);
+      if (open > 1) sketch_keys_of_leaf(group_scanner_, sketch_, ids, n, est_.data(), rad_.data());
+    }
+    bool finite = true;
     for (int g = 0; g < G_; ++g) {
       if (heads[g] != Verdict::kOpen) {
         for (int64_t j = 0; j < n; ++j) pass[j * G_ + g] = heads[g] == Verdict::kIn;
         continue;
       }
-      sketched = true;
-      sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
+      const int64_t row = open > 1 ? int64_t(g) * n : 0;
+      if (open == 1) sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
       for (int64_t j = 0; j < n; ++j) {
-        const double u = upper_logit(est_[j], rad_[j], scale_);
+        const double u = upper_logit(est_[row + j], rad_[row + j], scale_);
         finite &= std::isfinite(u);
         pass[j * G_ + g] = u > bias_;
       }
     }
-    stats.keys_sketched += sketched ? n : 0;
     return finite;
   }
 
@@ -355,6 +360,7 @@ class ReluWalk {
   double scale_, bias_, prune_below_;
   std::vector<double> qnorm_;
   std::vector<IntervalScanner> scanners_;  // one per head
+  IntervalScanner group_scanner_;          // all G heads
   std::vector<Verdict> verdicts_;
   std::vector<int64_t> ids_;
   std::vector<uint8_t> pass_;  // G flags per entry of ids_

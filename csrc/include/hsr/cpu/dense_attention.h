@@ -260,7 +260,9 @@ class DenseAttentionCpu {
     } else {
       for (int64_t t = 0; t < n; ++t) {
         // Rows one tile ahead: the hardware prefetcher alone leaves the conversion waiting.
-        const char* ahead = reinterpret_cast<const char*>(src + (t + kKeyTile) * stride);
+        // (An address past the rows is harmless to prefetch; formed as an integer, not a pointer.)
+        const char* ahead =
+            reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src) + (t + kKeyTile) * stride * sizeof(T));
         for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
         convert<V>(src + t * stride, buf.data() + t * d, d);
       }
@@ -275,7 +277,14 @@ class DenseAttentionCpu {
   template <typename V>
   __attribute__((always_inline)) static void gather_rows(const T* base, int64_t stride, const int64_t* ids,
                                                          int64_t n, int64_t d, std::vector<float>& buf) {
-    for (int64_t t = 0; t < n; ++t) convert<V>(base + ids[t] * stride, buf.data() + t * d, d);
+    constexpr int64_t kAhead = 8;  // selected rows need not follow each other: fetch them early
+    for (int64_t t = 0; t < n; ++t) {
+      if (t + kAhead < n) {
+        const char* ahead = reinterpret_cast<const char*>(base + ids[t + kAhead] * stride);
+        for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+      }
+      convert<V>(base + ids[t] * stride, buf.data() + t * d, d);
+    }
   }
 
   // Scores of keys a row's q head does not select become -inf (weight 0 for either kind).

@@ -481,17 +481,20 @@ class HSRKVCache:
                 stats.points_scored * self.head_dim * 4
         if info.index_stats is None:
             return self._sketch.nbytes + self._v_norms.numel() * 4
-        nodes, _, sketched = (int(x) for x in info.index_stats)
+        _, _, sketched = (int(x) for x in info.index_stats)
         opened = sketched if select != "tree" else int(info.keys_read.sum())
-        return self._node_bytes(nodes) + sketched * self._sketch_bytes_per_key() + opened * 4
+        return self._walk_bytes(info.index_stats) + opened * 4
 
     def _node_bytes(self, nodes: int) -> int:
         """Bytes of the node summaries a walk read (centroid and box, float32)."""
         return nodes * 3 * self.head_dim * 4
 
-    def _sketch_bytes_per_key(self) -> int:
-        """Bytes of one key's sketch: its codes and per-group lo and delta."""
-        return self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
+    def _walk_bytes(self, index_stats) -> int:
+        """Bytes a two-level walk read, from its (nodes visited, leaves opened, keys sketched):
+        the node summaries and the sketch (codes, per-group lo and delta) of the keys scored."""
+        nodes, _, sketched = (int(x) for x in index_stats)
+        per_key = self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
+        return self._node_bytes(nodes) + sketched * per_key
 
     def _select_and_attend(self, q, k_idx, v_idx, select):
         """The softmax-family policies over the indexed keys: (out, CertifiedInfo)."""
@@ -551,11 +554,7 @@ class HSRKVCache:
                                                   alpha=self.policy.alpha, scale=self.scale,
                                                   normalize=self.policy.normalize,
                                                   index=self._index if select == "tree+sketch" else None)
-                if info.index_stats is None:
-                    bytes_read += self._sketch.nbytes
-                else:
-                    nodes, _, sketched = (int(x) for x in info.index_stats)
-                    bytes_read += self._node_bytes(nodes) + sketched * self._sketch_bytes_per_key()
+                bytes_read += self._sketch.nbytes if info.index_stats is None else self._walk_bytes(info.index_stats)
             keys = info.keys_selected if softmax else info.keys_reported
             attended += keys
             read += info.keys_read

@@ -83,9 +83,7 @@ bool select_relu_by_sketch(const SketchView& sketch, int64_t n, const float* q, 
   scan_blocks(sketch, n, q, G, [&](int64_t j0, int64_t count, const float* est, const float* rad) {
     for (int g = 0; g < G; ++g)
       for (int64_t j = 0; j < count; ++j) {
-        const double u = upper_logit(est[g * kBlock + j], rad[g * kBlock + j], scale);
-        finite = finite && std::isfinite(u);
-        const bool p = u > bias;
+        const bool p = relu_may_pass(est[g * kBlock + j], rad[g * kBlock + j], scale, bias, finite);
         pass[g * n + j0 + j] = p;
         out.heads[g].kept += p;
       }

@@ -344,11 +344,8 @@ class ReluWalk {
       }
       const int64_t row = open > 1 ? int64_t(g) * n : 0;
       if (open == 1) sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
-      for (int64_t j = 0; j < n; ++j) {
-        const double u = upper_logit(est_[row + j], rad_[row + j], scale_);
-        finite &= std::isfinite(u);
-        pass[j * G_ + g] = u > bias_;
-      }
+      for (int64_t j = 0; j < n; ++j)
+        pass[j * G_ + g] = relu_may_pass(est_[row + j], rad_[row + j], scale_, bias_, finite);
     }
     return finite;
   }

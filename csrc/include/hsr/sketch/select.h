@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -27,6 +28,14 @@ inline double upper_logit(float est, float rad, double scale) {
 inline double lower_logit(float est, float rad, double scale) {
   const double l = (double(est) - double(rad)) * scale;
   return l - (l < 0 ? -l : l) * 1e-12 - 1e-300;
+}
+
+// The ReLU rule for one key's interval: whether it can have a positive weight
+// (scale * upper > bias); finite turns false when the bound is not finite.
+inline bool relu_may_pass(float est, float rad, double scale, double bias, bool& finite) {
+  const double u = upper_logit(est, rad, scale);
+  finite &= std::isfinite(u);
+  return u > bias;
 }
 
 struct RowSelection {

@@ -24,7 +24,11 @@ promise; each forced to the sparse path (dense_fallback=False). The "default" ro
 is the default cache (select="auto", dense_fallback): at its probe steps (every probe_every)
 it times tree+sketch, sketch and the dense path and keeps the fastest; the probe step
 itself, which runs all three, is among the steps timed; the row's name ends with the path
-kept. Medians over --steps steps.
+kept. Medians over --steps steps. Every timed call starts cold: the CPU caches are flushed
+before each decode step and each dense iteration (hsr.benchmarking.flush_cpu_caches), as in a
+model of many layers, where one layer's keys are long evicted by the time it decodes again
+(at 4k context the whole KV cache fits in a 32 MB L3, and a warm repeat would time the
+cache, not the memory).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, figure, flush_cpu_caches, format_table, median_ms_cpu, write_json
 
 
 def make_stream(n, heads_kv, group, d, seed=0):
@@ -108,6 +112,7 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     prefill_s = time.perf_counter() - t
     times, tv_max, bound_max, over = [], 0.0, 0.0, 0
     for i in range(n - steps, n):  # each step appends the next key (a flush when a leaf fills)
+        flush_cpu_caches()
         t = time.perf_counter()
         out, info = cache.decode(q, k[:, :, i:i + 1], v[:, :, i:i + 1])
         times.append((time.perf_counter() - t) * 1e3)
@@ -118,8 +123,8 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     if isinstance(policy, hsr.ReLU):
         kw = dict(kind="relu", alpha=policy.alpha, bias=policy.bias, normalize=policy.normalize)
     softmax = not isinstance(policy, hsr.ReLU)
-    t_dense = median_ms_cpu(lambda: hsr.attention(q, k, v, **kw), iters=3)
-    t_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=3) \
+    t_dense = median_ms_cpu(lambda: hsr.attention(q, k, v, **kw), iters=3, cold=True)
+    t_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=3, cold=True) \
         if softmax else float("nan")
     err, _ = quality(q, k, v, out, policy, info.selection, cache.indexed_length)
     dense_bytes = 2 * heads_kv * n * d * k.element_size()

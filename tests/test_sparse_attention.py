@@ -16,7 +16,10 @@ KINDS = [
 
 
 def random_selection(batch, heads_kv, group, len_k, seed, masked, empty_pair=True):
-    """offsets, ids (unsorted, with repeats) and an optional per-head mask."""
+    """offsets, ids (unsorted, with repeats) and a per-head mask: none (masked False), each
+    head selecting 70% of the entries (True or "dense": the kernel computes the group's heads
+    together), or "disjoint": each entry selected by exactly one head, a few by none (the
+    kernel runs each head over its own keys)."""
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, 2 * len_k, (batch * heads_kv,), generator=g)
     if empty_pair:
@@ -24,7 +27,11 @@ def random_selection(batch, heads_kv, group, len_k, seed, masked, empty_pair=Tru
     offsets = torch.zeros(batch * heads_kv + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
     ids = torch.randint(0, len_k, (int(offsets[-1]),), generator=g)
-    mask = torch.rand(ids.shape[0], group, generator=g) < 0.7 if masked else None
+    if masked == "disjoint":
+        owner = torch.randint(0, group + 1, (ids.shape[0],), generator=g)  # group: nobody
+        mask = owner.unsqueeze(1) == torch.arange(group)
+    else:
+        mask = torch.rand(ids.shape[0], group, generator=g) < 0.7 if masked else None
     return offsets, ids, mask
 
 
@@ -47,8 +54,8 @@ def check_rows(out, lse, q, k, v, offsets, ids, mask, kw):
 
 
 CASES = []
-for n, (dtype, kw, masked) in enumerate(itertools.product(DTYPES, KINDS, [False, True])):
-    CASES.append((dtype, kw, masked, [1, 4, 8][n % 3], [64, 72, 128][n % 3], [1, 3][n % 2]))
+for n, (dtype, kw, masked) in enumerate(itertools.product(DTYPES, KINDS, [False, "dense", "disjoint"])):
+    CASES.append((dtype, kw, masked, [1, 4, 8][(n + n // 3) % 3], [64, 72, 128][(n + n // 9) % 3], [1, 3][n % 2]))
 
 
 @pytest.mark.parametrize("dtype,kw,masked,ratio,d,len_q", CASES)

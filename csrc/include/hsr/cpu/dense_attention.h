@@ -159,6 +159,11 @@ class DenseAttentionCpu {
     if (!sel_.offsets) key_end = std::min(key_end, s.last_key[nrows - 1] + 1);
     const T* kbase = k_ + b * p_.k_stride[0] + p_.key_head(hkv) * p_.k_stride[1];
     const T* vbase = v_ + b * p_.v_stride[0] + p_.value_head(hkv) * p_.v_stride[1];
+    if (sel_.mask && heads_apart_pays(sel_begin + key_begin, key_end - key_begin)) {
+      run_heads_apart<V>(s, kbase, vbase, sel_begin + key_begin, key_end - key_begin, row0, nrows);
+      store_rows(unit, b, hkv, row0, nrows, s);
+      return;
+    }
     for (int64_t t0 = key_begin; t0 < key_end; t0 += kKeyTile) {
       const int64_t tn = std::min(kKeyTile, key_end - t0);
       const float *ktile, *vtile;
@@ -224,7 +229,7 @@ class DenseAttentionCpu {
  private:
   struct Scratch {
     std::vector<float> q, acc, k, v, scores;
-    std::vector<int64_t> last_key;
+    std::vector<int64_t> last_key, ids, head_rows;
     std::vector<RowAccumulator> state;
     void resize(int64_t rows, int64_t d, int64_t dv) {
       q.resize(rows * d);
@@ -233,9 +238,56 @@ class DenseAttentionCpu {
       v.resize(kKeyTile * dv);
       scores.resize(rows * kKeyTile);
       last_key.resize(rows);
+      ids.resize(kKeyTile);
+      head_rows.resize(rows);
       state.resize(rows);
     }
   };
+
+  // Whether the masked entries [entry0, entry0 + n) are cheaper one q head at a time: the
+  // shared loop converts each entry's K/V rows once and computes every head on it (n (1 + G)
+  // row-operations, counting a row's conversion as costly as one head's scores and weighted
+  // sum over it); apart, each head converts and computes only the entries it selects (2 S,
+  // S the selected (entry, head) pairs). The heads of a group often select disjoint keys
+  // (each looks at its own cluster), where apart does about 2 / (1 + G) of the work.
+  bool heads_apart_pays(int64_t entry0, int64_t n) const {
+    const int64_t group = p_.group();
+    const uint8_t* m = sel_.mask + entry0 * group;
+    int64_t selected = 0;
+    for (int64_t i = 0; i < n * group; ++i) selected += m[i] != 0;
+    return 2 * selected < n * (1 + group);
+  }
+
+  // The masked entries [entry0, entry0 + n) one q head of the group at a time: each head
+  // gathers only the keys it selects (its rows, one per query position, share them).
+  template <typename V>
+  __attribute__((always_inline)) void run_heads_apart(Scratch& s, const T* kbase, const T* vbase, int64_t entry0,
+                                                      int64_t n, int64_t row0, int64_t nrows) const {
+    const int64_t group = p_.group(), d = p_.head_dim, dv = p_.value_dim;
+    const uint8_t* mask = sel_.mask + entry0 * group;
+    const int64_t* ids = sel_.ids + entry0;
+    float* w = s.scores.data();
+    for (int64_t head = 0; head < group; ++head) {
+      int64_t rows = 0;
+      for (int64_t r = 0; r < nrows; ++r)
+        if ((row0 + r) % group == head) s.head_rows[rows++] = r;
+      if (rows == 0) continue;
+      for (int64_t e = 0; e < n;) {
+        int64_t tn = 0;
+        for (; e < n && tn < kKeyTile; ++e)
+          if (mask[e * group + head]) s.ids[tn++] = ids[e];
+        if (tn == 0) break;
+        gather_rows<V>(kbase, p_.k_stride[2], s.ids.data(), tn, d, s.k);
+        gather_rows<V>(vbase, p_.v_stride[2], s.ids.data(), tn, dv, s.v);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = s.head_rows[i];
+          scores_rows<1, V>(s.q.data() + r * d, d, s.k.data(), d, tn, w + r * kKeyTile, kKeyTile);
+          scores_to_weights(w + r * kKeyTile, tn, tn, s.state[r], s.acc.data() + r * dv);
+          accumulate_pv_rows<1, V>(w + r * kKeyTile, kKeyTile, s.v.data(), dv, tn, s.acc.data() + r * dv, dv);
+        }
+      }
+    }
+  }
   static Scratch& scratch() {
     thread_local Scratch s;
     return s;

@@ -74,6 +74,16 @@ TORCH_LIBRARY(hsr, m) {
       "sketch_relu_select(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, float scale, "
       "float bias) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // A decode step's edits of a selection (offsets, ids, mask) in sparse_attention's form:
+  // selection_with_tail appends the rows [tail_begin, tail_end) to every pair's entries, for
+  // every q head (a cache's dense tail, attended in the same call); selection_positions maps
+  // each pair's ids through positions (B, H, n) int64 (a cache's storage rows to arrival
+  // positions; ids at or past n, the tail's rows, are their own positions).
+  m.def(
+      "selection_with_tail(Tensor offsets, Tensor ids, Tensor mask, int tail_begin, int tail_end) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("selection_positions(Tensor offsets, Tensor ids, Tensor positions) -> Tensor");
+
   // The vector tier the CPU kernels run with: "sse", "avx" or "avx512" (the CPU's widest,
   // capped by the environment variable HSR_SIMD when the library loaded).
   m.def("cpu_simd_tier() -> str");

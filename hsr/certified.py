@@ -442,13 +442,18 @@ def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ske
     B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
     _check_sketch(what, sketch, B, Hkv, n, D)
     _check_bias(what, bias)
-    qf = q[:, :, 0].float()
-    if index is None:
-        offsets_t, ids_t, mask_t, counts = torch.ops.hsr.sketch_relu_select(
-            qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, scale, float(bias))
-        stats = None
-    else:
+    if index is not None:
         _check_index(what, index, B, Hkv, n, D)
-        offsets_t, ids_t, mask_t, counts, stats = index._impl.relu_select(
-            qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, scale, float(bias))
+    offsets_t, ids_t, mask_t, counts, stats = relu_sketch_select(q[:, :, 0].float(), sketch, scale, bias, index)
     return _relu_over((offsets_t, ids_t, mask_t), q, k, v, scale, alpha, bias, normalize, counts, stats)
+
+
+def relu_sketch_select(qf: torch.Tensor, sketch: KeySketch, scale: float, bias: float, index=None):
+    """relu_sketch_attention's selection for queries qf (B, Hq, D) float32, unchecked (the
+    caller owns consistent arguments, as HSRKVCache does): (offsets, ids, mask, keys selected
+    per (batch, q head), index_stats or None)."""
+    if index is None:
+        return (*torch.ops.hsr.sketch_relu_select(qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits,
+                                                  sketch.group, scale, float(bias)), None)
+    return index._impl.relu_select(qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, scale,
+                                   float(bias))

@@ -23,7 +23,8 @@ is built), so an opened leaf is one block of K/V and sketch rows. Policies:
   to rounding.
 
 The selection runs in C++; packing, the attention call, the certificate and the merge with
-the tail are orchestrated from Python.
+the tail are orchestrated from Python (ReLU attends to its selection and the tail in one
+sparse_attention call: hsr's selection_with_tail appends the tail's rows to every pair).
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from .buffers import KVCache, TokenBuffers
-from .certified import (certified_attention, relu_reported_attention, relu_sketch_attention, threshold_attention,
-                        topk_attention, value_norm_bounds)
+from .certified import certified_attention, relu_sketch_select, threshold_attention, topk_attention, value_norm_bounds
 from .index import HSRIndexBatch, KeyStats
-from .ops import attention, merge_attention
+from .ops import attention, merge_attention, sparse_attention
 from .sketch import KeySketch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -281,8 +281,7 @@ class HSRKVCache:
         """The arrival positions of a selection's stored rows (ids per (b, kv head) pair)."""
         if not self._reordered or ids.numel() == 0:
             return ids
-        pair = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
-        return self._bufs.view("positions")[..., 0][pair // self.num_kv_heads, pair % self.num_kv_heads, ids]
+        return torch.ops.hsr.selection_positions(offsets, ids, self._bufs.view("positions")[..., 0])
 
     def _check_kv(self, k, v, what, length=None):
         expect = (self.batch, self.num_kv_heads)
@@ -516,7 +515,9 @@ class HSRKVCache:
                                    index=None if select == "sketch" else self._index, **blocks)
 
     def _attend(self, q, select=None):
-        B, Hq, Hkv, D = self.batch, q.shape[1], self.num_kv_heads, self.head_dim
+        if isinstance(self.policy, ReLU):
+            return self._attend_relu(q, select)
+        B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         G = Hq // Hkv
         n_idx, tail = self._indexed, self.length - self._indexed
         mass = torch.zeros(B, Hq, dtype=torch.float64)
@@ -525,46 +526,59 @@ class HSRKVCache:
         read = torch.full((B, Hkv), tail, dtype=torch.int64)
         bytes_read = B * Hkv * tail * self._token_bytes()
         parts, selection = [], None
-        softmax = isinstance(self.policy, (Softmax, TopK))
         k_tail, v_tail = self._kv.keys[:, :, n_idx:], self._kv.values[:, :, n_idx:]
         if tail:
-            parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True, **self._dense_kwargs()))
+            parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True))
         if n_idx:
             k_idx, v_idx = self._kv.keys[:, :, :n_idx], self._kv.values[:, :, :n_idx]
-            if softmax:
-                out, info = self._select_and_attend(q, k_idx, v_idx, select)
-                mass = info.mass_bound
-                # Left-out mass is measured against the kept keys only; the tail adds to what is
-                # kept, so the bound stays valid, and its values join the kept ones.
-                v_tail_max = (value_norm_bounds(v_tail).amax(-1).double() if tail
-                              else torch.zeros(B, Hkv, dtype=torch.float64))
-                kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
-                error = mass * (info.v_left_max + kept_max)
-                if info.estimate_share is not None:  # the estimate added in for the keys left out
-                    error = error + info.estimate_share * (info.estimate_norm + kept_max)
-                bytes_read += self._selection_bytes(info, select)
-            elif select == "index":
-                out, info = relu_reported_attention(q, k_idx, v_idx, self._index, bias=self.policy.bias,
-                                                    alpha=self.policy.alpha, scale=self.scale,
-                                                    normalize=self.policy.normalize)
-                bytes_read += self._node_bytes(info.index_stats.nodes_visited) + \
-                    info.index_stats.points_scored * D * 4
-            else:
-                out, info = relu_sketch_attention(q, k_idx, v_idx, self._sketch, bias=self.policy.bias,
-                                                  alpha=self.policy.alpha, scale=self.scale,
-                                                  normalize=self.policy.normalize,
-                                                  index=self._index if select == "tree+sketch" else None)
-                bytes_read += self._sketch.nbytes if info.index_stats is None else self._walk_bytes(info.index_stats)
-            keys = info.keys_selected if softmax else info.keys_reported
-            attended += keys
+            out, info = self._select_and_attend(q, k_idx, v_idx, select)
+            mass = info.mass_bound
+            # Left-out mass is measured against the kept keys only; the tail adds to what is
+            # kept, so the bound stays valid, and its values join the kept ones.
+            v_tail_max = (value_norm_bounds(v_tail).amax(-1).double() if tail
+                          else torch.zeros(B, Hkv, dtype=torch.float64))
+            kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
+            error = mass * (info.v_left_max + kept_max)
+            if info.estimate_share is not None:  # the estimate added in for the keys left out
+                error = error + info.estimate_share * (info.estimate_norm + kept_max)
+            bytes_read += self._selection_bytes(info, select)
+            attended += info.keys_selected
             read += info.keys_read
             bytes_read += int(info.keys_read.sum()) * self._token_bytes()
             parts.append((out, info.lse.unsqueeze(-1)))
             selection = (info.offsets, self._arrival_positions(info.offsets, info.ids), info.mask)
-        if len(parts) == 1:
-            out = parts[0][0]
-        elif softmax or self.policy.normalize:
-            out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
-        else:
-            out = (parts[0][0].float() + parts[1][0].float()).to(self.dtype)
+        out = parts[0][0] if len(parts) == 1 else merge_attention([p[0] for p in parts], [p[1] for p in parts])[0]
         return out, (mass, error, attended, read, int(bytes_read)), selection
+
+    def _attend_relu(self, q, select):
+        """ReLU over the indexed keys the selection passes and the tail, in one sparse_attention
+        call (one row sum over both, no merge): exact, bounds 0."""
+        B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
+        n_idx, tail = self._indexed, self.length - self._indexed
+        zeros = torch.zeros(B, Hq, dtype=torch.float64)
+        if not n_idx:
+            out = attention(q, self._kv.keys, self._kv.values, scale=self.scale, **self._dense_kwargs())
+            info = (zeros, zeros.clone(), torch.full((B, Hq), tail, dtype=torch.int64),
+                    torch.full((B, Hkv), tail, dtype=torch.int64), B * Hkv * tail * self._token_bytes())
+            return out, info, None
+        offsets, ids, mask, counts, bytes_read = self._relu_selection(q, select)
+        every = torch.ops.hsr.selection_with_tail(offsets, ids, mask, n_idx, self.length) if tail else \
+            (offsets, ids, mask)
+        out = sparse_attention(q, self._kv.keys, self._kv.values, *every, scale=self.scale, **self._dense_kwargs())
+        read = every[0].diff().view(B, Hkv)
+        bytes_read += int(every[0][-1]) * self._token_bytes()
+        info = (zeros, zeros.clone(), counts + tail, read, int(bytes_read))
+        return out, info, (offsets, self._arrival_positions(offsets, ids), mask)
+
+    def _relu_selection(self, q, select):
+        """The indexed keys that can pass the ReLU threshold: (offsets, ids, mask, keys per
+        (batch, q head), bytes the selection read)."""
+        qf, bias = q[:, :, 0].float(), float(self.policy.bias)
+        if select == "index":  # the index's half-space query on its float32 points
+            offsets, ids, mask, counts = self._index.range_union(qf, bias / self.scale)
+            stats = self._index.last_stats
+            return offsets, ids, mask, counts, self._node_bytes(stats.nodes_visited) + \
+                stats.points_scored * self.head_dim * 4
+        index = self._index if select == "tree+sketch" else None
+        offsets, ids, mask, counts, stats = relu_sketch_select(qf, self._sketch, self.scale, bias, index)
+        return offsets, ids, mask, counts, self._sketch.nbytes if stats is None else self._walk_bytes(stats)

@@ -191,6 +191,23 @@ def merge_attention(outs, lses):
     return out.to(outs[0].dtype), total
 
 
+@torch.library.register_fake("hsr::selection_with_tail")
+def _selection_with_tail_fake(offsets, ids, mask, tail_begin, tail_end):
+    if offsets.dim() != 1 or ids.dim() != 1 or mask.dim() != 2 or mask.shape[0] != ids.shape[0]:
+        raise ValueError("hsr.selection_with_tail: offsets and ids must be 1-D and mask (len(ids), G)")
+    if not 0 <= tail_begin <= tail_end:
+        raise ValueError(f"hsr.selection_with_tail: the tail [{tail_begin}, {tail_end}) must be a range of rows")
+    total = ids.shape[0] + (offsets.shape[0] - 1) * (tail_end - tail_begin)
+    return offsets.new_empty(offsets.shape), ids.new_empty(total), mask.new_empty((total, mask.shape[1]))
+
+
+@torch.library.register_fake("hsr::selection_positions")
+def _selection_positions_fake(offsets, ids, positions):
+    if positions.dim() != 3 or offsets.dim() != 1 or offsets.shape[0] != positions.shape[0] * positions.shape[1] + 1:
+        raise ValueError("hsr.selection_positions: positions must be (B, H, n) and offsets hold B * H + 1 entries")
+    return ids.new_empty(ids.shape)
+
+
 def _check_gta_args(q, k, c, w_p, gate):
     _check_attention_tensors("hsr.gta_attention", q, k, c, "c")
     nq, nk, nc = q.shape[1], k.shape[1], c.shape[1]

@@ -99,6 +99,18 @@ def test_relu_equals_dense_relu_over_many_steps(normalize, select):
         assert (out.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
         assert (info.mass_bound == 0).all() and (info.error_bound == 0).all()
         assert info.select in (("tree+sketch", "sketch") if select == "auto" else (select,))
+        # The counts and the selection (arrival positions) agree, and every indexed key with a
+        # positive weight is in its head's selection; the tail is counted for every head.
+        offsets, ids, mask = info.selection
+        tail, n_idx = cache.length - cache.indexed_length, cache.indexed_length
+        for h in range(Hkv):
+            rows = slice(int(offsets[h]), int(offsets[h + 1]))
+            assert info.keys_read[0, h] == rows.stop - rows.start + tail
+            for gi in range(G):
+                chosen = set(ids[rows][mask[rows, gi]].tolist())
+                assert info.keys_attended[0, h * G + gi] == len(chosen) + tail
+                scores = (k[0, h, :n_idx].double() @ q[0, h * G + gi, 0].double()) * cache.scale
+                assert set((scores > 1.0 + 1e-6).nonzero().flatten().tolist()) <= chosen
 
 
 @pytest.mark.parametrize("select", ["tree+sketch", "sketch", "tree"])

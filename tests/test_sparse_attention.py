@@ -130,3 +130,61 @@ def test_opcheck():
     q, k, v = make_qkv(1, 2, 2, 1, 50, 64, torch.float32, "cpu")
     offsets, ids, mask = random_selection(1, 2, 2, 50, seed=0, masked=True, empty_pair=False)
     torch.library.opcheck(torch.ops.hsr.sparse_attention.default, (q, k, v, offsets, ids, mask))
+
+
+def test_selection_with_tail_appends_the_rows_for_every_head():
+    offsets, ids, mask = random_selection(2, 3, 4, 40, seed=5, masked="disjoint")
+    new_offsets, new_ids, new_mask = torch.ops.hsr.selection_with_tail(offsets, ids, mask, 40, 43)
+    tail = torch.arange(40, 43)
+    for p in range(6):
+        old = slice(int(offsets[p]), int(offsets[p + 1]))
+        got = slice(int(new_offsets[p]), int(new_offsets[p + 1]))
+        assert torch.equal(new_ids[got], torch.cat([ids[old], tail]))
+        assert torch.equal(new_mask[got], torch.cat([mask[old], torch.ones(3, 4, dtype=torch.bool)]))
+    # An empty tail changes nothing; the result attends like the selection plus the tail.
+    assert all(torch.equal(a, b) for a, b in zip(torch.ops.hsr.selection_with_tail(offsets, ids, mask, 7, 7),
+                                                 (offsets, ids, mask)))
+    q, k, v = make_qkv(2, 3, 4, 1, 43, 72, torch.float32, "cpu", seed=1)
+    out, lse = hsr.sparse_attention(q, k, v, new_offsets, new_ids, new_mask, return_lse=True)
+    check_rows(out, lse, q, k, v, new_offsets, new_ids, new_mask, dict(kind="softmax"))
+
+
+def test_selection_positions_maps_stored_rows_and_keeps_the_tail():
+    offsets = torch.tensor([0, 3, 5], dtype=torch.int64)
+    ids = torch.tensor([0, 5, 7, 2, 6], dtype=torch.int64)
+    table = torch.tensor([[[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]]])
+    # A strided view (a growing cache's buffer) works as well as a contiguous table.
+    wide = torch.zeros(1, 2, 9, 2, dtype=torch.int64)
+    wide[:, :, :6, 0] = table
+    for positions in (table, wide[:, :, :6, 0]):
+        got = torch.ops.hsr.selection_positions(offsets, ids, positions)
+        assert got.tolist() == [10, 15, 7, 22, 6]
+
+
+def test_bad_selection_edits_raise_and_change_nothing():
+    offsets, ids, mask = random_selection(1, 2, 2, 10, seed=0, masked="dense", empty_pair=False)
+    kept = [t.clone() for t in (offsets, ids, mask)]
+    with_tail = torch.ops.hsr.selection_with_tail
+    for args, message in [((offsets, ids, mask, 5, 4), "range of rows"),
+                          ((offsets, ids, mask, -1, 4), "range of rows"),
+                          ((offsets, ids.int(), mask, 0, 1), "ids"),
+                          ((offsets + 1, ids, mask, 0, 1), "rise from 0"),
+                          ((offsets, ids, mask[:-1], 0, 1), "mask"),
+                          ((offsets, ids, mask.float(), 0, 1), "mask")]:
+        with pytest.raises(ValueError, match=message):
+            with_tail(*args)
+    table = torch.arange(20).view(1, 2, 10)
+    for args, message in [((offsets, ids, table[0]), "positions"),
+                          ((offsets, ids, table.float()), "positions"),
+                          ((offsets[:-1], ids, table), "B \\* H \\+ 1"),
+                          ((offsets, -ids - 1, table), "non-negative"),
+                          ((offsets.flip(0), ids, table), "rise from 0")]:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.hsr.selection_positions(*args)
+    assert all(torch.equal(a, b) for a, b in zip(kept, (offsets, ids, mask)))
+
+
+def test_selection_edits_opcheck():
+    offsets, ids, mask = random_selection(1, 2, 2, 10, seed=0, masked="dense", empty_pair=False)
+    torch.library.opcheck(torch.ops.hsr.selection_with_tail.default, (offsets, ids, mask, 10, 12))
+    torch.library.opcheck(torch.ops.hsr.selection_positions.default, (offsets, ids, torch.arange(20).view(1, 2, 10)))

@@ -9,9 +9,31 @@
 #include "attention_checks.h"
 #include "hsr/cpu/dense_attention.h"
 #include "latent_decoder.h"
+#include "parallel_items.h"
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
 
 namespace hsr {
 namespace {
+
+// The work units, costliest first when a selection makes them uneven (its keys per unit), so
+// that the threads taking units as they finish end together.
+std::vector<int64_t> units_by_cost(const DenseAttentionProblem& p, const cpu::DenseAttentionPlan& plan,
+                                   const cpu::KeySelection& selection) {
+  std::vector<int64_t> order(static_cast<size_t>(plan.num_units(p)));
+  std::iota(order.begin(), order.end(), int64_t(0));
+  if (selection.offsets == nullptr) return order;
+  std::vector<int64_t> keys(order.size());
+  for (const int64_t u : order) {
+    const int64_t split = u % plan.splits, bh = u / plan.splits / plan.row_blocks;
+    const int64_t count = selection.offsets[bh + 1] - selection.offsets[bh];
+    keys[u] = std::clamp<int64_t>(count - split * plan.keys_per_split, 0, plan.keys_per_split);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return keys[a] > keys[b]; });
+  return order;
+}
 
 // keys_to_plan: the most keys one (batch, kv head) attends to (Lk, or the largest selection).
 template <typename T, typename TorchT>
@@ -29,9 +51,8 @@ void run_dense_attention_cpu(const DenseAttentionProblem& p, const at::Tensor& q
       reinterpret_cast<const T*>(v.const_data_ptr<TorchT>()),
       reinterpret_cast<T*>(out.mutable_data_ptr<TorchT>()), lse.mutable_data_ptr<float>(),
       workspace.mutable_data_ptr<float>(), selection);
-  at::parallel_for(0, plan.num_units(p), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) kernel.run_unit(u);
-  });
+  const std::vector<int64_t> order = units_by_cost(p, plan, selection);
+  parallel_for_each_item(int64_t(order.size()), [&](int64_t i) { kernel.run_unit(order[i]); });
   if (plan.splits > 1) {
     at::parallel_for(0, plan.num_row_groups(p), 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) kernel.merge_row_group(g);

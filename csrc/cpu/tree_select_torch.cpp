@@ -2,13 +2,13 @@
 // sketch) for every (batch, kv head) of an HSRIndexBatch, in parallel threads. Validation and
 // packing only; the walk is in csrc/cpu/tree_select.cpp.
 #include <ATen/Functions.h>
-#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 
 #include "hsr/sketch/tree_select.h"
 #include "index_holders.h"
+#include "parallel_items.h"
 #include "selection_pack.h"
 #include "sketch_checks.h"
 #include "value_checks.h"
@@ -106,13 +106,11 @@ IndexBatchHolder::certified_select(const at::Tensor& q_in, const std::optional<a
 
   std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
   std::vector<char> finite(static_cast<size_t>(pairs), 1);
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const sketch::SketchView view = a.use_sketch ? a.view(p, heads) : sketch::SketchView{};
-      finite[p] = sketch::select_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
-                                           a.use_sketch ? &view : nullptr, pair_rows<float>(v_norms, p, heads),
-                                           v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
-    }
+  parallel_for_each_item(pairs, [&](int64_t p) {
+    const sketch::SketchView view = a.use_sketch ? a.view(p, heads) : sketch::SketchView{};
+    finite[p] = sketch::select_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
+                                         a.use_sketch ? &view : nullptr, pair_rows<float>(v_norms, p, heads),
+                                         v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
   });
   check_finite_sketch_bounds(finite, what);
   return pack_selections(sel, batch, heads, G);
@@ -128,10 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatc
   const int64_t pairs = batch * heads, G = a.G;
   std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
   std::vector<char> finite(static_cast<size_t>(pairs), 1);
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
-      finite[p] = sketch::select_relu_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
-                                                a.view(p, heads), scale, bias, sel[p]);
+  parallel_for_each_item(pairs, [&](int64_t p) {
+    finite[p] = sketch::select_relu_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
+                                              a.view(p, heads), scale, bias, sel[p]);
   });
   check_finite_sketch_bounds(finite, what);
   auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, G);

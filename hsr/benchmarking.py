@@ -53,7 +53,8 @@ def flush_cpu_caches() -> None:
     call finds its data in memory, not in a cache warmed by the previous iteration. (Read,
     not written: evicted lines are clean, so the timed call pays no write-backs.)"""
     if not _CPU_FLUSH:
-        _CPU_FLUSH.append(torch.ones(4 * _largest_cpu_cache_bytes() // 4, dtype=torch.float32))
+        # One float32 element (4 bytes) per byte of the cache: four times its size.
+        _CPU_FLUSH.append(torch.ones(_largest_cpu_cache_bytes(), dtype=torch.float32))
     _CPU_FLUSH[0].sum()
 
 

@@ -553,14 +553,11 @@ class HSRKVCache:
     def _attend_relu(self, q, select):
         """ReLU over the indexed keys the selection passes and the tail, in one sparse_attention
         call (one row sum over both, no merge): exact, bounds 0."""
-        B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         n_idx, tail = self._indexed, self.length - self._indexed
+        if not n_idx:  # only the tail: every key, read densely
+            return self._attend_dense(q)
+        B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
-        if not n_idx:
-            out = attention(q, self._kv.keys, self._kv.values, scale=self.scale, **self._dense_kwargs())
-            info = (zeros, zeros.clone(), torch.full((B, Hq), tail, dtype=torch.int64),
-                    torch.full((B, Hkv), tail, dtype=torch.int64), B * Hkv * tail * self._token_bytes())
-            return out, info, None
         offsets, ids, mask, counts, bytes_read = self._relu_selection(q, select)
         every = torch.ops.hsr.selection_with_tail(offsets, ids, mask, n_idx, self.length) if tail else \
             (offsets, ids, mask)

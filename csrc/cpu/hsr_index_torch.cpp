@@ -11,6 +11,7 @@
 
 #include "hsr/cpu/vec_math.h"
 #include "index_holders.h"
+#include "selection_pack.h"
 #include "value_checks.h"
 
 namespace hsr {
@@ -597,50 +598,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::ran
   std::vector<std::vector<Hit>> hits;
   std::vector<QueryStats> st;
   route_ranges(q_in, thresh, "HSRIndexBatch.range_union", hits, st);
-  const int64_t hq = q_in.size(1), group = hq / heads, m = batch * hq, pairs = batch * heads;
+  const int64_t hq = q_in.size(1), group = hq / heads, pairs = batch * heads;
   stats = call_stats(st);
-  at::Tensor counts = at::empty({batch, hq}, at::kLong);
   int64_t all_hits = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    counts.data_ptr<int64_t>()[i] = int64_t(hits[i].size());
-    all_hits += int64_t(hits[i].size());
-  }
+  for (const auto& h : hits) all_hits += int64_t(h.size());
   // Per pair, the union of its group's hit lists (each sorted by id), merged in id order.
-  std::vector<std::vector<int64_t>> ids(static_cast<size_t>(pairs));
-  std::vector<std::vector<char>> masks(static_cast<size_t>(pairs));
+  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
   at::parallel_for(0, pairs, grain_for(all_hits / std::max<int64_t>(1, pairs)), [&](int64_t begin, int64_t end) {
     std::vector<size_t> at_hit(static_cast<size_t>(group));
     for (int64_t p = begin; p < end; ++p) {
       const std::vector<Hit>* lists = hits.data() + p * group;
+      sketch::GroupSelection& out = sel[p];
+      out.heads.assign(size_t(group), sketch::RowSelection{0.0, 0.0, 0.0, 0});
+      for (int64_t g = 0; g < group; ++g) out.heads[g].kept = int64_t(lists[g].size());
       std::fill(at_hit.begin(), at_hit.end(), 0);
       while (true) {
         int64_t next = std::numeric_limits<int64_t>::max();
         for (int64_t g = 0; g < group; ++g)
           if (at_hit[g] < lists[g].size()) next = std::min(next, lists[g][at_hit[g]].id);
         if (next == std::numeric_limits<int64_t>::max()) break;
-        ids[p].push_back(next);
+        out.ids.push_back(next);
         for (int64_t g = 0; g < group; ++g) {
           const bool has = at_hit[g] < lists[g].size() && lists[g][at_hit[g]].id == next;
-          masks[p].push_back(has);
+          out.mask.push_back(has);
           at_hit[g] += has;
         }
       }
     }
   });
-  int64_t total = 0;
-  for (const auto& v : ids) total += int64_t(v.size());
-  at::Tensor offsets = at::empty({pairs + 1}, at::kLong);
-  at::Tensor ids_t = at::empty({total}, at::kLong);
-  at::Tensor mask_t = at::empty({total, group}, at::kBool);
-  int64_t row = 0;
-  for (int64_t p = 0; p < pairs; ++p) {
-    offsets.data_ptr<int64_t>()[p] = row;
-    std::copy(ids[p].begin(), ids[p].end(), ids_t.data_ptr<int64_t>() + row);
-    std::copy(masks[p].begin(), masks[p].end(), mask_t.data_ptr<bool>() + row * group);
-    row += int64_t(ids[p].size());
-  }
-  offsets.data_ptr<int64_t>()[pairs] = row;
-  return {offsets, ids_t, mask_t, counts};
+  auto [offsets, ids, mask, log_left, v_left, v_kept, counts, walk] = pack_selections(sel, batch, heads, group);
+  return {offsets, ids, mask, counts};
 }
 
 std::tuple<at::Tensor, at::Tensor> IndexBatchHolder::search(const at::Tensor& q_in, int64_t k) {

@@ -7,30 +7,37 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 
 namespace hsr {
 namespace {
+
+void check_index_vectors(const char* what, const at::Tensor& offsets, const at::Tensor& ids) {
+  for (const auto& [t, name] : {std::pair{&offsets, "offsets"}, std::pair{&ids, "ids"}})
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu(), what, ": ", name,
+                      " must be a 1-D CPU int64 tensor, got ", t->scalar_type(), " of shape ", t->sizes());
+}
+
+// offsets (pairs + 1 >= 1 entries, contiguous) must rise from 0 to the number of ids.
+void check_offsets_rise(const char* what, const at::Tensor& offsets, int64_t total) {
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  const int64_t pairs = offsets.size(0) - 1;
+  bool ok = o[0] == 0 && o[pairs] == total;
+  for (int64_t p = 0; p < pairs && ok; ++p) ok = o[p] <= o[p + 1];
+  TORCH_CHECK_VALUE(ok, what, ": offsets must rise from 0 to len(ids) = ", total);
+}
 
 // Checks offsets (pairs + 1,) int64 non-decreasing from 0 to len(ids), ids (total,) int64
 // and mask (total, G) bool; returns the number of pairs.
 int64_t checked_selection(const char* what, const at::Tensor& offsets, const at::Tensor& ids,
                           const at::Tensor& mask) {
-  for (const auto& [t, name] : {std::pair{&offsets, "offsets"}, std::pair{&ids, "ids"}})
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu(), what, ": ", name,
-                      " must be a 1-D CPU int64 tensor, got ", t->scalar_type(), " of shape ", t->sizes());
+  check_index_vectors(what, offsets, ids);
   TORCH_CHECK_VALUE(offsets.size(0) >= 1, what, ": offsets must hold pairs + 1 >= 1 entries");
   TORCH_CHECK_VALUE(mask.dim() == 2 && mask.scalar_type() == at::kBool && mask.device().is_cpu() &&
                         mask.size(0) == ids.size(0) && mask.size(1) >= 1,
                     what, ": mask must be CPU bool (len(ids), G), got ", mask.scalar_type(), " of shape ",
                     mask.sizes());
-  const at::Tensor off = offsets.contiguous();
-  const int64_t* o = off.const_data_ptr<int64_t>();
-  const int64_t pairs = offsets.size(0) - 1;
-  bool ok = o[0] == 0 && o[pairs] == ids.size(0);
-  for (int64_t p = 0; p < pairs && ok; ++p) ok = o[p] <= o[p + 1];
-  TORCH_CHECK_VALUE(ok, what, ": offsets must rise from 0 to len(ids) = ", ids.size(0));
-  return pairs;
+  check_offsets_rise(what, offsets.contiguous(), ids.size(0));
+  return offsets.size(0) - 1;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_with_tail_cpu(const at::Tensor& offsets_in,
@@ -73,19 +80,15 @@ at::Tensor selection_positions_cpu(const at::Tensor& offsets_in, const at::Tenso
   TORCH_CHECK_VALUE(positions.dim() == 3 && positions.scalar_type() == at::kLong && positions.device().is_cpu(),
                     what, ": positions must be a CPU int64 tensor (B, H, n), got ", positions.scalar_type(),
                     " of shape ", positions.sizes());
-  for (const auto& [t, name] : {std::pair{&offsets_in, "offsets"}, std::pair{&ids_in, "ids"}})
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu(), what, ": ", name,
-                      " must be a 1-D CPU int64 tensor, got ", t->scalar_type(), " of shape ", t->sizes());
+  check_index_vectors(what, offsets_in, ids_in);
   const int64_t B = positions.size(0), H = positions.size(1), n = positions.size(2);
   TORCH_CHECK_VALUE(offsets_in.size(0) == B * H + 1, what, ": offsets must hold B * H + 1 = ", B * H + 1,
                     " entries, got ", offsets_in.size(0));
   const at::Tensor offsets = offsets_in.contiguous(), ids = ids_in.contiguous();
+  check_offsets_rise(what, offsets, ids.size(0));
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   const int64_t* src = ids.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
-  bool ok = o[0] == 0 && o[B * H] == ids.size(0);
-  for (int64_t p = 0; p < B * H && ok; ++p) ok = o[p] <= o[p + 1];
-  TORCH_CHECK_VALUE(ok, what, ": offsets must rise from 0 to len(ids) = ", ids.size(0));
   at::Tensor out = at::empty({ids.size(0)}, at::kLong);
   int64_t* dst = out.data_ptr<int64_t>();
   for (int64_t p = 0; p < B * H; ++p) {

@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 
 namespace hsr::sketch {
 namespace {
@@ -30,6 +32,20 @@ void sketch_keys_of_leaf(IntervalScanner& scanner, const SketchView& sketch, con
                 sketch.delta + first * layout.groups(), nullptr, n, est, rad, n);
   } else {
     scanner.run(sketch.codes, sketch.lo, sketch.delta, ids, n, est, rad, n);
+  }
+}
+
+// Asks the CPU to start loading the sketch of a leaf's first keys (the scan prefetches the
+// rest as it goes), so that opening the next leaf does not start by waiting on memory.
+void prefetch_leaf_sketch(const SketchView& sketch, const int64_t* ids, int64_t n) {
+  constexpr int64_t kKeys = 16;
+  const SketchLayout& layout = sketch.layout;
+  const int64_t cb = layout.code_bytes(), ng = layout.groups();
+  for (int64_t j = 0; j < std::min(n, kKeys); ++j) {
+    const uint8_t* codes = sketch.codes + ids[j] * cb;
+    for (int64_t b = 0; b < cb; b += 64) __builtin_prefetch(codes + b);
+    __builtin_prefetch(sketch.lo + ids[j] * ng);
+    __builtin_prefetch(sketch.delta + ids[j] * ng);
   }
 }
 
@@ -259,41 +275,86 @@ class ReluWalk {
   ReluWalk(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch, double scale,
            double bias)
       : tree_(tree), q_(q), G_(G), d_(tree.dim()), sketch_(sketch), scale_(scale), bias_(bias),
-        prune_below_(bias / scale), qnorm_(G), group_scanner_(sketch.layout, q, G) {
+        prune_below_(bias / scale), qnorm_(G), group_scanner_(sketch.layout, q, G), kept_(size_t(G), 0) {
     for (int g = 0; g < G; ++g) {
       qnorm_[g] = tree.query_norm(q + int64_t(g) * d_);
       scanners_.emplace_back(sketch.layout, q + int64_t(g) * d_, 1);
     }
   }
 
-  // Fills ids_ (candidate keys, leaf after leaf) and pass_ (G flags per candidate).
+  // Fills ids_ (candidate keys, leaf after leaf) and pass_ (G flags per candidate). Level by
+  // level: a level's children are bounded in one pass, each while the summaries of the next
+  // kPrefetchNodes are on their way (depth first, every node waits for its own loads); the
+  // leaves reached are opened afterwards, in id order.
   bool run(TreeSelectStats& stats) {
-    // Depth first; each stacked node's G verdicts sit at verdicts_[slot * G ...].
-    std::vector<std::pair<int32_t, int64_t>> stack;
-    std::vector<Verdict> parent(size_t(G_), Verdict::kOpen);
-    push_if_any(0, parent.data(), stack, stats);
-    while (!stack.empty()) {
-      const auto [node, slot] = stack.back();
-      stack.pop_back();
-      std::copy_n(verdicts_.begin() + slot * G_, G_, parent.begin());
-      if (tree_.is_leaf(node)) {
-        if (!open_leaf(node, parent.data(), stats)) return false;
-        continue;
+    // Nodes with their heads' verdicts at verdicts_[slot * G ...].
+    using Item = std::pair<int32_t, int64_t>;
+    std::vector<Item> level, next, children, leaves;
+    const std::vector<Verdict> all_open(size_t(G_), Verdict::kOpen);
+    keep_if_any(0, all_open.data(), level, leaves, stats);
+    while (!level.empty()) {
+      children.clear();
+      for (const auto& [node, slot] : level)
+        for (const int32_t c : {tree_.left_child(node), tree_.right_child(node)})
+          if (tree_.live_count(c) > 0) children.emplace_back(c, slot);
+      for (size_t i = 0; i < std::min(children.size(), kPrefetchNodes); ++i) tree_.prefetch_node(children[i].first);
+      next.clear();
+      for (size_t i = 0; i < children.size(); ++i) {
+        if (i + kPrefetchNodes < children.size()) tree_.prefetch_node(children[i + kPrefetchNodes].first);
+        const auto at = verdicts_.begin() + children[i].second * G_;
+        parent_.assign(at, at + G_);
+        keep_if_any(children[i].first, parent_.data(), next, leaves, stats);
       }
-      for (const int32_t c : {tree_.right_child(node), tree_.left_child(node)})
-        if (tree_.live_count(c) > 0) push_if_any(c, parent.data(), stack, stats);
+      level.swap(next);
+    }
+    std::sort(leaves.begin(), leaves.end(),
+              [this](const Item& a, const Item& b) { return tree_.leaf_ids(a.first)[0] < tree_.leaf_ids(b.first)[0]; });
+    for (size_t i = 0; i < leaves.size(); ++i) {
+      if (i + 1 < leaves.size()) {
+        const int32_t ahead = leaves[i + 1].first;
+        prefetch_leaf_sketch(sketch_, tree_.leaf_ids(ahead), tree_.leaf_point_count(ahead));
+      }
+      const auto [leaf, slot] = leaves[i];
+      const auto at = verdicts_.begin() + slot * G_;
+      parent_.assign(at, at + G_);
+      if (!open_leaf(leaf, parent_.data(), stats)) return false;
     }
     return true;
   }
 
-  const std::vector<int64_t>& candidates() const { return ids_; }
-  bool passes(int g, int64_t j) const { return pass_[size_t(j) * G_ + g] != 0; }
+  // Per head, the keys that pass.
+  int64_t kept(int g) const { return kept_[g]; }
+
+  // The union of the heads' keys with their flags, into out.ids / out.mask in ascending id
+  // order. Leaves are opened in id order, so the candidates usually come sorted and the
+  // flags are copied as they are; otherwise collect_union orders them.
+  void collect(int64_t id_limit, GroupSelection& out) const {
+    const int64_t m = int64_t(ids_.size());
+    if (!std::is_sorted(ids_.begin(), ids_.end())) {
+      collect_union(ids_.data(), m, id_limit, G_, [this](int g, int64_t j) { return pass_[j * G_ + g] != 0; },
+                    out);
+      return;
+    }
+    const int64_t count = std::accumulate(any_.begin(), any_.end(), int64_t(0));
+    out.ids.resize(size_t(count));
+    out.mask.resize(size_t(count) * G_);
+    int64_t k = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      if (!any_[j]) continue;
+      out.ids[k] = ids_[j];
+      std::memcpy(out.mask.data() + k * G_, pass_.data() + j * G_, size_t(G_));
+      ++k;
+    }
+  }
 
  private:
-  // Stacks node with its heads' verdicts (from their verdicts at its parent) unless every
-  // head is out.
-  void push_if_any(int32_t node, const Verdict* parent, std::vector<std::pair<int32_t, int64_t>>& stack,
-                   TreeSelectStats& stats) {
+  // Nodes bounded ahead of the one being bounded.
+  static constexpr size_t kPrefetchNodes = 4;
+
+  // Keeps node, with its heads' verdicts (from their verdicts at its parent), in `leaves` or
+  // `inner` unless every head is out.
+  void keep_if_any(int32_t node, const Verdict* parent, std::vector<std::pair<int32_t, int64_t>>& inner,
+                   std::vector<std::pair<int32_t, int64_t>>& leaves, TreeSelectStats& stats) {
     const int64_t slot = int64_t(verdicts_.size()) / G_;
     verdicts_.insert(verdicts_.end(), parent, parent + G_);
     Verdict* out = verdicts_.data() + slot * G_;
@@ -312,7 +373,7 @@ class ReluWalk {
     }
     stats.nodes_visited += bounded;
     if (any)
-      stack.emplace_back(node, slot);
+      (tree_.is_leaf(node) ? leaves : inner).emplace_back(node, slot);
     else
       verdicts_.resize(size_t(slot) * G_);
   }
@@ -328,7 +389,9 @@ class ReluWalk {
     const size_t at = ids_.size();
     ids_.insert(ids_.end(), ids, ids + n);
     pass_.resize(ids_.size() * G_);
+    any_.resize(ids_.size(), 0);
     uint8_t* pass = pass_.data() + at * G_;
+    uint8_t* any = any_.data() + at;
     const int open = int(std::count(heads, heads + G_, Verdict::kOpen));
     if (open > 0) {
       stats.keys_sketched += n;
@@ -339,16 +402,28 @@ class ReluWalk {
     bool finite = true;
     for (int g = 0; g < G_; ++g) {
       if (heads[g] != Verdict::kOpen) {
-        for (int64_t j = 0; j < n; ++j) pass[j * G_ + g] = heads[g] == Verdict::kIn;
+        const uint8_t in = heads[g] == Verdict::kIn;
+        for (int64_t j = 0; j < n; ++j) pass[j * G_ + g] = in;
+        if (in) {
+          std::fill(any, any + n, uint8_t(1));
+          kept_[g] += n;
+        }
         continue;
       }
       const int64_t row = open > 1 ? int64_t(g) * n : 0;
       if (open == 1) sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
-      for (int64_t j = 0; j < n; ++j)
-        pass[j * G_ + g] = relu_may_pass(est_[row + j], rad_[row + j], scale_, bias_, finite);
+      int64_t passed = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const uint8_t p = relu_may_pass(est_[row + j], rad_[row + j], scale_, bias_, finite);
+        pass[j * G_ + g] = p;
+        any[j] |= p;
+        passed += p;
+      }
+      kept_[g] += passed;
     }
     return finite;
   }
+
 
   const index::HSRTree& tree_;
   const float* q_;
@@ -358,9 +433,11 @@ class ReluWalk {
   std::vector<double> qnorm_;
   std::vector<IntervalScanner> scanners_;  // one per head
   IntervalScanner group_scanner_;          // all G heads
-  std::vector<Verdict> verdicts_;
+  std::vector<Verdict> verdicts_, parent_;
   std::vector<int64_t> ids_;
   std::vector<uint8_t> pass_;  // G flags per entry of ids_
+  std::vector<uint8_t> any_;   // per entry of ids_: whether any head passes it
+  std::vector<int64_t> kept_;  // per head: entries passed
   std::vector<float> est_, rad_;
 };
 
@@ -373,11 +450,8 @@ bool select_relu_two_level(const index::HSRTree& tree, const float* q, int G, co
   if (tree.size() == 0) return true;
   ReluWalk walk(tree, q, G, sketch, scale, bias);
   if (!walk.run(out.stats)) return false;
-  const std::vector<int64_t>& ids = walk.candidates();
-  const int64_t m = int64_t(ids.size());
-  for (int g = 0; g < G; ++g)
-    for (int64_t j = 0; j < m; ++j) out.heads[g].kept += walk.passes(g, j);
-  collect_union(ids.data(), m, tree.next_id(), G, [&](int g, int64_t j) { return walk.passes(g, j); }, out);
+  for (int g = 0; g < G; ++g) out.heads[g].kept = walk.kept(g);
+  walk.collect(tree.next_id(), out);
   return true;
 }
 

@@ -129,6 +129,9 @@ class HSRTree {
     return slot_id_.data() + int64_t(block_[leaf]) * leaf_size_;
   }
   int32_t leaf_point_count(int32_t leaf) const { return block_used_[block_[leaf]]; }
+  // Asks the CPU to start loading the node's summaries (centroid and box), for walks that know
+  // which nodes they will bound next: a walk is otherwise bound by the latency of these loads.
+  void prefetch_node(int32_t node) const;
   // |q|, rounded up: the qnorm argument of bounds().
   double query_norm(const float* q) const;
   // Upper/lower bounds of <q, x> over the node and the float slack to add to them when

@@ -96,6 +96,7 @@ class TwoLevelWalk {
       const Entry e = heap_.back();
       heap_.pop_back();
       ++pops;
+      if (!heap_.empty()) prefetch_expansion(heap_.front().node);
       const double* b = bounds_.data() + e.slot * 2 * G_;
       const double count = double(tree_.live_count(e.node));
       for (int g = 0; g < G_; ++g)
@@ -133,6 +134,17 @@ class TwoLevelWalk {
   }
 
  private:
+  // Starts loading what expanding `node` will read (its children's summaries, or a leaf's
+  // sketch) while the current node is expanded: the heap's top is usually expanded next.
+  void prefetch_expansion(int32_t node) const {
+    if (!tree_.is_leaf(node)) {
+      tree_.prefetch_node(tree_.left_child(node));
+      tree_.prefetch_node(tree_.right_child(node));
+    } else if (sketch_ != nullptr) {
+      prefetch_leaf_sketch(*sketch_, tree_.leaf_ids(node), tree_.leaf_point_count(node));
+    }
+  }
+
   // Upper then lower logit bounds of node for the G heads, into out[0..2G).
   void node_bounds(int32_t node, double* out, TreeSelectStats& stats) const {
     ++stats.nodes_visited;

@@ -436,7 +436,6 @@ class ReluWalk {
     return finite;
   }
 
-
   const index::HSRTree& tree_;
   const float* q_;
   int G_, d_;

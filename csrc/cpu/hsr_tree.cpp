@@ -690,8 +690,8 @@ double HSRTree::query_norm(const float* q) const { return norm_rounded_up(q, dim
 
 void HSRTree::prefetch_node(int32_t node) const {
   const int64_t at = int64_t(node) * dim_;
-  for (int64_t b = 0; b < int64_t(dim_) * int64_t(sizeof(float)); b += 64) {
-    const int64_t f = b / int64_t(sizeof(float));
+  constexpr int64_t kLineFloats = 64 / sizeof(float);
+  for (int64_t f = 0; f < dim_; f += kLineFloats) {
     __builtin_prefetch(centroid_.data() + at + f);
     __builtin_prefetch(lo_.data() + at + f);
     __builtin_prefetch(hi_.data() + at + f);

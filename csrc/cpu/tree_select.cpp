@@ -279,9 +279,9 @@ namespace {
 // Per head, what a node's bounds decided for every key below it.
 enum class Verdict : uint8_t { kOut, kOpen, kIn };
 
-// ReLU selection for one tree: depth first, a head drops out of a subtree once the node's
-// upper bound shows no key below can pass, and is in for every key below once its lower
-// bound passes; heads still open at a leaf test each key's sketch upper bound.
+// ReLU selection for one tree: a head drops out of a subtree once the node's upper bound
+// shows no key below can pass, and is in for every key below once its lower bound passes;
+// heads still open at a leaf test each key's sketch upper bound.
 class ReluWalk {
  public:
   ReluWalk(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch, double scale,
@@ -299,8 +299,6 @@ class ReluWalk {
   // kPrefetchNodes are on their way (depth first, every node waits for its own loads); the
   // leaves reached are opened afterwards, in id order.
   bool run(TreeSelectStats& stats) {
-    // Nodes with their heads' verdicts at verdicts_[slot * G ...].
-    using Item = std::pair<int32_t, int64_t>;
     std::vector<Item> level, next, children, leaves;
     const std::vector<Verdict> all_open(size_t(G_), Verdict::kOpen);
     keep_if_any(0, all_open.data(), level, leaves, stats);
@@ -313,6 +311,7 @@ class ReluWalk {
       next.clear();
       for (size_t i = 0; i < children.size(); ++i) {
         if (i + kPrefetchNodes < children.size()) tree_.prefetch_node(children[i + kPrefetchNodes].first);
+        // keep_if_any appends to verdicts_, which may move: the parent's verdicts go by copy.
         const auto at = verdicts_.begin() + children[i].second * G_;
         parent_.assign(at, at + G_);
         keep_if_any(children[i].first, parent_.data(), next, leaves, stats);
@@ -327,14 +326,12 @@ class ReluWalk {
         prefetch_leaf_sketch(sketch_, tree_.leaf_ids(ahead), tree_.leaf_point_count(ahead));
       }
       const auto [leaf, slot] = leaves[i];
-      const auto at = verdicts_.begin() + slot * G_;
-      parent_.assign(at, at + G_);
-      if (!open_leaf(leaf, parent_.data(), stats)) return false;
+      if (!open_leaf(leaf, verdicts_.data() + slot * G_, stats)) return false;
     }
     return true;
   }
 
-  // Per head, the keys that pass.
+  // How many keys pass for head g.
   int64_t kept(int g) const { return kept_[g]; }
 
   // The union of the heads' keys with their flags, into out.ids / out.mask in ascending id
@@ -360,13 +357,15 @@ class ReluWalk {
   }
 
  private:
+  // A node and its heads' verdicts, at verdicts_[slot * G ...].
+  using Item = std::pair<int32_t, int64_t>;
   // Nodes bounded ahead of the one being bounded.
   static constexpr size_t kPrefetchNodes = 4;
 
   // Keeps node, with its heads' verdicts (from their verdicts at its parent), in `leaves` or
   // `inner` unless every head is out.
-  void keep_if_any(int32_t node, const Verdict* parent, std::vector<std::pair<int32_t, int64_t>>& inner,
-                   std::vector<std::pair<int32_t, int64_t>>& leaves, TreeSelectStats& stats) {
+  void keep_if_any(int32_t node, const Verdict* parent, std::vector<Item>& inner, std::vector<Item>& leaves,
+                   TreeSelectStats& stats) {
     const int64_t slot = int64_t(verdicts_.size()) / G_;
     verdicts_.insert(verdicts_.end(), parent, parent + G_);
     Verdict* out = verdicts_.data() + slot * G_;

@@ -84,6 +84,10 @@ TORCH_LIBRARY(hsr, m) {
       "-> (Tensor, Tensor, Tensor)");
   m.def("selection_positions(Tensor offsets, Tensor ids, Tensor positions) -> Tensor");
 
+  // Raises ValueError "<what>: <name> contains NaN or Inf" unless every element of every
+  // tensor (CPU float32, float16 or bfloat16) is finite: a cache's per-step input check.
+  m.def("check_finite(Tensor[] tensors, str what, str name) -> ()");
+
   // The vector tier the CPU kernels run with: "sse", "avx" or "avx512" (the CPU's widest,
   // capped by the environment variable HSR_SIMD when the library loaded).
   m.def("cpu_simd_tier() -> str");

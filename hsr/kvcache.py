@@ -296,8 +296,7 @@ class HSRKVCache:
                                  f"{t.dtype} on {t.device}")
         if k.shape[2] != v.shape[2]:
             raise ValueError(f"HSRKVCache.{what}: k and v must hold the same number of tokens")
-        if k.numel() and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise ValueError(f"HSRKVCache.{what}: k or v contains NaN or Inf")
+        torch.ops.hsr.check_finite([k, v], f"HSRKVCache.{what}", "k or v")
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the prompt's keys and values (B, Hkv, L, D) in an empty cache; every whole

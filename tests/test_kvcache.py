@@ -158,6 +158,7 @@ def test_bad_input_raises_and_leaves_the_cache_unchanged():
         (q, k[:, :1, 30:31], v[:, :1, 30:31], "k must be"),
         (q, k[:, :, 30:31].to(torch.float16), v[:, :, 30:31], "k must be a CPU"),
         (q, k[:, :, 30:31] * float("nan"), v[:, :, 30:31], "NaN"),
+        (q, k[:, :, 30:31], v[:, :, 30:31].index_fill(3, torch.tensor([31]), float("-inf")), "k or v contains NaN"),
         (q[:, :, :, :16], k[:, :, 30:31], v[:, :, 30:31], "q must be"),
     ]
     for qq, kk, vv, message in bad:
@@ -173,6 +174,20 @@ def test_bad_input_raises_and_leaves_the_cache_unchanged():
     assert cache.length == 0
     cache.prefill(k[:, :, :3], v[:, :, :3])
     assert cache.length == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_finite_finds_one_bad_element_anywhere(dtype):
+    x = torch.randn(3, 5, 97).to(dtype)
+    torch.ops.hsr.check_finite([x, x[:, ::2].transpose(0, 2), x[:0]], "here", "x")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in ((0, 0, 0), (2, 4, 96), (1, 3, 50)):
+            y = x.clone()
+            y[at] = bad
+            with pytest.raises(ValueError, match="here: y contains NaN or Inf"):
+                torch.ops.hsr.check_finite([x, y], "here", "y")
+    with pytest.raises(ValueError, match="must be float32"):
+        torch.ops.hsr.check_finite([torch.zeros(3, dtype=torch.int64)], "here", "x")
 
 
 def test_bad_construction_and_policies():

@@ -25,11 +25,11 @@ class GTACache(TokenBuffers):
 
     @property
     def keys(self) -> torch.Tensor:
-        return self.views()[0]
+        return self._held(0)
 
     @property
     def latents(self) -> torch.Tensor:
-        return self.views()[1]
+        return self._held(1)
 
 
 class MLACache(TokenBuffers):
@@ -55,8 +55,8 @@ class MLACache(TokenBuffers):
     @property
     def entries(self) -> torch.Tensor:
         """(B, 1, L, kv_rank + rope_dim): [c_kv, k_rope] per token."""
-        return self.views()[0]
+        return self._held(0)
 
     @property
     def latents(self) -> torch.Tensor:
-        return self.views()[0][..., :self.kv_rank]
+        return self._held(0)[..., :self.kv_rank]

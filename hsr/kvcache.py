@@ -212,6 +212,8 @@ class HSRKVCache:
         self._index = self._new_index()
         empty = KeySketch.from_keys(torch.empty(shape), bits=self.sketch_bits)
         self._sketch_group = empty.group
+        # Bytes of one key's sketch: codes, then lo and delta per group (float32).
+        self._sketch_key_bytes = empty.codes.shape[-1] + 2 * 4 * empty.lo.shape[-1]
         # The indexed keys' sketch, value-norm bounds and arrival positions, growing like the
         # keys (no copy of what is held when a leaf is added).
         self._bufs = _IndexedBuffers(self.batch, self.num_kv_heads, empty.codes.shape[-1], empty.lo.shape[-1])
@@ -491,8 +493,7 @@ class HSRKVCache:
         """Bytes a two-level walk read, from its (nodes visited, leaves opened, keys sketched):
         the node summaries and the sketch (codes, per-group lo and delta) of the keys scored."""
         nodes, _, sketched = (int(x) for x in index_stats)
-        per_key = self._sketch.codes.shape[-1] + 2 * 4 * self._sketch.lo.shape[-1]
-        return self._node_bytes(nodes) + sketched * per_key
+        return self._node_bytes(nodes) + sketched * self._sketch_key_bytes
 
     def _select_and_attend(self, q, k_idx, v_idx, select):
         """The softmax-family policies over the indexed keys: (out, CertifiedInfo)."""
@@ -576,5 +577,6 @@ class HSRKVCache:
             return offsets, ids, mask, counts, self._node_bytes(stats.nodes_visited) + \
                 stats.points_scored * self.head_dim * 4
         index = self._index if select == "tree+sketch" else None
-        offsets, ids, mask, counts, stats = relu_sketch_select(qf, self._sketch, self.scale, bias, index)
-        return offsets, ids, mask, counts, self._sketch.nbytes if stats is None else self._walk_bytes(stats)
+        sketch = self._sketch
+        offsets, ids, mask, counts, stats = relu_sketch_select(qf, sketch, self.scale, bias, index)
+        return offsets, ids, mask, counts, sketch.nbytes if stats is None else self._walk_bytes(stats)

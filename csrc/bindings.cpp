@@ -87,6 +87,9 @@ TORCH_LIBRARY(hsr, m) {
   // Raises ValueError "<what>: <name> contains NaN or Inf" unless every element of every
   // tensor (CPU float32, float16 or bfloat16) is finite: a cache's per-step input check.
   m.def("check_finite(Tensor[] tensors, str what, str name) -> ()");
+  // Copies tokens[i] (B, H, L, W) into rows [start, start + L) of buffers[i] (B, H, capacity,
+  // W; rows contiguous, same dtype) for every i, after checking that all of them fit.
+  m.def("write_tokens(Tensor(a!)[] buffers, Tensor[] tokens, int start) -> ()");
 
   // The vector tier the CPU kernels run with: "sse", "avx" or "avx512" (the CPU's widest,
   // capped by the environment variable HSR_SIMD when the library loaded).

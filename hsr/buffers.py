@@ -75,8 +75,11 @@ class TokenBuffers:
                 new[:, :, :self._length] = old[:, :, :self._length]
                 grown.append(new)
             self._bufs = grown
-        for buf, t in zip(self._bufs, tensors):
-            buf.narrow(2, self._length, n).copy_(t)
+        if self.device.type == "cpu":
+            torch.ops.hsr.write_tokens(self._bufs, list(tensors), self._length)
+        else:
+            for buf, t in zip(self._bufs, tensors):
+                buf.narrow(2, self._length, n).copy_(t)
         self._length = need
 
     def permute_tokens(self, perm: torch.Tensor) -> None:

@@ -213,6 +213,11 @@ def _check_finite_fake(tensors, what, name):
     return None  # values are unknown while tracing; the check runs on real tensors
 
 
+@torch.library.register_fake("hsr::write_tokens")
+def _write_tokens_fake(buffers, tokens, start):
+    return None
+
+
 def _check_gta_args(q, k, c, w_p, gate):
     _check_attention_tensors("hsr.gta_attention", q, k, c, "c")
     nq, nk, nc = q.shape[1], k.shape[1], c.shape[1]

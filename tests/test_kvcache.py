@@ -190,6 +190,23 @@ def test_check_finite_finds_one_bad_element_anywhere(dtype):
         torch.ops.hsr.check_finite([torch.zeros(3, dtype=torch.int64)], "here", "x")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_write_tokens_copies_rows_and_rejects_what_does_not_fit(dtype):
+    bufs = [torch.zeros(2, 3, 10, 5).to(dtype), torch.zeros(2, 3, 10, 7).to(dtype)]
+    a = torch.arange(2 * 3 * 4 * 5).view(2, 3, 4, 5).to(dtype)
+    b = torch.arange(2 * 3 * 7 * 4).view(2, 3, 7, 4).transpose(2, 3).to(dtype)  # rows not contiguous
+    torch.ops.hsr.write_tokens(bufs, [a, b], 6)
+    assert torch.equal(bufs[0][:, :, 6:], a) and torch.equal(bufs[1][:, :, 6:], b)
+    assert not bufs[0][:, :, :6].any() and not bufs[1][:, :, :6].any()
+    before = [t.clone() for t in bufs]
+    for tokens, start, message in [([a, b], 7, "outside"), ([a, b], -1, "outside"), ([a], 0, "one token tensor"),
+                                   ([a, b[..., :3]], 0, "do not fit"), ([a.double(), b], 0, "do not fit"),
+                                   ([a, b[:1]], 0, "do not fit")]:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.hsr.write_tokens(bufs, tokens, start)
+        assert all(torch.equal(x, y) for x, y in zip(bufs, before))
+
+
 def test_bad_construction_and_policies():
     with pytest.raises(ValueError, match="eps"):
         hsr.Softmax(eps=1.0)

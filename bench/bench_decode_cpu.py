@@ -2,10 +2,12 @@
 
     python bench/bench_decode_cpu.py --json bench/results/decode_cpu.json --plot bench/results/decode_cpu.png
 
-B=1, 32 q / 8 kv heads, D=128, bf16, clustered synthetic keys: a Gaussian mixture with one
-cluster per 1024 keys (centres N(0, 4 I), spread 0.5) and queries that point at one cluster
-of their kv head (0.5 x its centre plus noise), so attention concentrates on about a
-thousand keys. (Real SmolLM2 keys come with the real-model issue.) The cache is prefilled
+B=1, 32 q / 8 kv heads, D=128 unless --batch, --heads (q/kv, e.g. 9/3) and --d say otherwise
+(each a list: every combination runs), bf16, clustered synthetic keys: a Gaussian mixture with
+one cluster per 1024 keys (centres N(0, 4 I), spread 0.5) and queries that point at one
+cluster of their kv head (0.5 x its centre plus noise), so attention concentrates on about a
+thousand keys; batch entry b is an independent stream (seed b). (Real SmolLM2 keys:
+bench/bench_decode_real.py.) The cache is prefilled
 with n - steps keys; each decode step appends the next key and attends; the quality columns
 are for the last step (all n keys). Dense baselines over the same n keys:
 torch SDPA (enable_gqa) and hsr.attention. Quality is measured against fp64 dense attention:
@@ -45,7 +47,12 @@ import hsr
 from hsr.benchmarking import environment, figure, flush_cpu_caches, format_table, median_ms_cpu, write_json
 
 
-def make_stream(n, heads_kv, group, d, seed=0):
+def make_stream(n, heads_kv, group, d, seed=0, batch=1):
+    """q (batch, heads_kv * group, 1, d), k and v (batch, heads_kv, n, d); batch entry b is the
+    stream of seed + b (entry 0 is the same for every batch size)."""
+    if batch > 1:
+        parts = [make_stream(n, heads_kv, group, d, seed + b) for b in range(batch)]
+        return tuple(torch.cat(ts) for ts in zip(*parts))
     g = torch.Generator().manual_seed(seed)
     clusters = max(1, n // 1024)
     centers = torch.randn(1, heads_kv, clusters, d, generator=g) * 2
@@ -60,32 +67,33 @@ def make_stream(n, heads_kv, group, d, seed=0):
 
 
 def quality(q, k, v, out, policy, selection, indexed):
-    """Per q head against fp64 dense attention (one kv head at a time): the output error and
-    the attention mass of the keys the step did not attend (the total-variation distance of
-    its selection; 0 for ReLU, whose skipped keys have weight 0)."""
-    d = q.shape[-1]
-    group = q.shape[1] // k.shape[1]
-    n = k.shape[2]
+    """Per (batch, q head) against fp64 dense attention (one kv head at a time): the output
+    error and the attention mass of the keys the step did not attend (the total-variation
+    distance of its selection; 0 for ReLU, whose skipped keys have weight 0)."""
+    B, Hkv, n, d = k.shape
+    group = q.shape[1] // Hkv
     errs, left = [], []
     offsets, ids, mask = selection if selection is not None else (None, None, None)
     dense_step = selection is None and indexed > 0  # the cache read every key
-    for h in range(k.shape[1]):
-        kk, vv = k[0, h].double(), v[0, h].double()
-        s = (q[0, h * group:(h + 1) * group, 0].double() @ kk.T) / math.sqrt(d)
-        if not isinstance(policy, hsr.ReLU):
-            p = torch.softmax(s, -1)
-            for gi in range(0 if dense_step else group):
-                seen = torch.zeros(n, dtype=torch.bool)
-                rows = slice(int(offsets[h]), int(offsets[h + 1]))
-                seen[ids[rows][mask[rows, gi]]] = True
-                seen[indexed:] = True
-                left.append(float(p[gi, ~seen].sum()))
-        else:
-            p = torch.relu(s - policy.bias) ** policy.alpha
-            p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
-        errs.append((out[0, h * group:(h + 1) * group, 0].double() - p @ vv).norm(dim=-1))
-    # Per q head (b = 0) in head order; zeros when the step read every key or for ReLU.
-    left = torch.tensor(left, dtype=torch.float64) if left else torch.zeros(q.shape[1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hkv):
+            kk, vv = k[b, h].double(), v[b, h].double()
+            s = (q[b, h * group:(h + 1) * group, 0].double() @ kk.T) / math.sqrt(d)
+            if not isinstance(policy, hsr.ReLU):
+                p = torch.softmax(s, -1)
+                pair = b * Hkv + h
+                for gi in range(0 if dense_step else group):
+                    seen = torch.zeros(n, dtype=torch.bool)
+                    rows = slice(int(offsets[pair]), int(offsets[pair + 1]))
+                    seen[ids[rows][mask[rows, gi]]] = True
+                    seen[indexed:] = True
+                    left.append(float(p[gi, ~seen].sum()))
+            else:
+                p = torch.relu(s - policy.bias) ** policy.alpha
+                p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
+            errs.append((out[b, h * group:(h + 1) * group, 0].double() - p @ vv).norm(dim=-1))
+    # Per (batch, q head) in that order; zeros when the step read every key or for ReLU.
+    left = torch.tensor(left, dtype=torch.float64) if left else torch.zeros(B * q.shape[1], dtype=torch.float64)
     return torch.cat(errs), left
 
 
@@ -102,11 +110,11 @@ def policy_name(policy):
     return f"relu 1% {policy.select}"
 
 
-def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bfloat16, fallback=False):
+def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=torch.bfloat16, fallback=False):
     group = heads_q // heads_kv
-    q, k, v = make_stream(n, heads_kv, group, d)
+    q, k, v = make_stream(n, heads_kv, group, d, batch=batch)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    cache = hsr.HSRKVCache(1, heads_kv, d, dtype=dtype, leaf_size=64, policy=policy, dense_fallback=fallback)
+    cache = hsr.HSRKVCache(batch, heads_kv, d, dtype=dtype, leaf_size=64, policy=policy, dense_fallback=fallback)
     t = time.perf_counter()
     cache.prefill(k[:, :, :n - steps], v[:, :, :n - steps])
     prefill_s = time.perf_counter() - t
@@ -118,7 +126,7 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
         times.append((time.perf_counter() - t) * 1e3)
         _, tv = quality(q, k[:, :, :i + 1], v[:, :, :i + 1], out, policy, info.selection, cache.indexed_length)
         tv_max, bound_max = max(tv_max, float(tv.max())), max(bound_max, float(info.mass_bound.max()))
-        over += bool((tv > info.mass_bound[0] * (1 + 1e-9) + 1e-300).any())
+        over += bool((tv > info.mass_bound.flatten() * (1 + 1e-9) + 1e-300).any())
     kw = dict(scale=1 / math.sqrt(d))
     if isinstance(policy, hsr.ReLU):
         kw = dict(kind="relu", alpha=policy.alpha, bias=policy.bias, normalize=policy.normalize)
@@ -127,11 +135,11 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
     t_sdpa = median_ms_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=3, cold=True) \
         if softmax else float("nan")
     err, _ = quality(q, k, v, out, policy, info.selection, cache.indexed_length)
-    dense_bytes = 2 * heads_kv * n * d * k.element_size()
+    dense_bytes = 2 * batch * heads_kv * n * d * k.element_size()
     name = policy_name(policy)
     if fallback:  # the default cache: the path and selection its probe kept
         name = f"softmax eps={policy.eps:g} default -> {info.select or info.path}"
-    return dict(n=n, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
+    return dict(n=n, batch=batch, heads=f"{heads_q}/{heads_kv}", d=d, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,
                 bytes_fraction=info.bytes_read / dense_bytes, mass_bound_max=bound_max, tv_max=tv_max,
@@ -141,7 +149,8 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, dtype=torch.bflo
 
 
 def relu_bias_for(n, fraction, heads_kv=8, group=4, d=128):
-    """The bias at which about `fraction` of the keys get a positive ReLU weight."""
+    """The bias at which about `fraction` of the keys get a positive ReLU weight (measured on
+    batch entry 0; the others are streams of the same kind)."""
     q, k, _ = make_stream(n, heads_kv, group, d)
     s = torch.cat([(q[0, h * group:(h + 1) * group, 0] @ k[0, h].T).flatten() for h in range(heads_kv)])
     return float(torch.quantile(s[:: max(1, s.numel() // 1_000_000)] / math.sqrt(d), 1 - fraction))
@@ -151,25 +160,35 @@ def wanted(name, words):
     return words is None or any(w in name for w in words)
 
 
+def shape_name(row):
+    return f"B={row['batch']}, {row['heads']} heads, D={row['d']}"
+
+
 def plot(rows, path):
     with figure(path) as (fig, ax):
+        shapes = sorted({shape_name(r) for r in rows})
         for policy in sorted({r["policy"] for r in rows}):
-            sel = [r for r in rows if r["policy"] == policy]
-            ax.plot([r["n"] for r in sel], [r["step_ms"] for r in sel], "o-", label=f"HSRKVCache {policy}")
-        sel = [r for r in rows if r["policy"] == "softmax eps=0.001 tree+sketch"]
+            for shape in shapes:
+                sel = [r for r in rows if r["policy"] == policy and shape_name(r) == shape]
+                label = f"HSRKVCache {policy}" + (f" ({shape})" if len(shapes) > 1 else "")
+                ax.plot([r["n"] for r in sel], [r["step_ms"] for r in sel], "o-", label=label)
+        sel = [r for r in rows if r["policy"] == "softmax eps=0.001 tree+sketch" and shape_name(r) == shapes[0]]
         ax.plot([r["n"] for r in sel], [r["sdpa_ms"] for r in sel], "s--", label="torch SDPA (dense)")
         ax.plot([r["n"] for r in sel], [r["dense_ms"] for r in sel], "^:", label="hsr.attention (dense)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (keys)")
         ax.set_ylabel("decode step, ms (median)")
-        ax.set_title("CPU decode, B=1, 32/8 heads, D=128, bf16")
+        ax.set_title(f"CPU decode, {' / '.join(shapes)}, bf16" + (f" (dense: {shapes[0]})" if len(shapes) > 1 else ""))
         ax.legend(fontsize=7)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--heads", nargs="+", default=["32/8"], help="q heads / kv heads, e.g. 32/8 9/3")
+    ap.add_argument("--d", type=int, nargs="+", default=[128], help="head dims")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--policies", nargs="+", help="only the rows whose policy name contains one of these words")
     ap.add_argument("--json")
@@ -177,24 +196,31 @@ def main():
     args = ap.parse_args()
     import sys
 
+    shapes = [(b, *(int(x) for x in h.split("/")), d) for b in args.batch for h in args.heads for d in args.d]
+    for _, hq, hkv, _ in shapes:
+        if hkv < 1 or hq % hkv:
+            ap.error(f"--heads: q heads must be a multiple of kv heads, got {hq}/{hkv}")
     rows = []
     for n in args.n:
-        bias = relu_bias_for(n, 0.01)
-        for policy in (hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.Softmax(eps=1e-3, select="sketch"),
-                       hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(1024), hsr.Softmax(threshold="paper"),
-                       hsr.ReLU(alpha=2, bias=bias, select="tree+sketch"), hsr.ReLU(alpha=2, bias=bias, select="sketch"),
-                       hsr.ReLU(alpha=2, bias=bias, select="index"),
-                       hsr.Softmax(eps=1e-1, select="sketch"), hsr.Softmax(eps=1e-1, estimate=True)):
-            if wanted(policy_name(policy), args.policies):
-                row = bench_case(n, policy, args.steps)
+        for batch, heads_q, heads_kv, d in shapes:
+            shape = dict(heads_q=heads_q, heads_kv=heads_kv, d=d, batch=batch)
+            bias = relu_bias_for(n, 0.01, heads_kv, heads_q // heads_kv, d)
+            for policy in (hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.Softmax(eps=1e-3, select="sketch"),
+                           hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(1024), hsr.Softmax(threshold="paper"),
+                           hsr.ReLU(alpha=2, bias=bias, select="tree+sketch"),
+                           hsr.ReLU(alpha=2, bias=bias, select="sketch"), hsr.ReLU(alpha=2, bias=bias, select="index"),
+                           hsr.Softmax(eps=1e-1, select="sketch"), hsr.Softmax(eps=1e-1, estimate=True)):
+                if wanted(policy_name(policy), args.policies):
+                    row = bench_case(n, policy, args.steps, **shape)
+                    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                    rows.append(row)
+            # The default cache: times its candidate paths every probe_every steps, keeps the fastest.
+            if wanted("softmax eps=0.001 default", args.policies):
+                row = bench_case(n, hsr.Softmax(eps=1e-3), args.steps, fallback=True, **shape)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
                 rows.append(row)
-        # The default cache: times its candidate paths every probe_every steps, keeps the fastest.
-        if wanted("softmax eps=0.001 default", args.policies):
-            row = bench_case(n, hsr.Softmax(eps=1e-3), args.steps, fallback=True)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-            rows.append(row)
-    print(format_table(rows, [("n", "n", "d"), ("policy", "policy", ""), ("step_ms", "step ms", ".1f"),
+    print(format_table(rows, [("n", "n", "d"), ("batch", "B", "d"), ("heads", "heads", ""), ("d", "D", "d"),
+                              ("policy", "policy", ""), ("step_ms", "step ms", ".1f"),
                               ("sdpa_ms", "SDPA ms", ".1f"), ("dense_ms", "hsr dense ms", ".1f"),
                               ("speedup_vs_sdpa", "vs SDPA", ".2f"), ("keys_read_fraction", "keys read", ".3f"),
                               ("bytes_fraction", "bytes", ".3f"), ("mass_bound_max", "mass bound", ".1e"),

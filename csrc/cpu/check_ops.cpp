@@ -1,8 +1,9 @@
 // CPU entry points of a cache's per-step bookkeeping, one call each: hsr::check_finite (with
 // torch.isfinite(t).all() per tensor, a decode step at 4k context spent about a twentieth of
 // the dense kernel's time on four tensor ops and two host syncs) and hsr::write_tokens (row
-// copies; a tensor copy sets up a TensorIterator whose code, cold on every decode step of a
-// many-layer model, cost more than the dense kernel's whole step at small shapes).
+// copies: a tensor copy per buffer sets up a TensorIterator whose code, cold on every decode
+// step of a many-layer model, cost 0.06 ms a step, a tenth of the dense kernel's step at 4k
+// keys, 9/3 heads, D=64).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -139,7 +139,8 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=t
     name = policy_name(policy)
     if fallback:  # the default cache: the path and selection its probe kept
         name = f"softmax eps={policy.eps:g} default -> {info.select or info.path}"
-    return dict(n=n, batch=batch, heads=f"{heads_q}/{heads_kv}", d=d, policy=name, step_ms=float(np.median(times)), sdpa_ms=t_sdpa, dense_ms=t_dense,
+    return dict(n=n, batch=batch, heads=f"{heads_q}/{heads_kv}", d=d, policy=name, step_ms=float(np.median(times)),
+                sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,
                 bytes_fraction=info.bytes_read / dense_bytes, mass_bound_max=bound_max, tv_max=tv_max,

@@ -474,11 +474,8 @@ class HSRKVCache:
         tree; with it, the node summaries it visited (centroid and box, float32), the sketch
         of the keys in the leaves it opened and their value norms."""
         if not isinstance(self.policy, Softmax) or self.policy.threshold is not None:
-            # Every key's sketch (for the certificate), the node summaries the index visited and
-            # the points it scored.
-            stats = self._index.last_stats
-            return self._sketch.nbytes + self._v_norms.numel() * 4 + self._node_bytes(stats.nodes_visited) + \
-                stats.points_scored * self.head_dim * 4
+            # Every key's sketch (for the certificate) and what the index's query read.
+            return self._sketch.nbytes + self._v_norms.numel() * 4 + self._index_query_bytes()
         if info.index_stats is None:
             return self._sketch.nbytes + self._v_norms.numel() * 4
         _, _, sketched = (int(x) for x in info.index_stats)
@@ -488,6 +485,12 @@ class HSRKVCache:
     def _node_bytes(self, nodes: int) -> int:
         """Bytes of the node summaries a walk read (centroid and box, float32)."""
         return nodes * 3 * self.head_dim * 4
+
+    def _index_query_bytes(self) -> int:
+        """Bytes the index's last query read: the node summaries it visited and the float32
+        points it scored."""
+        stats = self._index.last_stats
+        return self._node_bytes(stats.nodes_visited) + stats.points_scored * self.head_dim * 4
 
     def _walk_bytes(self, index_stats) -> int:
         """Bytes a two-level walk read, from its (nodes visited, leaves opened, keys sketched):
@@ -573,9 +576,7 @@ class HSRKVCache:
         qf, bias = q[:, :, 0].float(), float(self.policy.bias)
         if select == "index":  # the index's half-space query on its float32 points
             offsets, ids, mask, counts = self._index.range_union(qf, bias / self.scale)
-            stats = self._index.last_stats
-            return offsets, ids, mask, counts, self._node_bytes(stats.nodes_visited) + \
-                stats.points_scored * self.head_dim * 4
+            return offsets, ids, mask, counts, self._index_query_bytes()
         index = self._index if select == "tree+sketch" else None
         sketch = self._sketch
         offsets, ids, mask, counts, stats = relu_sketch_select(qf, sketch, self.scale, bias, index)

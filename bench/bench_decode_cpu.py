@@ -26,7 +26,9 @@ promise; each forced to the sparse path (dense_fallback=False). The "default" ro
 is the default cache (select="auto", dense_fallback): at its probe steps (every probe_every)
 it times tree+sketch, sketch and the dense path and keeps the fastest; the probe step
 itself, which runs all three, is among the steps timed; the row's name ends with the path
-kept. Medians over --steps steps. Every timed call starts cold: the CPU caches are flushed
+kept. Medians over --steps steps; select ms and attend ms are the medians of the steps'
+info.select_seconds (choosing the keys) and info.attend_seconds (the attention kernels and the
+merge; a dense step is all attending). Every timed call starts cold: the CPU caches are flushed
 before each decode step and each dense iteration (hsr.benchmarking.flush_cpu_caches), as in a
 model of many layers, where one layer's keys are long evicted by the time it decodes again
 (at 4k context the whole KV cache fits in a 32 MB L3, and a warm repeat would time the
@@ -118,12 +120,14 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=t
     t = time.perf_counter()
     cache.prefill(k[:, :, :n - steps], v[:, :, :n - steps])
     prefill_s = time.perf_counter() - t
-    times, tv_max, bound_max, over = [], 0.0, 0.0, 0
+    times, select_ms, attend_ms, tv_max, bound_max, over = [], [], [], 0.0, 0.0, 0
     for i in range(n - steps, n):  # each step appends the next key (a flush when a leaf fills)
         flush_cpu_caches()
         t = time.perf_counter()
         out, info = cache.decode(q, k[:, :, i:i + 1], v[:, :, i:i + 1])
         times.append((time.perf_counter() - t) * 1e3)
+        select_ms.append(info.select_seconds * 1e3)
+        attend_ms.append(info.attend_seconds * 1e3)
         _, tv = quality(q, k[:, :, :i + 1], v[:, :, :i + 1], out, policy, info.selection, cache.indexed_length)
         tv_max, bound_max = max(tv_max, float(tv.max())), max(bound_max, float(info.mass_bound.max()))
         over += bool((tv > info.mass_bound.flatten() * (1 + 1e-9) + 1e-300).any())
@@ -140,7 +144,7 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=t
     if fallback:  # the default cache: the path and selection its probe kept
         name = f"softmax eps={policy.eps:g} default -> {info.select or info.path}"
     return dict(n=n, batch=batch, heads=f"{heads_q}/{heads_kv}", d=d, policy=name, step_ms=float(np.median(times)),
-                sdpa_ms=t_sdpa, dense_ms=t_dense,
+                select_ms=float(np.median(select_ms)), attend_ms=float(np.median(attend_ms)), sdpa_ms=t_sdpa, dense_ms=t_dense,
                 speedup_vs_sdpa=t_sdpa / float(np.median(times)), speedup_vs_dense=t_dense / float(np.median(times)),
                 keys_read_fraction=float(info.keys_read.float().mean()) / n,
                 bytes_fraction=info.bytes_read / dense_bytes, mass_bound_max=bound_max, tv_max=tv_max,
@@ -222,6 +226,7 @@ def main():
                 rows.append(row)
     print(format_table(rows, [("n", "n", "d"), ("batch", "B", "d"), ("heads", "heads", ""), ("d", "D", "d"),
                               ("policy", "policy", ""), ("step_ms", "step ms", ".1f"),
+                              ("select_ms", "select ms", ".1f"), ("attend_ms", "attend ms", ".1f"),
                               ("sdpa_ms", "SDPA ms", ".1f"), ("dense_ms", "hsr dense ms", ".1f"),
                               ("speedup_vs_sdpa", "vs SDPA", ".2f"), ("keys_read_fraction", "keys read", ".3f"),
                               ("bytes_fraction", "bytes", ".3f"), ("mass_bound_max", "mass bound", ".1e"),

@@ -17,6 +17,7 @@ top). This is the per-key level of the two-level selection; the tree level is no
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -124,6 +125,10 @@ class CertifiedInfo:
     # value mean (rounded up); error_bound includes lambda_hat * (that norm + v_kept_max).
     estimate_share: torch.Tensor | None = None
     estimate_norm: torch.Tensor | None = None
+    # Wall seconds spent choosing the keys (tree walk, sketch bounds, the cut; for a fixed set
+    # also the sketch bounds of the keys left out) and in the attention kernel over them.
+    select_seconds: float = 0.0
+    attend_seconds: float = 0.0
 
 
 def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch | None, *,
@@ -166,6 +171,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     if k_norms is not None and (not isinstance(k_norms, torch.Tensor) or k_norms.dtype != torch.float32
                                 or tuple(k_norms.shape) != (B, Hkv, n)):
         raise ValueError(f"{what}: k_norms must be float32 ({B}, {Hkv}, {n}) (value_norm_bounds(k))")
+    started = time.perf_counter()
     qf = q[:, :, 0].float()
     # A hair stricter than eps: the certificate computed afterwards uses the kernel's
     # normaliser, deflated for its float rounding.
@@ -192,7 +198,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
             index._impl.certified_select(qf, *codes, bits, group, v_up_f, v_max.contiguous(), scale,
                                          eps_select)
     out, info = _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
-                                    index_stats, k_norms)
+                                    index_stats, k_norms, time.perf_counter() - started)
     return (out, info) if estimate is None else _add_estimate(out, info, *estimate)
 
 
@@ -230,7 +236,8 @@ def _add_estimate(out, info, weights, log_ref, value_blocks):
                                                      estimate_norm=block_norm)
 
 
-def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats, k_norms=None):
+def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats, k_norms,
+                        select_seconds):
     """Softmax over the selected keys and its certificate, from the per (batch, q head) log of
     the left-out upper-bound mass and the largest value norms left out and kept."""
     offsets_t, ids_t, mask_t = selection
@@ -238,7 +245,9 @@ def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, sel
     Hkv = k.shape[1]
     G = Hq // Hkv
     qf = q[:, :, 0].float()
+    started = time.perf_counter()
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
+    attend_seconds = time.perf_counter() - started
 
     # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t| <= gamma_D * scale * |q| |k|;
     # the kernel's normaliser sums at most n terms in tiles, and lse = m + log(l) rounds once
@@ -267,7 +276,8 @@ def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, sel
     error = mass * (v_left + v_kept)
     keys_read = per_pair.view(B, Hkv)
     return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left, v_kept,
-                              lse[:, :, 0], index_stats)
+                              lse[:, :, 0], index_stats, select_seconds=select_seconds,
+                              attend_seconds=attend_seconds)
 
 
 def _left_out_by_sketch(qf, sketch, v_up_f, scale, chosen, b, h, G):
@@ -298,6 +308,7 @@ def fixed_set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     _check_sketch(what, sketch, B, Hkv, n, D)
     if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or tuple(chosen.shape) != (B, Hq, n):
         raise ValueError(f"{what}: chosen must be a bool tensor ({B}, {Hq}, {n})")
+    started = time.perf_counter()
     v_up_f = value_norm_bounds(v) if v_norms is None else v_norms
     qf = q[:, :, 0].float()
     selection, log_left, v_left, v_kept = _Selection(), [], [], []
@@ -308,7 +319,8 @@ def fixed_set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
             left, v_l, v_k = _left_out_by_sketch(qf, sketch, v_up_f, scale, pick, b, h, G)
             log_left.append(left), v_left.append(v_l), v_kept.append(v_k)
     per_head = [torch.cat(x).view(B, Hq) for x in (log_left, v_left, v_kept)]
-    return _attend_and_certify(q, k, v, scale, selection.tensors(), *per_head, chosen.sum(-1), None)
+    return _attend_and_certify(q, k, v, scale, selection.tensors(), *per_head, chosen.sum(-1), None, None,
+                               time.perf_counter() - started)
 
 
 def threshold_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, sketch: KeySketch, *,
@@ -339,9 +351,11 @@ def threshold_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index
         if t.numel() not in (1, B * Hq) or not bool(torch.isfinite(t).all()):
             raise ValueError(f"{what}: threshold must be finite, a number or ({B}, {Hq}), got {threshold!r}")
         raw = t.expand(B, Hq) / scale if t.numel() == 1 else t.view(B, Hq) / scale
+    started = time.perf_counter()
     lims, _, ids = index.range_search(qf, raw.float())
     chosen = _chosen_from_lists(lims, ids, B, Hq, n)
-    return fixed_set_attention(q, k, v, sketch, chosen, scale=scale, v_norms=v_norms)
+    searched = time.perf_counter() - started
+    return _plus_search_time(fixed_set_attention(q, k, v, sketch, chosen, scale=scale, v_norms=v_norms), searched)
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, sketch: KeySketch, *,
@@ -355,10 +369,20 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, ske
     _check_index(what, index, B, Hkv, n, D)
     if isinstance(k_top, bool) or not isinstance(k_top, int) or k_top < 1:
         raise ValueError(f"{what}: k_top must be a positive integer, got {k_top!r}")
+    started = time.perf_counter()
     _, ids = index.search(q[:, :, 0].float(), min(k_top, n))
     chosen = torch.zeros(B * Hq, n, dtype=torch.bool)
     chosen.scatter_(1, ids.reshape(B * Hq, -1), True)
-    return fixed_set_attention(q, k, v, sketch, chosen.view(B, Hq, n), scale=scale, v_norms=v_norms)
+    searched = time.perf_counter() - started
+    return _plus_search_time(fixed_set_attention(q, k, v, sketch, chosen.view(B, Hq, n), scale=scale,
+                                                 v_norms=v_norms), searched)
+
+
+def _plus_search_time(result, seconds):
+    """fixed_set_attention's result with the index search that chose its set (seconds) counted
+    as selecting."""
+    out, info = result
+    return out, replace(info, select_seconds=info.select_seconds + seconds)
 
 
 def _chosen_from_lists(lims, ids, B, Hq, n):

@@ -154,7 +154,11 @@ class DecodeInfo:
     dense_fallback, a step reads every key when that was timed faster: bounds 0, exact);
     select: the selection the step used ("tree+sketch", "sketch" or "tree" for certified
     softmax, "tree+sketch", "sketch" or "index" for ReLU; None for dense steps and the other
-    policies)."""
+    policies). select_seconds: wall time spent choosing the keys to read (tree walk, sketch
+    bounds, the cut; TopK and threshold: the index's search and the sketch bounds of the keys
+    left out; 0 for a dense step); attend_seconds: in the attention kernels over the selection
+    and the tail and their merge. The rest of seconds goes to the checks, the append, indexing
+    a full tail, the certificate's arithmetic and, at a probe step, the paths not kept."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor
@@ -165,6 +169,8 @@ class DecodeInfo:
     selection: tuple | None = None
     path: str = "sparse"
     select: str | None = None
+    select_seconds: float = 0.0
+    attend_seconds: float = 0.0
 
 
 class HSRKVCache:
@@ -417,8 +423,10 @@ class HSRKVCache:
             result = self._attend(q, select) if path == "sparse" else self._attend_dense(q)
         self._until_probe = self.probe_every - 1 if self._until_probe == 0 else self._until_probe - 1
         out, info, selection = result
-        return out, DecodeInfo(*info, seconds=time.perf_counter() - start, selection=selection, path=path,
-                               select=None if path == "dense" else select)
+        *counts, select_seconds, attend_seconds = info
+        return out, DecodeInfo(*counts, seconds=time.perf_counter() - start, selection=selection, path=path,
+                               select=None if path == "dense" else select, select_seconds=select_seconds,
+                               attend_seconds=attend_seconds)
 
     def _candidates(self):
         """The (path, selection) pairs decode chooses among: the policy's selection ("auto"
@@ -459,10 +467,13 @@ class HSRKVCache:
     def _attend_dense(self, q):
         """Every key, read in full: exact (bounds 0)."""
         B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
+        started = time.perf_counter()
         out = attention(q, self._kv.keys, self._kv.values, scale=self.scale, **self._dense_kwargs())
+        attend_seconds = time.perf_counter() - started
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
         info = (zeros, zeros.clone(), torch.full((B, Hq), self.length, dtype=torch.int64),
-                torch.full((B, Hkv), self.length, dtype=torch.int64), B * Hkv * self.length * self._token_bytes())
+                torch.full((B, Hkv), self.length, dtype=torch.int64), B * Hkv * self.length * self._token_bytes(),
+                0.0, attend_seconds)
         return out, info, None
 
     def _token_bytes(self) -> int:
@@ -528,13 +539,16 @@ class HSRKVCache:
         attended = torch.full((B, Hq), tail, dtype=torch.int64)
         read = torch.full((B, Hkv), tail, dtype=torch.int64)
         bytes_read = B * Hkv * tail * self._token_bytes()
-        parts, selection = [], None
+        parts, selection, select_seconds, attend_seconds = [], None, 0.0, 0.0
         k_tail, v_tail = self._kv.keys[:, :, n_idx:], self._kv.values[:, :, n_idx:]
         if tail:
+            started = time.perf_counter()
             parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True))
+            attend_seconds += time.perf_counter() - started
         if n_idx:
             k_idx, v_idx = self._kv.keys[:, :, :n_idx], self._kv.values[:, :, :n_idx]
             out, info = self._select_and_attend(q, k_idx, v_idx, select)
+            select_seconds, attend_seconds = info.select_seconds, attend_seconds + info.attend_seconds
             mass = info.mass_bound
             # Left-out mass is measured against the kept keys only; the tail adds to what is
             # kept, so the bound stays valid, and its values join the kept ones.
@@ -550,8 +564,10 @@ class HSRKVCache:
             bytes_read += int(info.keys_read.sum()) * self._token_bytes()
             parts.append((out, info.lse.unsqueeze(-1)))
             selection = (info.offsets, self._arrival_positions(info.offsets, info.ids), info.mask)
+        started = time.perf_counter()
         out = parts[0][0] if len(parts) == 1 else merge_attention([p[0] for p in parts], [p[1] for p in parts])[0]
-        return out, (mass, error, attended, read, int(bytes_read)), selection
+        attend_seconds += time.perf_counter() - started
+        return out, (mass, error, attended, read, int(bytes_read), select_seconds, attend_seconds), selection
 
     def _attend_relu(self, q, select):
         """ReLU over the indexed keys the selection passes and the tail, in one sparse_attention
@@ -561,13 +577,16 @@ class HSRKVCache:
             return self._attend_dense(q)
         B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
+        started = time.perf_counter()
         offsets, ids, mask, counts, bytes_read = self._relu_selection(q, select)
+        selected = time.perf_counter()
         every = torch.ops.hsr.selection_with_tail(offsets, ids, mask, n_idx, self.length) if tail else \
             (offsets, ids, mask)
         out = sparse_attention(q, self._kv.keys, self._kv.values, *every, scale=self.scale, **self._dense_kwargs())
+        attended = time.perf_counter()
         read = every[0].diff().view(B, Hkv)
         bytes_read += int(every[0][-1]) * self._token_bytes()
-        info = (zeros, zeros.clone(), counts + tail, read, int(bytes_read))
+        info = (zeros, zeros.clone(), counts + tail, read, int(bytes_read), selected - started, attended - selected)
         return out, info, (offsets, self._arrival_positions(offsets, ids), mask)
 
     def _relu_selection(self, q, select):

@@ -239,9 +239,9 @@ def test_bad_construction_and_policies():
 
 
 def delayed(f, seconds=0.05):
-    def slow(*args):
+    def slow(*args, **kwargs):
         time.sleep(seconds)
-        return f(*args)
+        return f(*args, **kwargs)
     return slow
 
 
@@ -268,6 +268,58 @@ def test_dense_fallback_times_both_paths_and_stays_exact_or_certified(policy, mo
             assert info.selection is None and (info.mass_bound == 0).all() and (info.keys_read == t + 1).all()
     # Probes at steps 0, 4, 8 and 12: the sparse path wins the first two, the dense one the rest.
     assert paths == ["sparse"] * 8 + ["dense"] * 8
+
+
+TIMED_POLICIES = [hsr.Softmax(eps=1e-2, select="tree+sketch"), hsr.Softmax(eps=1e-2, select="sketch"),
+                  hsr.Softmax(eps=1e-2, select="tree"), hsr.Softmax(eps=0.1, estimate=True), hsr.TopK(8),
+                  hsr.Softmax(threshold=1.0), hsr.ReLU(bias=0.1, select="tree+sketch"),
+                  hsr.ReLU(bias=0.1, select="sketch"), hsr.ReLU(bias=0.1, select="index")]
+
+
+@pytest.mark.parametrize("policy", TIMED_POLICIES, ids=repr)
+def test_step_time_is_split_into_selecting_and_attending(policy):
+    k, v, g = stream("clustered", 1, 2, 260, 32, seed=5)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=policy, dense_fallback=False)
+    cache.prefill(k[:, :, :200], v[:, :, :200])
+    for t in range(200, 212):
+        out, info = cache.decode(torch.randn(1, 4, 1, 32, generator=g), k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert info.path == "sparse" and info.select_seconds > 0 and info.attend_seconds > 0
+        assert info.select_seconds + info.attend_seconds <= info.seconds
+
+
+def test_a_dense_step_spends_no_time_selecting(monkeypatch):
+    k, v, g = stream("random", 1, 2, 120, 32, seed=6)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=hsr.Softmax(eps=1e-3))
+    cache.prefill(k[:, :, :100], v[:, :, :100])
+    monkeypatch.setattr(cache, "_attend", delayed(cache._attend))  # the probe keeps the dense path
+    out, info = cache.decode(torch.randn(1, 4, 1, 32, generator=g), k[:, :, 100:101], v[:, :, 100:101])
+    assert info.path == "dense" and info.select_seconds == 0.0 and 0 < info.attend_seconds <= info.seconds
+
+
+@pytest.mark.parametrize("slow", ["select", "attend"])
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-2, select="sketch"), hsr.TopK(8),
+                                    hsr.ReLU(bias=0.1, select="sketch")], ids=repr)
+def test_a_slow_selection_or_kernel_shows_in_its_own_time(policy, slow, monkeypatch):
+    import hsr.certified
+    import hsr.kvcache
+
+    if slow == "attend":
+        target = hsr.kvcache if isinstance(policy, hsr.ReLU) else hsr.certified
+        monkeypatch.setattr(target, "sparse_attention", delayed(target.sparse_attention))
+    k, v, g = stream("clustered", 1, 2, 260, 32, seed=7)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=policy, dense_fallback=False)
+    cache.prefill(k[:, :, :200], v[:, :, :200])
+    if slow == "select":
+        if isinstance(policy, hsr.ReLU):
+            monkeypatch.setattr(hsr.kvcache, "relu_sketch_select", delayed(hsr.kvcache.relu_sketch_select))
+        elif isinstance(policy, hsr.TopK):
+            monkeypatch.setattr(cache._index, "search", delayed(cache._index.search))
+        else:
+            monkeypatch.setattr(torch.ops.hsr, "sketch_select", delayed(torch.ops.hsr.sketch_select))
+    out, info = cache.decode(torch.randn(1, 4, 1, 32, generator=g), k[:, :, 200:201], v[:, :, 200:201])
+    slow_part, fast_part = (info.select_seconds, info.attend_seconds) if slow == "select" else \
+        (info.attend_seconds, info.select_seconds)
+    assert slow_part >= 0.05 > fast_part
 
 
 def test_auto_selection_keeps_the_faster_of_tree_and_sketch(monkeypatch):

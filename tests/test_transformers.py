@@ -67,6 +67,8 @@ def test_policies_and_selections_run_in_generate(model):
         htf.disable(model)
         assert out.shape == (1, 130) and stats["steps"] == 39
         assert 0.0 < stats["keys_read_fraction"] <= 1.0
+        assert 0.0 < stats["select_seconds"] and 0.0 < stats["attend_seconds"]
+        assert stats["select_seconds"] + stats["attend_seconds"] <= stats["seconds"]
 
 
 def test_chunked_prefill_then_decode_equals_dense(model):

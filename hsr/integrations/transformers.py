@@ -54,12 +54,15 @@ _STATE_ATTR = "_hsr_state"
 @dataclass
 class LayerStats:
     """What the decode steps of one layer did, per step: keys_read (B, Hkv) fractions of the
-    keys read in full precision, mass_bound and error_bound (B, Hq), seconds, path."""
+    keys read in full precision, mass_bound and error_bound (B, Hq), seconds (and of them
+    select_seconds and attend_seconds, as in hsr.DecodeInfo), path."""
 
     keys_read: list = field(default_factory=list)
     mass_bound: list = field(default_factory=list)
     error_bound: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
+    select_seconds: list = field(default_factory=list)
+    attend_seconds: list = field(default_factory=list)
     paths: list = field(default_factory=list)
 
 
@@ -122,6 +125,8 @@ class HSRLayer(CacheLayerMixin):
         s.mass_bound.append(info.mass_bound)
         s.error_bound.append(info.error_bound)
         s.seconds.append(info.seconds)
+        s.select_seconds.append(info.select_seconds)
+        s.attend_seconds.append(info.attend_seconds)
         s.paths.append(info.path)
         return out
 
@@ -195,7 +200,8 @@ class HSRCache(Cache):
     def stats(self) -> dict:
         """Per layer, over the decode steps so far: keys_read_fraction per kv head (mean over
         steps and batch), mass_bound_max / mass_bound_mean per q head, error_bound_max, the
-        attention seconds and the number of steps that read densely; and the totals."""
+        attention seconds (select_seconds and attend_seconds of them, as in hsr.DecodeInfo), and
+        the number of steps that read densely; and the totals."""
         per_layer = []
         for i, layer in enumerate(self.layers):
             s = layer.stats
@@ -212,13 +218,15 @@ class HSRCache(Cache):
                 mass_bound_max=mass.max().item(), mass_bound_mean=mass.mean().item(),
                 mass_bound_max_per_head=mass.amax((0, 1)).tolist(),
                 error_bound_max=err.max().item(),
-                seconds=float(sum(s.seconds)), dense_steps=sum(p == "dense" for p in s.paths)))
+                seconds=float(sum(s.seconds)), select_seconds=float(sum(s.select_seconds)),
+                attend_seconds=float(sum(s.attend_seconds)), dense_steps=sum(p == "dense" for p in s.paths)))
         active = [p for p in per_layer if p["steps"]]
         total = dict(
             steps=max((p["steps"] for p in active), default=0),
             keys_read_fraction=sum(p["keys_read_fraction"] for p in active) / len(active) if active else None,
             mass_bound_max=max((p["mass_bound_max"] for p in active), default=None),
-            seconds=sum(p["seconds"] for p in active))
+            seconds=sum(p["seconds"] for p in active), select_seconds=sum(p["select_seconds"] for p in active),
+            attend_seconds=sum(p["attend_seconds"] for p in active))
         return dict(per_layer=per_layer, **total)
 
 

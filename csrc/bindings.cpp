@@ -74,6 +74,17 @@ TORCH_LIBRARY(hsr, m) {
       "sketch_relu_select(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, float scale, "
       "float bias) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // The certificate of a softmax selection after attention (csrc/include/hsr/sketch/
+  // certificate.h): q (B, Hq, D) float32, lse (B, Hq) float32 of the kept keys, the selection
+  // (offsets, ids, mask) over k (B, Hkv, n, D), k_norms (B, Hkv, n) float32 norm bounds (the
+  // kept keys' norms are computed from k when None), per (batch, q head) log_left, v_left,
+  // v_kept (float64) and keys kept (int64). Returns (mass_bound, error_bound), each (B, Hq)
+  // float64.
+  m.def(
+      "softmax_certificate(Tensor q, Tensor lse, Tensor offsets, Tensor ids, Tensor mask, Tensor k, "
+      "Tensor? k_norms, Tensor log_left, Tensor v_left, Tensor v_kept, Tensor kept, float scale) "
+      "-> (Tensor, Tensor)");
+
   // A decode step's edits of a selection (offsets, ids, mask) in sparse_attention's form:
   // selection_with_tail appends the rows [tail_begin, tail_end) to every pair's entries, for
   // every q head (a cache's dense tail, attended in the same call); selection_positions maps

@@ -241,40 +241,17 @@ def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, sel
     """Softmax over the selected keys and its certificate, from the per (batch, q head) log of
     the left-out upper-bound mass and the largest value norms left out and kept."""
     offsets_t, ids_t, mask_t = selection
-    B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
     qf = q[:, :, 0].float()
     started = time.perf_counter()
     out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
     attend_seconds = time.perf_counter() - started
-
-    # |float score - exact score| <= gamma_D * scale * sum_t |q_t k_t| <= gamma_D * scale * |q| |k|;
-    # the kernel's normaliser sums at most n terms in tiles, and lse = m + log(l) rounds once
-    # more: its log is off by at most the largest score error plus (tiles + tile size + a few)
-    # roundings plus |lse| u. Only the kept keys (read anyway) enter the score error; norms are
-    # taken in float32 and widened by far more than their own rounding.
-    pairs = B * Hkv
-    per_pair = offsets_t[1:] - offsets_t[:-1]
-    pair_of_row = torch.repeat_interleave(torch.arange(pairs), per_pair)
-    # Indexed per (b, h) rather than through k.reshape: a cache's k is a strided view, and
-    # reshaping it would copy every key.
-    if k_norms is None:
-        k_norm = k[pair_of_row // Hkv, pair_of_row % Hkv, ids_t].float().norm(dim=1)    # (u,)
-    else:
-        k_norm = k_norms[pair_of_row // Hkv, pair_of_row % Hkv, ids_t]
-    k_kept = k_norm.unsqueeze(1).expand(-1, G).masked_fill(~mask_t, 0.0)                # (u, G)
-    k_max = torch.zeros(pairs, G).scatter_reduce_(0, pair_of_row.unsqueeze(1).expand(-1, G), k_kept, "amax")
-    largest = k_max.view(B, Hq).double() * qf.norm(dim=-1).double() * (1.0 + 1e-4)
-    score_err = (D + 2) * _U * 1.01 * scale * largest
-    sum_err = (selected.double() / 64 + 64 + 8) * 2 * _U
-    lse_d = lse[:, :, 0].double()
-    log_z = lse_d - score_err - sum_err - 2 * _U * lse_d.abs()
-    mass = torch.sigmoid(log_left - log_z)  # T / (Z + T); 0 where nothing is left out
+    # T / (Z + T) from the kernel's normaliser, deflated for its float rounding (scores and
+    # sums; see csrc/include/hsr/sketch/certificate.h), and the output error it allows:
     # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out and the
     # kept values.
-    error = mass * (v_left + v_kept)
-    keys_read = per_pair.view(B, Hkv)
+    mass, error = torch.ops.hsr.softmax_certificate(qf, lse[:, :, 0], offsets_t, ids_t, mask_t, k, k_norms,
+                                                    log_left, v_left, v_kept, selected, scale)
+    keys_read = offsets_t.diff().view(k.shape[0], k.shape[1])
     return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left, v_kept,
                               lse[:, :, 0], index_stats, select_seconds=select_seconds,
                               attend_seconds=attend_seconds)

@@ -201,6 +201,13 @@ def _selection_with_tail_fake(offsets, ids, mask, tail_begin, tail_end):
     return offsets.new_empty(offsets.shape), ids.new_empty(total), mask.new_empty((total, mask.shape[1]))
 
 
+@torch.library.register_fake("hsr::softmax_certificate")
+def _softmax_certificate_fake(q, lse, offsets, ids, mask, k, k_norms, log_left, v_left, v_kept, kept, scale):
+    if q.dim() != 3 or lse.shape != q.shape[:2]:
+        raise ValueError("hsr.softmax_certificate: q must be (B, Hq, D) and lse (B, Hq)")
+    return lse.new_empty(lse.shape, dtype=torch.float64), lse.new_empty(lse.shape, dtype=torch.float64)
+
+
 @torch.library.register_fake("hsr::selection_positions")
 def _selection_positions_fake(offsets, ids, positions):
     if positions.dim() != 3 or offsets.dim() != 1 or offsets.shape[0] != positions.shape[0] * positions.shape[1] + 1:

@@ -90,3 +90,27 @@ def gap_threshold(scores, quantile, tol):
     target = quantile * (n - 1)
     i = int(ok[torch.argmin((ok.to(torch.float64) - target).abs())])
     return float((s[i] + s[i + 1]) / 2)
+
+
+def softmax_certificate_ref(q, lse, offsets, ids, mask, k, k_norms, log_left, v_left, v_kept, kept, scale):
+    """hsr.softmax_certificate written out with tensor ops in float64 (B, Hq): the kept keys'
+    largest norm per head (from k_norms (B, Hkv, n), or from k), then the deflated normaliser
+    and T / (Z + T) (csrc/include/hsr/sketch/certificate.h)."""
+    u = 2.0 ** -24
+    B, Hkv, n, D = k.shape
+    Hq = q.shape[1]
+    G = Hq // Hkv
+    pairs = B * Hkv
+    pair_of_row = torch.repeat_interleave(torch.arange(pairs), offsets.diff())
+    b_of, h_of = pair_of_row // Hkv, pair_of_row % Hkv
+    norms = k[b_of, h_of, ids].double().norm(dim=1) if k_norms is None else k_norms[b_of, h_of, ids].double()
+    k_max = torch.zeros(pairs, G, dtype=torch.float64)
+    kept_norms = norms.unsqueeze(1).expand(-1, G).masked_fill(~mask, 0.0)
+    k_max.scatter_reduce_(0, pair_of_row.unsqueeze(1).expand(-1, G), kept_norms, "amax")
+    largest = k_max.view(B, Hq) * q.double().norm(dim=-1) * (1.0 + 1e-4)
+    score_err = (D + 2) * u * 1.01 * scale * largest
+    sum_err = (kept.double() / 64 + 64 + 8) * 2 * u
+    lse_d = lse.double()
+    log_z = lse_d - score_err - sum_err - 2 * u * lse_d.abs()
+    mass = torch.sigmoid(log_left - log_z)
+    return mass, mass * (v_left + v_kept)

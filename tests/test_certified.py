@@ -7,6 +7,7 @@ import torch
 
 import hsr
 from attention_cases import clustered_keys
+from reference import softmax_certificate_ref
 
 
 def keys_for(kind, B, Hkv, n, D, g):
@@ -585,3 +586,72 @@ def test_key_norm_bounds_given_certify_the_same_selection():
     assert torch.allclose(b.mass_bound, a.mass_bound, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="k_norms"):
         hsr.certified_attention(q, k, v, sketch, eps=1e-2, k_norms=norms[:, :, :-1])
+
+
+def certificate_case(B, Hkv, G, n, D, dtype, seed):
+    """Random inputs of hsr.softmax_certificate: a selection with some pairs empty, heads that
+    keep nothing of a pair, heads that leave nothing out (log_left -inf)."""
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.randn(B, Hkv, n, D, generator=g) * 3).to(dtype)
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    chosen = torch.rand(B * Hkv, n, G, generator=g) < 0.3
+    chosen[0] = False  # pair 0 keeps nothing
+    offsets, ids, masks = [0], [], []
+    for p in range(B * Hkv):
+        rows = torch.nonzero(chosen[p].any(1)).flatten()
+        ids.append(rows), masks.append(chosen[p, rows]), offsets.append(offsets[-1] + rows.numel())
+    offsets, ids, mask = torch.tensor(offsets), torch.cat(ids), torch.cat(masks)
+    per_head = (B, Hkv * G)
+    lse = torch.randn(per_head, generator=g) * 5
+    log_left = torch.randn(per_head, generator=g, dtype=torch.float64) * 5
+    log_left[0, -1] = float("-inf")
+    v_left, v_kept = torch.rand(per_head, generator=g, dtype=torch.float64), torch.rand(per_head, generator=g,
+                                                                                        dtype=torch.float64)
+    kept = chosen.sum(1).reshape(per_head)
+    return q, lse, offsets, ids, mask, k, log_left, v_left, v_kept, kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hkv,G,n,D", [(1, 1, 1, 1, 1), (2, 3, 3, 97, 24), (1, 2, 4, 1025, 128)])
+@pytest.mark.parametrize("given_norms", [True, False])
+def test_softmax_certificate_equals_the_tensor_formula(dtype, B, Hkv, G, n, D, given_norms):
+    q, lse, offsets, ids, mask, k, log_left, v_left, v_kept, kept = certificate_case(B, Hkv, G, n, D, dtype, n)
+    norms = hsr.certified.value_norm_bounds(k) if given_norms else None
+    args = (q, lse, offsets, ids, mask, k, norms, log_left, v_left, v_kept, kept, 0.3)
+    mass, error = torch.ops.hsr.softmax_certificate(*args)
+    mass_ref, error_ref = softmax_certificate_ref(*args)
+    assert mass.dtype == error.dtype == torch.float64 and mass.shape == (B, Hkv * G)
+    assert torch.allclose(mass, mass_ref, rtol=1e-12, atol=0) and torch.allclose(error, error_ref, rtol=1e-12, atol=0)
+    assert mass[0, -1] == 0 and error[0, -1] == 0  # nothing left out
+
+
+def test_softmax_certificate_of_a_strided_cache_view():
+    q, lse, offsets, ids, mask, k, log_left, v_left, v_kept, kept = certificate_case(2, 2, 2, 60, 16, torch.bfloat16, 1)
+    buffer = torch.zeros(2, 2, 100, 16, dtype=torch.bfloat16)
+    buffer[:, :, :60] = k
+    view = buffer.narrow(2, 0, 60)
+    a = torch.ops.hsr.softmax_certificate(q, lse, offsets, ids, mask, view, None, log_left, v_left, v_kept, kept, 0.3)
+    b = torch.ops.hsr.softmax_certificate(q, lse, offsets, ids, mask, k, None, log_left, v_left, v_kept, kept, 0.3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_softmax_certificate_bad_inputs_and_opcheck():
+    q, lse, offsets, ids, mask, k, log_left, v_left, v_kept, kept = certificate_case(1, 2, 2, 30, 8, torch.float32, 2)
+    cert = torch.ops.hsr.softmax_certificate
+
+    def call(**change):
+        args = dict(q=q, lse=lse, offsets=offsets, ids=ids, mask=mask, k=k, k_norms=None, log_left=log_left,
+                    v_left=v_left, v_kept=v_kept, kept=kept, scale=0.3)
+        args.update(change)
+        return cert(*args.values())
+
+    for change, message in ((dict(k=k.double()), "k must be"), (dict(q=q[:, :3]), "q must be"),
+                            (dict(q=q.double()), "q must be"), (dict(lse=lse[:, :1]), "lse"),
+                            (dict(log_left=log_left.float()), "log_left"), (dict(kept=kept.int()), "kept"),
+                            (dict(mask=mask[:, :1]), "selection"), (dict(offsets=offsets[:-1]), "selection"),
+                            (dict(offsets=offsets.flip(0)), "rise"), (dict(ids=ids + 30), "key rows"),
+                            (dict(k_norms=torch.ones(1, 2, 29)), "k_norms"), (dict(scale=0.0), "scale"),
+                            (dict(scale=float("nan")), "scale")):
+        with pytest.raises(ValueError, match=message):
+            call(**change)
+    torch.library.opcheck(cert.default, (q, lse, offsets, ids, mask, k, None, log_left, v_left, v_kept, kept, 0.3))

@@ -1,0 +1,140 @@
+// CPU entry point of hsr::softmax_certificate: a certified selection's bounds after attention
+// (csrc/include/hsr/sketch/certificate.h) in one loop. As a chain of tensor ops (gathering the
+// kept keys' norms, a scatter-max per head, a dozen elementwise ops) it cost a decode step
+// about as much as the sparse kernel at 16k keys.
+#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+#include "hsr/sketch/certificate.h"
+#include "hsr/types.h"
+
+namespace hsr {
+namespace {
+
+// An upper bound of |k|_2 for a row of d values (float, half_t or bfloat16_t): the double sum
+// of squares, exact to far within the certificate's widening.
+template <typename T>
+double row_norm(const T* row, int64_t d) {
+  double s = 0.0;
+  for (int64_t t = 0; t < d; ++t) {
+    const double x = to_float(row[t]);
+    s += x * x;
+  }
+  return std::sqrt(s);
+}
+
+// Per kept row j of pair p (b * Hkv + h), its key's norm bound: from k_norms (B, Hkv, n) when
+// given, else computed from k (B, Hkv, n, D).
+struct KeyNorms {
+  const at::Tensor* k;
+  const float* norms = nullptr;
+  int64_t norm_strides[3] = {0, 0, 0};
+
+  double operator()(int64_t b, int64_t h, int64_t id) const {
+    if (norms != nullptr) return norms[b * norm_strides[0] + h * norm_strides[1] + id * norm_strides[2]];
+    const int64_t d = k->size(3), at_row = b * k->stride(0) + h * k->stride(1) + id * k->stride(2);
+    switch (k->scalar_type()) {
+      case at::kFloat: return row_norm(k->const_data_ptr<float>() + at_row, d);
+      case at::kHalf: return row_norm(reinterpret_cast<const half_t*>(k->const_data_ptr<at::Half>()) + at_row, d);
+      default:
+        return row_norm(reinterpret_cast<const bfloat16_t*>(k->const_data_ptr<at::BFloat16>()) + at_row, d);
+    }
+  }
+};
+
+void check_per_head(const char* what, const at::Tensor& t, at::ScalarType type, int64_t B, int64_t Hq,
+                    const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B && t.size(1) == Hq && t.scalar_type() == type &&
+                        t.device().is_cpu(),
+                    what, ": ", name, " must be a CPU ", type, " tensor (", B, ", ", Hq, "), got ", t.scalar_type(),
+                    " of shape ", t.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_certificate_cpu(
+    const at::Tensor& q_in, const at::Tensor& lse_in, const at::Tensor& offsets_in, const at::Tensor& ids_in,
+    const at::Tensor& mask_in, const at::Tensor& k, const std::optional<at::Tensor>& k_norms,
+    const at::Tensor& log_left_in, const at::Tensor& v_left_in, const at::Tensor& v_kept_in,
+    const at::Tensor& kept_in, double scale) {
+  const char* what = "hsr.softmax_certificate";
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.device().is_cpu() && k.stride(3) == 1 &&
+                        (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf ||
+                         k.scalar_type() == at::kBFloat16),
+                    what, ": k must be a CPU float32, float16 or bfloat16 tensor (B, Hkv, n, D) with contiguous rows, "
+                    "got ", k.scalar_type(), " of shape ", k.sizes());
+  const int64_t B = k.size(0), Hkv = k.size(1), n = k.size(2), D = k.size(3);
+  TORCH_CHECK_VALUE(q_in.dim() == 3 && q_in.size(0) == B && q_in.size(2) == D && Hkv > 0 && q_in.size(1) % Hkv == 0 &&
+                        q_in.scalar_type() == at::kFloat && q_in.device().is_cpu(),
+                    what, ": q must be a CPU float32 tensor (", B, ", Hq, ", D, ") with Hq a multiple of ", Hkv,
+                    ", got ", q_in.scalar_type(), " of shape ", q_in.sizes());
+  const int64_t Hq = q_in.size(1), G = Hq / Hkv, pairs = B * Hkv;
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, what, ": scale must be positive and finite, got ", scale);
+  check_per_head(what, lse_in, at::kFloat, B, Hq, "lse");
+  check_per_head(what, log_left_in, at::kDouble, B, Hq, "log_left");
+  check_per_head(what, v_left_in, at::kDouble, B, Hq, "v_left");
+  check_per_head(what, v_kept_in, at::kDouble, B, Hq, "v_kept");
+  check_per_head(what, kept_in, at::kLong, B, Hq, "kept");
+  TORCH_CHECK_VALUE(offsets_in.dim() == 1 && offsets_in.size(0) == pairs + 1 && offsets_in.scalar_type() == at::kLong &&
+                        ids_in.dim() == 1 && ids_in.scalar_type() == at::kLong && mask_in.dim() == 2 &&
+                        mask_in.scalar_type() == at::kBool && mask_in.size(0) == ids_in.size(0) &&
+                        mask_in.size(1) == G,
+                    what, ": the selection must be offsets (", pairs + 1, ",) int64, ids (u,) int64 and mask (u, ", G,
+                    ") bool, got ", offsets_in.sizes(), ", ", ids_in.sizes(), ", ", mask_in.sizes());
+  const at::Tensor offsets = offsets_in.contiguous(), ids = ids_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  const int64_t total = ids.size(0);
+  bool rises = o[0] == 0 && o[pairs] == total;
+  for (int64_t p = 0; p < pairs && rises; ++p) rises = o[p] <= o[p + 1];
+  TORCH_CHECK_VALUE(rises, what, ": offsets must rise from 0 to len(ids) = ", total);
+  KeyNorms norm_of{&k};
+  if (k_norms.has_value()) {
+    const at::Tensor& kn = *k_norms;
+    TORCH_CHECK_VALUE(kn.dim() == 3 && kn.size(0) == B && kn.size(1) == Hkv && kn.size(2) == n &&
+                          kn.scalar_type() == at::kFloat && kn.device().is_cpu(),
+                      what, ": k_norms must be a CPU float32 tensor (", B, ", ", Hkv, ", ", n, "), got ",
+                      kn.scalar_type(), " of shape ", kn.sizes());
+    norm_of.norms = kn.const_data_ptr<float>();
+    for (int i = 0; i < 3; ++i) norm_of.norm_strides[i] = kn.stride(i);
+  }
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < total; ++j)
+    TORCH_CHECK_VALUE(id[j] >= 0 && id[j] < n, what, ": ids must be key rows in [0, ", n, "), got ", id[j]);
+
+  const at::Tensor q = q_in.contiguous(), lse = lse_in.contiguous(), log_left = log_left_in.contiguous(),
+                   v_left = v_left_in.contiguous(), v_kept = v_kept_in.contiguous(), kept = kept_in.contiguous();
+  at::Tensor mass = at::empty({B, Hq}, at::kDouble), error = at::empty({B, Hq}, at::kDouble);
+  const bool* m = mask.const_data_ptr<bool>();
+  std::vector<double> k_max(static_cast<size_t>(G));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t b = p / Hkv, h = p % Hkv;
+    std::fill(k_max.begin(), k_max.end(), 0.0);
+    for (int64_t j = o[p]; j < o[p + 1]; ++j) {
+      const double kn = norm_of(b, h, id[j]);
+      for (int64_t g = 0; g < G; ++g)
+        if (m[j * G + g]) k_max[g] = std::max(k_max[g], kn);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = p * G + g;  // (b, h * G + g) flattened
+      const float* qr = q.const_data_ptr<float>() + r * D;
+      double qs = 0.0;
+      for (int64_t t = 0; t < D; ++t) qs += double(qr[t]) * double(qr[t]);
+      const sketch::Certificate c = sketch::certify_head(
+          lse.const_data_ptr<float>()[r], log_left.const_data_ptr<double>()[r], v_left.const_data_ptr<double>()[r],
+          v_kept.const_data_ptr<double>()[r], k_max[g], std::sqrt(qs), kept.const_data_ptr<int64_t>()[r], D, scale);
+      mass.data_ptr<double>()[r] = c.mass;
+      error.data_ptr<double>()[r] = c.error;
+    }
+  }
+  return {mass, error};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hsr, CPU, m) { m.impl("softmax_certificate", &softmax_certificate_cpu); }
+
+}  // namespace hsr

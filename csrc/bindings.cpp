@@ -76,14 +76,16 @@ TORCH_LIBRARY(hsr, m) {
 
   // The certificate of a softmax selection after attention (csrc/include/hsr/sketch/
   // certificate.h): q (B, Hq, D) float32, lse (B, Hq) float32 of the kept keys, the selection
-  // (offsets, ids, mask) over k (B, Hkv, n, D), k_norms (B, Hkv, n) float32 norm bounds (the
-  // kept keys' norms are computed from k when None), per (batch, q head) log_left, v_left,
-  // v_kept (float64) and keys kept (int64). Returns (mass_bound, error_bound), each (B, Hq)
-  // float64.
+  // (offsets, ids, mask) over k (B, Hkv, n, D) and v (B, Hkv, n, Dv), k_norms (B, Hkv, m)
+  // float32 norm bounds of keys before tail_begin <= m (computed from k for the kept keys when
+  // None), per (batch, q head) log_left, v_left, v_kept (float64: bounds for the keys before
+  // tail_begin) and keys kept (int64). Rows at or after tail_begin (a cache's tail) have their
+  // key and value norms computed from k and v. Returns (mass_bound, error_bound, v_kept with
+  // the tail's values), each (B, Hq) float64.
   m.def(
       "softmax_certificate(Tensor q, Tensor lse, Tensor offsets, Tensor ids, Tensor mask, Tensor k, "
-      "Tensor? k_norms, Tensor log_left, Tensor v_left, Tensor v_kept, Tensor kept, float scale) "
-      "-> (Tensor, Tensor)");
+      "Tensor? k_norms, Tensor v, int tail_begin, Tensor log_left, Tensor v_left, Tensor v_kept, Tensor kept, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
 
   // A decode step's edits of a selection (offsets, ids, mask) in sparse_attention's form:
   // selection_with_tail appends the rows [tail_begin, tail_end) to every pair's entries, for

@@ -38,9 +38,10 @@ def value_norm_bounds(v: torch.Tensor) -> torch.Tensor:
     return torch.where(up_f.double() < up, torch.nextafter(up_f, torch.tensor(float("inf"))), up_f)
 
 
-def _decode_problem(what, q, k, v, scale):
-    """Validates decode queries q (B, Hq, 1, D) against k (B, Hkv, n, D) and v (B, Hkv, n, Dv);
-    returns (B, Hq, Hkv, n, D, G, scale) with the scale resolved (1/sqrt(D) by default)."""
+def _decode_problem(what, q, k, v, scale, tail=0):
+    """Validates decode queries q (B, Hq, 1, D) against k (B, Hkv, n + tail, D) and v (B, Hkv,
+    n + tail, Dv); returns (B, Hq, Hkv, n, D, G, scale) with the scale resolved (1/sqrt(D) by
+    default): n counts the keys before the tail (those the selection chooses among)."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"{what}: q must be (B, Hq, 1, D) decode queries, got {tuple(q.shape)}")
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] \
@@ -54,7 +55,9 @@ def _decode_problem(what, q, k, v, scale):
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{what}: scale must be positive and finite, got {scale!r}")
-    return B, Hq, Hkv, n, D, Hq // Hkv, scale
+    if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail < max(n, 1):
+        raise ValueError(f"{what}: tail must be an integer in [0, {n}) (k holds {n} keys), got {tail!r}")
+    return B, Hq, Hkv, n - tail, D, Hq // Hkv, scale
 
 
 def _check_sketch(what, sketch, B, Hkv, n, D):
@@ -135,7 +138,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
                         eps: float, scale: float | None = None, v_norms: torch.Tensor | None = None,
                         v_norm_max: torch.Tensor | None = None, index=None,
                         value_blocks: torch.Tensor | None = None, block: int | None = None,
-                        k_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+                        k_norms: torch.Tensor | None = None, tail: int = 0) -> tuple[torch.Tensor, CertifiedInfo]:
     """Softmax attention of decode queries q (B, Hq, 1, D) over k, v (B, Hkv, n, D) (CPU),
     reading in full only the keys the bounds cannot certify away; see the module docstring.
 
@@ -158,16 +161,21 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     as an approximation; info.mass_bound still certifies the selection, and info.error_bound
     still bounds |o - out| (exact arithmetic): mass_bound * (v_left + v_kept) + lambda_hat *
     (max block-mean norm + v_kept), lambda_hat the estimated share added in.
+
+    tail: the last `tail` keys of k and v (a cache's recent keys, in no sketch or index) are
+    always attended, in the same kernel call; the sketch, index, v_norms and k_norms cover the
+    n keys before them, and info's selection and counts describe those n (the tail counts as
+    kept in the certificate, and in v_kept_max).
     """
     what = "hsr.certified_attention"
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
         raise ValueError(f"{what}: eps must be in [0, 1), got {eps!r}")
-    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale, tail)
     if n == 0:
         raise ValueError(f"{what}: k and v must hold at least one key")
     if sketch is not None or index is None:
         _check_sketch(what, sketch, B, Hkv, n, D)
-    v_up_f = value_norm_bounds(v) if v_norms is None else v_norms
+    v_up_f = value_norm_bounds(v[:, :, :n]) if v_norms is None else v_norms
     if k_norms is not None and (not isinstance(k_norms, torch.Tensor) or k_norms.dtype != torch.float32
                                 or tuple(k_norms.shape) != (B, Hkv, n)):
         raise ValueError(f"{what}: k_norms must be float32 ({B}, {Hkv}, {n}) (value_norm_bounds(k))")
@@ -198,7 +206,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
             index._impl.certified_select(qf, *codes, bits, group, v_up_f, v_max.contiguous(), scale,
                                          eps_select)
     out, info = _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
-                                    index_stats, k_norms, time.perf_counter() - started)
+                                    index_stats, k_norms, time.perf_counter() - started, tail)
     return (out, info) if estimate is None else _add_estimate(out, info, *estimate)
 
 
@@ -237,20 +245,23 @@ def _add_estimate(out, info, weights, log_ref, value_blocks):
 
 
 def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats, k_norms,
-                        select_seconds):
-    """Softmax over the selected keys and its certificate, from the per (batch, q head) log of
-    the left-out upper-bound mass and the largest value norms left out and kept."""
+                        select_seconds, tail):
+    """Softmax over the selected keys and the last `tail` keys of k, v, and its certificate,
+    from the per (batch, q head) log of the left-out upper-bound mass and the largest value
+    norms left out and kept."""
     offsets_t, ids_t, mask_t = selection
     qf = q[:, :, 0].float()
+    n = k.shape[2] - tail
     started = time.perf_counter()
-    out, lse = sparse_attention(q, k, v, offsets_t, ids_t, mask_t, scale=scale, return_lse=True)
+    every = torch.ops.hsr.selection_with_tail(offsets_t, ids_t, mask_t, n, n + tail) if tail else selection
+    out, lse = sparse_attention(q, k, v, *every, scale=scale, return_lse=True)
     attend_seconds = time.perf_counter() - started
     # T / (Z + T) from the kernel's normaliser, deflated for its float rounding (scores and
     # sums; see csrc/include/hsr/sketch/certificate.h), and the output error it allows:
     # o - o_S = tau_true (o_T - o_S), o_T and o_S convex combinations of the left-out and the
-    # kept values.
-    mass, error = torch.ops.hsr.softmax_certificate(qf, lse[:, :, 0], offsets_t, ids_t, mask_t, k, k_norms,
-                                                    log_left, v_left, v_kept, selected, scale)
+    # kept values (the tail's among them).
+    mass, error, v_kept = torch.ops.hsr.softmax_certificate(qf, lse[:, :, 0], *every, k, k_norms, v, n, log_left,
+                                                            v_left, v_kept, selected + tail, scale)
     keys_read = offsets_t.diff().view(k.shape[0], k.shape[1])
     return out, CertifiedInfo(mass, error, selected, keys_read, offsets_t, ids_t, mask_t, v_left, v_kept,
                               lse[:, :, 0], index_stats, select_seconds=select_seconds,
@@ -273,20 +284,20 @@ def _left_out_by_sketch(qf, sketch, v_up_f, scale, chosen, b, h, G):
 
 def fixed_set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketch: KeySketch,
                         chosen: torch.Tensor, *, scale: float | None = None,
-                        v_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+                        v_norms: torch.Tensor | None = None, tail: int = 0) -> tuple[torch.Tensor, CertifiedInfo]:
     """Softmax attention of decode queries q (B, Hq, 1, D) over the keys chosen (B, Hq, n)
     bool, with the certificate of what the choice leaves out, from the sketch's upper bounds
     of the other keys (no promise on its size: the choice is the caller's, e.g. a fixed
-    threshold or the top k). Same info as certified_attention."""
+    threshold or the top k). Same info, and tail, as certified_attention."""
     what = "hsr.fixed_set_attention"
-    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale, tail)
     if n == 0:
         raise ValueError(f"{what}: k and v must hold at least one key")
     _check_sketch(what, sketch, B, Hkv, n, D)
     if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or tuple(chosen.shape) != (B, Hq, n):
         raise ValueError(f"{what}: chosen must be a bool tensor ({B}, {Hq}, {n})")
     started = time.perf_counter()
-    v_up_f = value_norm_bounds(v) if v_norms is None else v_norms
+    v_up_f = value_norm_bounds(v[:, :, :n]) if v_norms is None else v_norms
     qf = q[:, :, 0].float()
     selection, log_left, v_left, v_kept = _Selection(), [], [], []
     for b in range(B):
@@ -297,21 +308,23 @@ def fixed_set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
             log_left.append(left), v_left.append(v_l), v_kept.append(v_k)
     per_head = [torch.cat(x).view(B, Hq) for x in (log_left, v_left, v_kept)]
     return _attend_and_certify(q, k, v, scale, selection.tensors(), *per_head, chosen.sum(-1), None, None,
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, tail)
 
 
 def threshold_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, sketch: KeySketch, *,
                         threshold, scale: float | None = None, v_norms: torch.Tensor | None = None,
-                        key_stats=None) -> tuple[torch.Tensor, CertifiedInfo]:
+                        key_stats=None, tail: int = 0) -> tuple[torch.Tensor, CertifiedInfo]:
     """The paper's fixed-threshold decoding: softmax over the keys the HSR index reports with
     scale * <q, k> >= threshold (a float, in logits, or a (B, Hq) tensor), or, for
     threshold="paper", <q, k> >= hsr.paper_threshold(q, key_stats, n) with key_stats a
     KeyStats per kv head (a list in (b, h) order; computed from k when not given). The
-    certificate of the keys below the threshold is computed from the sketch and reported."""
+    certificate of the keys below the threshold is computed from the sketch and reported.
+    tail: as in certified_attention (the index, sketch and key statistics cover the keys
+    before it)."""
     from .index import KeyStats, paper_threshold
 
     what = "hsr.threshold_attention"
-    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale, tail)
     _check_index(what, index, B, Hkv, n, D)
     qf = q[:, :, 0].float()
     if isinstance(threshold, str):
@@ -320,7 +333,7 @@ def threshold_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index
         if n < 2:
             raise ValueError(f"{what}: the paper's threshold needs at least 2 keys")
         stats = key_stats if key_stats is not None else \
-            [KeyStats.from_keys(k[b, h]) for b in range(B) for h in range(Hkv)]
+            [KeyStats.from_keys(k[b, h, :n]) for b in range(B) for h in range(Hkv)]
         raw = torch.stack([paper_threshold(qf[b, h * G:(h + 1) * G], stats[b * Hkv + h], n)
                            for b in range(B) for h in range(Hkv)]).view(B, Hq)
     else:
@@ -332,17 +345,18 @@ def threshold_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index
     lims, _, ids = index.range_search(qf, raw.float())
     chosen = _chosen_from_lists(lims, ids, B, Hq, n)
     searched = time.perf_counter() - started
-    return _plus_search_time(fixed_set_attention(q, k, v, sketch, chosen, scale=scale, v_norms=v_norms), searched)
+    return _plus_search_time(fixed_set_attention(q, k, v, sketch, chosen, scale=scale, v_norms=v_norms, tail=tail),
+                             searched)
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, sketch: KeySketch, *,
-                   k_top: int, scale: float | None = None,
-                   v_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, CertifiedInfo]:
+                   k_top: int, scale: float | None = None, v_norms: torch.Tensor | None = None,
+                   tail: int = 0) -> tuple[torch.Tensor, CertifiedInfo]:
     """Softmax over exactly the k_top highest-scoring keys of each q head (the HSR index's exact
     top-k search), as top-k attention systems do, with the certificate of the rest computed
-    from the sketch and reported."""
+    from the sketch and reported. tail: as in certified_attention."""
     what = "hsr.topk_attention"
-    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)
+    B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale, tail)
     _check_index(what, index, B, Hkv, n, D)
     if isinstance(k_top, bool) or not isinstance(k_top, int) or k_top < 1:
         raise ValueError(f"{what}: k_top must be a positive integer, got {k_top!r}")
@@ -352,7 +366,7 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, ske
     chosen.scatter_(1, ids.reshape(B * Hq, -1), True)
     searched = time.perf_counter() - started
     return _plus_search_time(fixed_set_attention(q, k, v, sketch, chosen.view(B, Hq, n), scale=scale,
-                                                 v_norms=v_norms), searched)
+                                                 v_norms=v_norms, tail=tail), searched)
 
 
 def _plus_search_time(result, seconds):

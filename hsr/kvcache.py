@@ -38,7 +38,7 @@ import torch
 from .buffers import KVCache, TokenBuffers
 from .certified import certified_attention, relu_sketch_select, threshold_attention, topk_attention, value_norm_bounds
 from .index import HSRIndexBatch, KeyStats
-from .ops import attention, merge_attention, sparse_attention
+from .ops import attention, sparse_attention
 from .sketch import KeySketch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -509,65 +509,41 @@ class HSRKVCache:
         nodes, _, sketched = (int(x) for x in index_stats)
         return self._node_bytes(nodes) + sketched * self._sketch_key_bytes
 
-    def _select_and_attend(self, q, k_idx, v_idx, select):
-        """The softmax-family policies over the indexed keys: (out, CertifiedInfo)."""
-        policy = self.policy
+    def _select_and_attend(self, q, select, tail):
+        """The softmax-family policies over every key (the indexed ones selected, the last
+        `tail` always read): (out, CertifiedInfo)."""
+        policy, k, v = self.policy, self._kv.keys, self._kv.values
         if isinstance(policy, TopK):
-            return topk_attention(q, k_idx, v_idx, self._index, self._sketch, k_top=policy.k, scale=self.scale,
-                                  v_norms=self._v_norms)
+            return topk_attention(q, k, v, self._index, self._sketch, k_top=policy.k, scale=self.scale,
+                                  v_norms=self._v_norms, tail=tail)
         if policy.threshold is not None:
             stats = self._key_stats() if policy.threshold == "paper" else None
             if policy.threshold == "paper" and self._indexed < 2:
-                return certified_attention(q, k_idx, v_idx, self._sketch, eps=0.0, scale=self.scale,
-                                           v_norms=self._v_norms)
-            return threshold_attention(q, k_idx, v_idx, self._index, self._sketch, threshold=policy.threshold,
-                                       scale=self.scale, v_norms=self._v_norms, key_stats=stats)
+                return certified_attention(q, k, v, self._sketch, eps=0.0, scale=self.scale, v_norms=self._v_norms,
+                                           tail=tail)
+            return threshold_attention(q, k, v, self._index, self._sketch, threshold=policy.threshold,
+                                       scale=self.scale, v_norms=self._v_norms, key_stats=stats, tail=tail)
         blocks = dict(value_blocks=self._block_means.view("mean"), block=self.leaf_size) if policy.estimate else {}
-        return certified_attention(q, k_idx, v_idx, None if select == "tree" else self._sketch, eps=policy.eps,
+        return certified_attention(q, k, v, None if select == "tree" else self._sketch, eps=policy.eps,
                                    scale=self.scale, v_norms=self._v_norms, v_norm_max=self._v_norm_max,
                                    k_norms=self._bufs.view("k_norms")[..., 0],
-                                   index=None if select == "sketch" else self._index, **blocks)
+                                   index=None if select == "sketch" else self._index, tail=tail, **blocks)
 
     def _attend(self, q, select=None):
+        """The policy's selection over the indexed keys and every key of the tail, in one
+        attention call."""
         if isinstance(self.policy, ReLU):
             return self._attend_relu(q, select)
-        B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
-        G = Hq // Hkv
         n_idx, tail = self._indexed, self.length - self._indexed
-        mass = torch.zeros(B, Hq, dtype=torch.float64)
-        error = torch.zeros(B, Hq, dtype=torch.float64)
-        attended = torch.full((B, Hq), tail, dtype=torch.int64)
-        read = torch.full((B, Hkv), tail, dtype=torch.int64)
-        bytes_read = B * Hkv * tail * self._token_bytes()
-        parts, selection, select_seconds, attend_seconds = [], None, 0.0, 0.0
-        k_tail, v_tail = self._kv.keys[:, :, n_idx:], self._kv.values[:, :, n_idx:]
-        if tail:
-            started = time.perf_counter()
-            parts.append(attention(q, k_tail, v_tail, scale=self.scale, return_lse=True))
-            attend_seconds += time.perf_counter() - started
-        if n_idx:
-            k_idx, v_idx = self._kv.keys[:, :, :n_idx], self._kv.values[:, :, :n_idx]
-            out, info = self._select_and_attend(q, k_idx, v_idx, select)
-            select_seconds, attend_seconds = info.select_seconds, attend_seconds + info.attend_seconds
-            mass = info.mass_bound
-            # Left-out mass is measured against the kept keys only; the tail adds to what is
-            # kept, so the bound stays valid, and its values join the kept ones.
-            v_tail_max = (value_norm_bounds(v_tail).amax(-1).double() if tail
-                          else torch.zeros(B, Hkv, dtype=torch.float64))
-            kept_max = torch.maximum(info.v_kept_max, v_tail_max.repeat_interleave(G, 1))
-            error = mass * (info.v_left_max + kept_max)
-            if info.estimate_share is not None:  # the estimate added in for the keys left out
-                error = error + info.estimate_share * (info.estimate_norm + kept_max)
-            bytes_read += self._selection_bytes(info, select)
-            attended += info.keys_selected
-            read += info.keys_read
-            bytes_read += int(info.keys_read.sum()) * self._token_bytes()
-            parts.append((out, info.lse.unsqueeze(-1)))
-            selection = (info.offsets, self._arrival_positions(info.offsets, info.ids), info.mask)
-        started = time.perf_counter()
-        out = parts[0][0] if len(parts) == 1 else merge_attention([p[0] for p in parts], [p[1] for p in parts])[0]
-        attend_seconds += time.perf_counter() - started
-        return out, (mass, error, attended, read, int(bytes_read), select_seconds, attend_seconds), selection
+        if not n_idx:  # only the tail: every key, read densely
+            return self._attend_dense(q)
+        out, info = self._select_and_attend(q, select, tail)
+        # The tail adds to what is kept: the bounds stay valid, and the certificate counted it.
+        bytes_read = (int(info.keys_read.sum()) + self.batch * self.num_kv_heads * tail) * self._token_bytes()
+        bytes_read += self._selection_bytes(info, select)
+        selection = (info.offsets, self._arrival_positions(info.offsets, info.ids), info.mask)
+        return out, (info.mass_bound, info.error_bound, info.keys_selected + tail, info.keys_read + tail,
+                     int(bytes_read), info.select_seconds, info.attend_seconds), selection
 
     def _attend_relu(self, q, select):
         """ReLU over the indexed keys the selection passes and the tail, in one sparse_attention

@@ -202,10 +202,11 @@ def _selection_with_tail_fake(offsets, ids, mask, tail_begin, tail_end):
 
 
 @torch.library.register_fake("hsr::softmax_certificate")
-def _softmax_certificate_fake(q, lse, offsets, ids, mask, k, k_norms, log_left, v_left, v_kept, kept, scale):
+def _softmax_certificate_fake(q, lse, offsets, ids, mask, k, k_norms, v, tail_begin, log_left, v_left, v_kept, kept,
+                              scale):
     if q.dim() != 3 or lse.shape != q.shape[:2]:
         raise ValueError("hsr.softmax_certificate: q must be (B, Hq, D) and lse (B, Hq)")
-    return lse.new_empty(lse.shape, dtype=torch.float64), lse.new_empty(lse.shape, dtype=torch.float64)
+    return tuple(lse.new_empty(lse.shape, dtype=torch.float64) for _ in range(3))
 
 
 @torch.library.register_fake("hsr::selection_positions")

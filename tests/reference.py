@@ -92,10 +92,12 @@ def gap_threshold(scores, quantile, tol):
     return float((s[i] + s[i + 1]) / 2)
 
 
-def softmax_certificate_ref(q, lse, offsets, ids, mask, k, k_norms, log_left, v_left, v_kept, kept, scale):
+def softmax_certificate_ref(q, lse, offsets, ids, mask, k, k_norms, v, tail_begin, log_left, v_left, v_kept, kept,
+                            scale):
     """hsr.softmax_certificate written out with tensor ops in float64 (B, Hq): the kept keys'
-    largest norm per head (from k_norms (B, Hkv, n), or from k), then the deflated normaliser
-    and T / (Z + T) (csrc/include/hsr/sketch/certificate.h)."""
+    largest norm per head (from k_norms (B, Hkv, >= tail_begin) before tail_begin, else from
+    k), the kept tail rows' largest value norm joined to v_kept, then the deflated normaliser
+    and T / (Z + T) (csrc/include/hsr/sketch/certificate.h). Returns (mass, error, v_kept)."""
     u = 2.0 ** -24
     B, Hkv, n, D = k.shape
     Hq = q.shape[1]
@@ -103,14 +105,23 @@ def softmax_certificate_ref(q, lse, offsets, ids, mask, k, k_norms, log_left, v_
     pairs = B * Hkv
     pair_of_row = torch.repeat_interleave(torch.arange(pairs), offsets.diff())
     b_of, h_of = pair_of_row // Hkv, pair_of_row % Hkv
-    norms = k[b_of, h_of, ids].double().norm(dim=1) if k_norms is None else k_norms[b_of, h_of, ids].double()
-    k_max = torch.zeros(pairs, G, dtype=torch.float64)
-    kept_norms = norms.unsqueeze(1).expand(-1, G).masked_fill(~mask, 0.0)
-    k_max.scatter_reduce_(0, pair_of_row.unsqueeze(1).expand(-1, G), kept_norms, "amax")
-    largest = k_max.view(B, Hq) * q.double().norm(dim=-1) * (1.0 + 1e-4)
+    tail_row = ids >= tail_begin
+    norms = k[b_of, h_of, ids].double().norm(dim=1)
+    if k_norms is not None:
+        given = k_norms[b_of, h_of, ids.clamp(max=max(tail_begin - 1, 0))].double()
+        norms = torch.where(tail_row, norms, given)
+    v_norms = (v[b_of, h_of, ids].double().norm(dim=1) * (1 + 1e-12)).masked_fill(~tail_row, 0.0)
+
+    def per_head_max(row_values):
+        out = torch.zeros(pairs, G, dtype=torch.float64)
+        kept_values = row_values.unsqueeze(1).expand(-1, G).masked_fill(~mask, 0.0)
+        return out.scatter_reduce_(0, pair_of_row.unsqueeze(1).expand(-1, G), kept_values, "amax").view(B, Hq)
+
+    v_kept = torch.maximum(v_kept, per_head_max(v_norms))
+    largest = per_head_max(norms) * q.double().norm(dim=-1) * (1.0 + 1e-4)
     score_err = (D + 2) * u * 1.01 * scale * largest
     sum_err = (kept.double() / 64 + 64 + 8) * 2 * u
     lse_d = lse.double()
     log_z = lse_d - score_err - sum_err - 2 * u * lse_d.abs()
     mass = torch.sigmoid(log_left - log_z)
-    return mass, mass * (v_left + v_kept)
+    return mass, mass * (v_left + v_kept), v_kept

@@ -614,15 +614,20 @@ def certificate_case(B, Hkv, G, n, D, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Hkv,G,n,D", [(1, 1, 1, 1, 1), (2, 3, 3, 97, 24), (1, 2, 4, 1025, 128)])
 @pytest.mark.parametrize("given_norms", [True, False])
-def test_softmax_certificate_equals_the_tensor_formula(dtype, B, Hkv, G, n, D, given_norms):
+@pytest.mark.parametrize("tail", [0, 5])
+def test_softmax_certificate_equals_the_tensor_formula(dtype, B, Hkv, G, n, D, given_norms, tail):
     q, lse, offsets, ids, mask, k, log_left, v_left, v_kept, kept = certificate_case(B, Hkv, G, n, D, dtype, n)
-    norms = hsr.certified.value_norm_bounds(k) if given_norms else None
-    args = (q, lse, offsets, ids, mask, k, norms, log_left, v_left, v_kept, kept, 0.3)
-    mass, error = torch.ops.hsr.softmax_certificate(*args)
-    mass_ref, error_ref = softmax_certificate_ref(*args)
-    assert mass.dtype == error.dtype == torch.float64 and mass.shape == (B, Hkv * G)
-    assert torch.allclose(mass, mass_ref, rtol=1e-12, atol=0) and torch.allclose(error, error_ref, rtol=1e-12, atol=0)
+    v = torch.randn(B, Hkv, n, 7).to(dtype) * 2
+    tail_begin = max(0, n - tail)
+    norms = hsr.certified.value_norm_bounds(k[:, :, :tail_begin]) if given_norms else None
+    args = (q, lse, offsets, ids, mask, k, norms, v, tail_begin, log_left, v_left, v_kept, kept, 0.3)
+    mass, error, kept_max = torch.ops.hsr.softmax_certificate(*args)
+    refs = softmax_certificate_ref(*args)
+    assert mass.dtype == error.dtype == kept_max.dtype == torch.float64 and mass.shape == (B, Hkv * G)
+    for got, ref in zip((mass, error, kept_max), refs):
+        assert torch.allclose(got, ref, rtol=1e-12, atol=0)
     assert mass[0, -1] == 0 and error[0, -1] == 0  # nothing left out
+    assert (kept_max >= v_kept).all() and torch.equal(kept_max > v_kept, refs[2] > v_kept)
 
 
 def test_softmax_certificate_of_a_strided_cache_view():
@@ -630,28 +635,68 @@ def test_softmax_certificate_of_a_strided_cache_view():
     buffer = torch.zeros(2, 2, 100, 16, dtype=torch.bfloat16)
     buffer[:, :, :60] = k
     view = buffer.narrow(2, 0, 60)
-    a = torch.ops.hsr.softmax_certificate(q, lse, offsets, ids, mask, view, None, log_left, v_left, v_kept, kept, 0.3)
-    b = torch.ops.hsr.softmax_certificate(q, lse, offsets, ids, mask, k, None, log_left, v_left, v_kept, kept, 0.3)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    per_head = (log_left, v_left, v_kept, kept, 0.3)
+    a = torch.ops.hsr.softmax_certificate(q, lse, offsets, ids, mask, view, None, view, 50, *per_head)
+    b = torch.ops.hsr.softmax_certificate(q, lse, offsets, ids, mask, k, None, k, 50, *per_head)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_softmax_certificate_bad_inputs_and_opcheck():
     q, lse, offsets, ids, mask, k, log_left, v_left, v_kept, kept = certificate_case(1, 2, 2, 30, 8, torch.float32, 2)
     cert = torch.ops.hsr.softmax_certificate
-
-    def call(**change):
-        args = dict(q=q, lse=lse, offsets=offsets, ids=ids, mask=mask, k=k, k_norms=None, log_left=log_left,
-                    v_left=v_left, v_kept=v_kept, kept=kept, scale=0.3)
-        args.update(change)
-        return cert(*args.values())
-
-    for change, message in ((dict(k=k.double()), "k must be"), (dict(q=q[:, :3]), "q must be"),
+    good = dict(q=q, lse=lse, offsets=offsets, ids=ids, mask=mask, k=k, k_norms=None, v=k, tail_begin=30,
+                log_left=log_left, v_left=v_left, v_kept=v_kept, kept=kept, scale=0.3)
+    for change, message in ((dict(k=k.double()), "k must be"), (dict(v=k[:, :, :29]), "v must"),
+                            (dict(v=k.int()), "v must be"), (dict(q=q[:, :3]), "q must be"),
                             (dict(q=q.double()), "q must be"), (dict(lse=lse[:, :1]), "lse"),
                             (dict(log_left=log_left.float()), "log_left"), (dict(kept=kept.int()), "kept"),
                             (dict(mask=mask[:, :1]), "selection"), (dict(offsets=offsets[:-1]), "selection"),
                             (dict(offsets=offsets.flip(0)), "rise"), (dict(ids=ids + 30), "key rows"),
-                            (dict(k_norms=torch.ones(1, 2, 29)), "k_norms"), (dict(scale=0.0), "scale"),
+                            (dict(k_norms=torch.ones(1, 2, 29)), "k_norms"), (dict(tail_begin=31), "tail_begin"),
+                            (dict(tail_begin=-1), "tail_begin"), (dict(scale=0.0), "scale"),
                             (dict(scale=float("nan")), "scale")):
         with pytest.raises(ValueError, match=message):
-            call(**change)
-    torch.library.opcheck(cert.default, (q, lse, offsets, ids, mask, k, None, log_left, v_left, v_kept, kept, 0.3))
+            cert(*{**good, **change}.values())
+    torch.library.opcheck(cert.default, tuple(good.values()))
+
+
+@pytest.mark.parametrize("rule", ["certified", "topk", "threshold"])
+def test_a_tail_is_attended_in_full_and_counted_as_kept(rule):
+    g = torch.Generator().manual_seed(12)
+    B, Hkv, G, n, tail, D = 2, 2, 2, 300, 7, 32
+    k = clustered_keys(B, Hkv, n + tail, D, 8, g)
+    v = torch.randn(B, Hkv, n + tail, D, generator=g)
+    v[:, :, n:] *= 30  # the tail's values dominate v_kept_max
+    q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+    sketch = hsr.KeySketch.from_keys(k[:, :, :n])
+    index = hsr.HSRIndexBatch(k[:, :, :n].float(), leaf_size=16)
+    if rule == "certified":
+        out, info = hsr.certified_attention(q, k, v, sketch, eps=1e-2, tail=tail)
+    elif rule == "topk":
+        out, info = hsr.topk_attention(q, k, v, index, sketch, k_top=10, tail=tail)
+    else:
+        out, info = hsr.threshold_attention(q, k, v, index, sketch, threshold=1.0, tail=tail)
+    scale = 1 / math.sqrt(D)
+    tail_norm = v[:, :, n:].double().norm(dim=-1).amax(-1).repeat_interleave(G, 1)
+    assert (info.v_kept_max >= tail_norm).all() and int(info.offsets[-1]) == info.ids.numel()
+    assert (info.ids < n).all()  # the selection describes the keys before the tail
+    for b in range(B):
+        for hq in range(Hkv * G):
+            h, gi = hq // G, hq % G
+            rows = slice(int(info.offsets[b * Hkv + h]), int(info.offsets[b * Hkv + h + 1]))
+            seen = torch.zeros(n + tail, dtype=torch.bool)
+            seen[info.ids[rows][info.mask[rows, gi]]] = True
+            seen[n:] = True
+            s = (k[b, h].double() @ q[b, hq, 0].double()) * scale
+            p = torch.softmax(s, 0)
+            o = p @ v[b, h].double()
+            o_seen = torch.softmax(s.masked_fill(~seen, float("-inf")), 0) @ v[b, h].double()
+            assert float(p[~seen].sum()) <= float(info.mass_bound[b, hq]) * (1 + 1e-9) + 1e-300
+            assert float((o - o_seen).norm()) <= float(info.error_bound[b, hq]) * (1 + 1e-9) + 1e-300
+            torch.testing.assert_close(out[b, hq, 0].double(), o_seen, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="tail"):
+        hsr.certified_attention(q, k, v, sketch, eps=1e-2, tail=n + tail)
+    with pytest.raises(ValueError, match="tail"):
+        hsr.certified_attention(q, k, v, sketch, eps=1e-2, tail=-1)
+    with pytest.raises(ValueError, match="sketch"):
+        hsr.certified_attention(q, k, v, sketch, eps=1e-2, tail=tail + 1)

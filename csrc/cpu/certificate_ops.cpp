@@ -29,24 +29,38 @@ double row_norm(const T* row, int64_t d) {
   return std::sqrt(s);
 }
 
-// Per kept row j of pair p (b * Hkv + h), its key's norm bound: from k_norms (B, Hkv, n) when
-// given, else computed from k (B, Hkv, n, D).
+// The norm of row id of (b, h) in t (B, H, n, W; float32, float16 or bfloat16, rows contiguous).
+double norm_of_row(const at::Tensor& t, int64_t b, int64_t h, int64_t id) {
+  const int64_t w = t.size(3), at_row = b * t.stride(0) + h * t.stride(1) + id * t.stride(2);
+  switch (t.scalar_type()) {
+    case at::kFloat: return row_norm(t.const_data_ptr<float>() + at_row, w);
+    case at::kHalf: return row_norm(reinterpret_cast<const half_t*>(t.const_data_ptr<at::Half>()) + at_row, w);
+    default: return row_norm(reinterpret_cast<const bfloat16_t*>(t.const_data_ptr<at::BFloat16>()) + at_row, w);
+  }
+}
+
+// Per kept row of pair (b, h), its key's norm bound: from k_norms (B, Hkv, >= tail_begin) for
+// rows before tail_begin when given, else computed from k (B, Hkv, n, D).
 struct KeyNorms {
   const at::Tensor* k;
+  int64_t tail_begin;
   const float* norms = nullptr;
   int64_t norm_strides[3] = {0, 0, 0};
 
   double operator()(int64_t b, int64_t h, int64_t id) const {
-    if (norms != nullptr) return norms[b * norm_strides[0] + h * norm_strides[1] + id * norm_strides[2]];
-    const int64_t d = k->size(3), at_row = b * k->stride(0) + h * k->stride(1) + id * k->stride(2);
-    switch (k->scalar_type()) {
-      case at::kFloat: return row_norm(k->const_data_ptr<float>() + at_row, d);
-      case at::kHalf: return row_norm(reinterpret_cast<const half_t*>(k->const_data_ptr<at::Half>()) + at_row, d);
-      default:
-        return row_norm(reinterpret_cast<const bfloat16_t*>(k->const_data_ptr<at::BFloat16>()) + at_row, d);
-    }
+    if (norms != nullptr && id < tail_begin)
+      return norms[b * norm_strides[0] + h * norm_strides[1] + id * norm_strides[2]];
+    return norm_of_row(*k, b, h, id);
   }
 };
+
+void check_rows(const char* what, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.device().is_cpu() && t.stride(3) == 1 &&
+                        (t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                         t.scalar_type() == at::kBFloat16),
+                    what, ": ", name, " must be a CPU float32, float16 or bfloat16 tensor (B, Hkv, n, W) with "
+                    "contiguous rows, got ", t.scalar_type(), " of shape ", t.sizes());
+}
 
 void check_per_head(const char* what, const at::Tensor& t, at::ScalarType type, int64_t B, int64_t Hq,
                     const char* name) {
@@ -56,18 +70,19 @@ void check_per_head(const char* what, const at::Tensor& t, at::ScalarType type, 
                     " of shape ", t.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_certificate_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_certificate_cpu(
     const at::Tensor& q_in, const at::Tensor& lse_in, const at::Tensor& offsets_in, const at::Tensor& ids_in,
-    const at::Tensor& mask_in, const at::Tensor& k, const std::optional<at::Tensor>& k_norms,
-    const at::Tensor& log_left_in, const at::Tensor& v_left_in, const at::Tensor& v_kept_in,
+    const at::Tensor& mask_in, const at::Tensor& k, const std::optional<at::Tensor>& k_norms, const at::Tensor& v,
+    int64_t tail_begin, const at::Tensor& log_left_in, const at::Tensor& v_left_in, const at::Tensor& v_kept_in,
     const at::Tensor& kept_in, double scale) {
   const char* what = "hsr.softmax_certificate";
-  TORCH_CHECK_VALUE(k.dim() == 4 && k.device().is_cpu() && k.stride(3) == 1 &&
-                        (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf ||
-                         k.scalar_type() == at::kBFloat16),
-                    what, ": k must be a CPU float32, float16 or bfloat16 tensor (B, Hkv, n, D) with contiguous rows, "
-                    "got ", k.scalar_type(), " of shape ", k.sizes());
+  check_rows(what, k, "k");
+  check_rows(what, v, "v");
   const int64_t B = k.size(0), Hkv = k.size(1), n = k.size(2), D = k.size(3);
+  TORCH_CHECK_VALUE(v.size(0) == B && v.size(1) == Hkv && v.size(2) == n, what, ": v must hold the keys' rows (", B,
+                    ", ", Hkv, ", ", n, ", Dv), got ", v.sizes());
+  TORCH_CHECK_VALUE(0 <= tail_begin && tail_begin <= n, what, ": tail_begin must be in [0, ", n, "], got ",
+                    tail_begin);
   TORCH_CHECK_VALUE(q_in.dim() == 3 && q_in.size(0) == B && q_in.size(2) == D && Hkv > 0 && q_in.size(1) % Hkv == 0 &&
                         q_in.scalar_type() == at::kFloat && q_in.device().is_cpu(),
                     what, ": q must be a CPU float32 tensor (", B, ", Hq, ", D, ") with Hq a multiple of ", Hkv,
@@ -91,13 +106,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_certificate_cpu(
   bool rises = o[0] == 0 && o[pairs] == total;
   for (int64_t p = 0; p < pairs && rises; ++p) rises = o[p] <= o[p + 1];
   TORCH_CHECK_VALUE(rises, what, ": offsets must rise from 0 to len(ids) = ", total);
-  KeyNorms norm_of{&k};
+  KeyNorms norm_of{&k, tail_begin};
   if (k_norms.has_value()) {
     const at::Tensor& kn = *k_norms;
-    TORCH_CHECK_VALUE(kn.dim() == 3 && kn.size(0) == B && kn.size(1) == Hkv && kn.size(2) == n &&
+    TORCH_CHECK_VALUE(kn.dim() == 3 && kn.size(0) == B && kn.size(1) == Hkv && kn.size(2) >= tail_begin &&
                           kn.scalar_type() == at::kFloat && kn.device().is_cpu(),
-                      what, ": k_norms must be a CPU float32 tensor (", B, ", ", Hkv, ", ", n, "), got ",
-                      kn.scalar_type(), " of shape ", kn.sizes());
+                      what, ": k_norms must be a CPU float32 tensor (", B, ", ", Hkv, ", n >= ", tail_begin,
+                      "), got ", kn.scalar_type(), " of shape ", kn.sizes());
     norm_of.norms = kn.const_data_ptr<float>();
     for (int i = 0; i < 3; ++i) norm_of.norm_strides[i] = kn.stride(i);
   }
@@ -108,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_certificate_cpu(
   const at::Tensor q = q_in.contiguous(), lse = lse_in.contiguous(), log_left = log_left_in.contiguous(),
                    v_left = v_left_in.contiguous(), v_kept = v_kept_in.contiguous(), kept = kept_in.contiguous();
   at::Tensor mass = at::empty({B, Hq}, at::kDouble), error = at::empty({B, Hq}, at::kDouble);
+  at::Tensor v_kept_out = v_kept.clone();
+  double* vk = v_kept_out.data_ptr<double>();
   const bool* m = mask.const_data_ptr<bool>();
   std::vector<double> k_max(static_cast<size_t>(G));
   for (int64_t p = 0; p < pairs; ++p) {
@@ -115,8 +132,14 @@ std::tuple<at::Tensor, at::Tensor> softmax_certificate_cpu(
     std::fill(k_max.begin(), k_max.end(), 0.0);
     for (int64_t j = o[p]; j < o[p + 1]; ++j) {
       const double kn = norm_of(b, h, id[j]);
+      // A tail row's value is in no bound the selection made: its norm, widened by far more
+      // than the double sum's rounding.
+      const double vn = id[j] >= tail_begin ? norm_of_row(v, b, h, id[j]) * (1.0 + 1e-12) : 0.0;
       for (int64_t g = 0; g < G; ++g)
-        if (m[j * G + g]) k_max[g] = std::max(k_max[g], kn);
+        if (m[j * G + g]) {
+          k_max[g] = std::max(k_max[g], kn);
+          vk[p * G + g] = std::max(vk[p * G + g], vn);
+        }
     }
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = p * G + g;  // (b, h * G + g) flattened
@@ -125,12 +148,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_certificate_cpu(
       for (int64_t t = 0; t < D; ++t) qs += double(qr[t]) * double(qr[t]);
       const sketch::Certificate c = sketch::certify_head(
           lse.const_data_ptr<float>()[r], log_left.const_data_ptr<double>()[r], v_left.const_data_ptr<double>()[r],
-          v_kept.const_data_ptr<double>()[r], k_max[g], std::sqrt(qs), kept.const_data_ptr<int64_t>()[r], D, scale);
+          vk[r], k_max[g], std::sqrt(qs), kept.const_data_ptr<int64_t>()[r], D, scale);
       mass.data_ptr<double>()[r] = c.mass;
       error.data_ptr<double>()[r] = c.error;
     }
   }
-  return {mass, error};
+  return {mass, error, v_kept_out};
 }
 
 }  // namespace

@@ -135,12 +135,15 @@ def print_report(result: dict) -> None:
         print(f"  {k:<{width}}  {v}")
     rows = [dict(layer=p["layer"], read=100 * p["keys_read_fraction"],
                  heads=" ".join(f"{100 * x:.0f}" for x in p["keys_read_fraction_per_head"]),
-                 mass=p["mass_bound_max"], ms=1e3 * p["seconds"] / max(1, p["steps"]))
+                 mass=p["mass_bound_max"], ms=1e3 * p["seconds"] / max(1, p["steps"]),
+                 select_ms=1e3 * p["select_seconds"] / max(1, p["steps"]),
+                 attend_ms=1e3 * p["attend_seconds"] / max(1, p["steps"]))
             for p in result["per_layer"] if p["steps"]]
     print()
     print(format_table(rows, [("layer", "layer", ""), ("read", "keys read %", ".1f"),
                               ("heads", "per kv head %", ""), ("mass", "mass_bound max", ".2e"),
-                              ("ms", "ms/step", ".2f")]))
+                              ("ms", "ms/step", ".2f"), ("select_ms", "select", ".2f"),
+                              ("attend_ms", "attend", ".2f")]))
 
 
 def plot(result: dict, path: str) -> None:

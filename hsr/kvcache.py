@@ -22,9 +22,9 @@ is built), so an opened leaf is one block of K/V and sketch rows. Policies:
   half-space query (hsr.relu_reported_attention): the result equals dense ReLU attention up
   to rounding.
 
-The selection runs in C++; packing, the attention call, the certificate and the merge with
-the tail are orchestrated from Python (ReLU attends to its selection and the tail in one
-sparse_attention call: hsr's selection_with_tail appends the tail's rows to every pair).
+The selection and the certificate run in C++, orchestrated from Python; every sparse step
+attends to its selection and the tail in one sparse_attention call (hsr's
+selection_with_tail appends the tail's rows to every pair).
 """
 
 from __future__ import annotations

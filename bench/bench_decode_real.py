@@ -10,7 +10,9 @@ full precision (the GQA union per kv head), bytes read / dense K+V bytes, the ce
 mass_bound, the true left-out mass (TV distance, from fp64 dense attention) and output
 error, and the oracle: the fewest keys holding 1 - eps of each q head's softmax mass
 (per head, and the union over each kv head's q heads, which is what a GQA read needs).
-Times: the step against hsr's dense op and torch SDPA on the same keys.
+Times: the step against hsr's dense op and torch SDPA on the same keys, every timed call cold
+(the CPU caches flushed first, as in bench_decode_cpu.py: in a 30-layer model a layer's keys
+are long evicted when it decodes again).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, flush_cpu_caches, format_table, median_ms_cpu, write_json
 from hsr.capture import load_capture
 from bench_decode_cpu import policy_name, quality
 
@@ -59,6 +61,7 @@ def run_layer(q_all, k_all, v_all, policy, dtype, eps_oracle, sketch):
     for j in range(steps):
         i = start + j
         q = q_all[:, j].reshape(1, hq, 1, d).to(dtype)
+        flush_cpu_caches()
         t = time.perf_counter()
         out, info = cache.decode(q, k[:, :, i:i + 1].contiguous(), v[:, :, i:i + 1].contiguous())
         ms = (time.perf_counter() - t) * 1e3
@@ -70,8 +73,8 @@ def run_layer(q_all, k_all, v_all, policy, dtype, eps_oracle, sketch):
                          over=bool((tv > info.mass_bound[0] * (1 + 1e-9) + 1e-300).any()),
                          err_bound=info.error_bound.max().item(), oracle_head=o_head, oracle_union=o_union))
     q = q_all[:, -1].reshape(1, hq, 1, d).to(dtype)
-    dense_ms = median_ms_cpu(lambda: hsr.attention(q, k, v), iters=5)
-    sdpa_ms = median_ms_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=5)
+    dense_ms = median_ms_cpu(lambda: hsr.attention(q, k, v), iters=5, cold=True)
+    sdpa_ms = median_ms_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=5, cold=True)
     agg = {key: float(np.mean([r[key] for r in rows])) for key in ("read", "bytes", "oracle_head", "oracle_union")}
     agg.update(step_ms=float(np.median([r["ms"] for r in rows])), dense_ms=dense_ms, sdpa_ms=sdpa_ms,
                mass_bound_max=max(r["mass"] for r in rows), tv_max=max(r["tv"] for r in rows),

@@ -110,7 +110,8 @@ def softmax_certificate_ref(q, lse, offsets, ids, mask, k, k_norms, v, tail_begi
     if k_norms is not None:
         given = k_norms[b_of, h_of, ids.clamp(max=max(tail_begin - 1, 0))].double()
         norms = torch.where(tail_row, norms, given)
-    v_norms = (v[b_of, h_of, ids].double().norm(dim=1) * (1 + 1e-12)).masked_fill(~tail_row, 0.0)
+    v_widen = 1 + (v.shape[3] + 4) * 1.2e-16
+    v_norms = (v[b_of, h_of, ids].double().norm(dim=1) * v_widen).masked_fill(~tail_row, 0.0)
 
     def per_head_max(row_values):
         out = torch.zeros(pairs, G, dtype=torch.float64)

@@ -126,15 +126,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_certificate_cpu(
   at::Tensor v_kept_out = v_kept.clone();
   double* vk = v_kept_out.data_ptr<double>();
   const bool* m = mask.const_data_ptr<bool>();
+  const double v_widen = 1.0 + double(v.size(3) + 4) * 1.2e-16;
   std::vector<double> k_max(static_cast<size_t>(G));
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t b = p / Hkv, h = p % Hkv;
     std::fill(k_max.begin(), k_max.end(), 0.0);
     for (int64_t j = o[p]; j < o[p + 1]; ++j) {
       const double kn = norm_of(b, h, id[j]);
-      // A tail row's value is in no bound the selection made: its norm, widened by far more
-      // than the double sum's rounding.
-      const double vn = id[j] >= tail_begin ? norm_of_row(v, b, h, id[j]) * (1.0 + 1e-12) : 0.0;
+      // A tail row's value is in no bound the selection made: its norm, widened for the
+      // double sum of Dv squares and the square root (relative (Dv + 1) * 2^-53 at most).
+      const double vn = id[j] >= tail_begin ? norm_of_row(v, b, h, id[j]) * v_widen : 0.0;
       for (int64_t g = 0; g < G; ++g)
         if (m[j * G + g]) {
           k_max[g] = std::max(k_max[g], kn);

@@ -9,7 +9,8 @@
 //   |float score - exact score| <= gamma_D * scale * |q| * max |k| over the kept keys,
 //   the normaliser sums `kept` terms in tiles of 64 (and lse = m + log(l) rounds once more):
 //   its log is off by at most (kept / 64 + 64 + 8) * 2u, plus |lse| * 2u for lse itself.
-// The norms are float32 and widened by far more than their own rounding.
+// The key norms (float32 bounds, or double norms of the keys) are widened by 1e-4, far more
+// than their own rounding.
 #pragma once
 
 #include <cmath>

@@ -27,8 +27,8 @@ is the default cache (select="auto", dense_fallback): at its probe steps (every 
 it times tree+sketch, sketch and the dense path and keeps the fastest; the probe step
 itself, which runs all three, is among the steps timed; the row's name ends with the path
 kept. Medians over --steps steps; select ms and attend ms are the medians of the steps'
-info.select_seconds (choosing the keys) and info.attend_seconds (the attention kernels and the
-merge; a dense step is all attending). Every timed call starts cold: the CPU caches are flushed
+info.select_seconds (choosing the keys) and info.attend_seconds (the attention kernel over the
+selection and the tail; a dense step is all attending). Every timed call starts cold: the CPU caches are flushed
 before each decode step and each dense iteration (hsr.benchmarking.flush_cpu_caches), as in a
 model of many layers, where one layer's keys are long evicted by the time it decodes again
 (at 4k context the whole KV cache fits in a 32 MB L3, and a warm repeat would time the

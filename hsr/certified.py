@@ -118,7 +118,8 @@ class CertifiedInfo:
     # among those kept (0 where none), the ingredients of error_bound.
     v_left_max: torch.Tensor
     v_kept_max: torch.Tensor
-    # (B, Hq) float32: log of the kept keys' softmax normaliser, to merge with other keys.
+    # (B, Hq) float32: log of the kept keys' (and the tail's) softmax normaliser, to merge with
+    # other keys.
     lse: torch.Tensor
     # With an index: int64 [nodes_visited, leaves_opened, keys_sketched] summed over the
     # trees; None without.

@@ -156,9 +156,9 @@ class DecodeInfo:
     softmax, "tree+sketch", "sketch" or "index" for ReLU; None for dense steps and the other
     policies). select_seconds: wall time spent choosing the keys to read (tree walk, sketch
     bounds, the cut; TopK and threshold: the index's search and the sketch bounds of the keys
-    left out; 0 for a dense step); attend_seconds: in the attention kernels over the selection
-    and the tail and their merge. The rest of seconds goes to the checks, the append, indexing
-    a full tail, the certificate's arithmetic and, at a probe step, the paths not kept."""
+    left out; 0 for a dense step); attend_seconds: in the attention kernel over the selection
+    and the tail (one call). The rest of seconds goes to the checks, the append, indexing a
+    full tail, the certificate and, at a probe step, the paths not kept."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor

@@ -131,23 +131,27 @@ def test_long_context_decode_uses_key_splits(device, causal, lq):
 @pytest.mark.parametrize("layout", ["bshd", "strided_d", "expanded_kv", "unaligned_offset"])
 def test_non_contiguous_inputs(device, layout):
     g = torch.Generator().manual_seed(0)
+
+    def base(*shape):  # the storage is made on the device, the layout is a view of it there
+        return torch.randn(*shape, generator=g).to(device)
+
     if layout == "bshd":  # (B, L, H, D) storage viewed as (B, H, L, D), as a model produces it
-        q = torch.randn(2, 7, 8, 64, generator=g).transpose(1, 2)
-        k = torch.randn(2, 300, 2, 64, generator=g).transpose(1, 2)
-        v = torch.randn(2, 300, 2, 64, generator=g).transpose(1, 2)
+        q = base(2, 7, 8, 64).transpose(1, 2)
+        k = base(2, 300, 2, 64).transpose(1, 2)
+        v = base(2, 300, 2, 64).transpose(1, 2)
     elif layout == "strided_d":  # last dimension not contiguous
-        q = torch.randn(2, 8, 7, 128, generator=g)[..., ::2]
-        k = torch.randn(2, 2, 300, 128, generator=g)[..., ::2]
-        v = torch.randn(2, 2, 300, 128, generator=g)[..., 1::2]
+        q = base(2, 8, 7, 128)[..., ::2]
+        k = base(2, 2, 300, 128)[..., ::2]
+        v = base(2, 2, 300, 128)[..., 1::2]
     elif layout == "expanded_kv":  # a broadcast kv head dimension (stride 0)
-        q = torch.randn(2, 8, 7, 64, generator=g)
-        k = torch.randn(2, 1, 300, 64, generator=g).expand(2, 2, 300, 64)
-        v = torch.randn(2, 1, 300, 64, generator=g).expand(2, 2, 300, 64)
+        q = base(2, 8, 7, 64)
+        k = base(2, 1, 300, 64).expand(2, 2, 300, 64)
+        v = base(2, 1, 300, 64).expand(2, 2, 300, 64)
     else:  # views starting one element into their storage: rows not 16-byte aligned
-        q = torch.randn(2 * 8 * 7 * 64 + 1, generator=g)[1:].view(2, 8, 7, 64)
-        k = torch.randn(2 * 2 * 300 * 64 + 1, generator=g)[1:].view(2, 2, 300, 64)
-        v = torch.randn(2 * 2 * 300 * 64 + 1, generator=g)[1:].view(2, 2, 300, 64)
-    q, k, v = q.to(device), k.to(device), v.to(device)
+        q = base(2 * 8 * 7 * 64 + 1)[1:].view(2, 8, 7, 64)
+        k = base(2 * 2 * 300 * 64 + 1)[1:].view(2, 2, 300, 64)
+        v = base(2 * 2 * 300 * 64 + 1)[1:].view(2, 2, 300, 64)
+        assert k.data_ptr() % 16 != 0
     if layout != "unaligned_offset":
         assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
     out, lse = hsr.attention(q, k, v, causal=True, return_lse=True)

@@ -298,10 +298,12 @@ void check_launch(const char* what) {
 }
 
 // Opts a kernel into more than 48 KiB of dynamic shared memory, once per device (the
-// attribute is per device; doing it once keeps CUDA-graph capture free of extra API calls).
+// attribute is per device and per kernel; doing it once keeps CUDA-graph capture free of
+// extra API calls). done_devices: the caller's record for this one kernel (every
+// instantiation of the tile kernel has the same function type, so a static here would be
+// shared between them and leave all but the first without the attribute).
 template <typename Kernel>
-void allow_large_shared_memory(Kernel* kernel, size_t bytes) {
-  static std::atomic<uint64_t> done_devices{0};
+void allow_large_shared_memory(Kernel* kernel, size_t bytes, std::atomic<uint64_t>& done_devices) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) check_launch("cudaGetDevice");
   const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
@@ -324,7 +326,8 @@ void launch_tile_and_combine(const DenseAttentionCudaArgs& args, const DenseAtte
                            size_t(kTile) * (D + row_pad<T>()) * sizeof(T) +
                            size_t(kTile) * DV * sizeof(T);
   auto* tile_kernel = dense_attention_tile_kernel<T, D, DV, RPW>;
-  if (kSmem > 48 * 1024) allow_large_shared_memory(tile_kernel, kSmem);
+  static std::atomic<uint64_t> attribute_set_on{0};  // per instantiation: per kernel
+  if (kSmem > 48 * 1024) allow_large_shared_memory(tile_kernel, kSmem, attribute_set_on);
   tile_kernel<<<unsigned(plan.num_blocks(p)), kThreads, kSmem, stream>>>(ta);
   check_launch("dense_attention_tile_kernel launch");
   if (plan.splits > 1) {

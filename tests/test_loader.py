@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -34,3 +35,15 @@ def test_import_refuses_another_torch_in_a_fresh_interpreter():
     assert proc.returncode != 0
     assert "TorchVersionMismatch" in proc.stderr
     assert "torch 9.9.9 is installed" in proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="needs Linux and readelf")
+def test_module_uses_the_shared_cxx_runtime():
+    # A second, static C++ runtime in the module (a compiler that ships only libstdc++.a)
+    # crashed the first error message that formatted a number; the build names the shared one.
+    from hsr._loader import library_path
+
+    dynamic = subprocess.run(["readelf", "-d", library_path()], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[")[-1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert any(name.startswith("libstdc++.so") for name in needed), needed

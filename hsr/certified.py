@@ -206,8 +206,8 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, index_stats = \
             index._impl.certified_select(qf, *codes, bits, group, v_up_f, v_max.contiguous(), scale,
                                          eps_select)
-    out, info = _attend_and_certify(q, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept, selected,
-                                    index_stats, k_norms, time.perf_counter() - started, tail)
+    out, info = _attend_and_certify(q, qf, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept,
+                                    selected, index_stats, k_norms, time.perf_counter() - started, tail)
     return (out, info) if estimate is None else _add_estimate(out, info, *estimate)
 
 
@@ -245,13 +245,12 @@ def _add_estimate(out, info, weights, log_ref, value_blocks):
                                                      estimate_norm=block_norm)
 
 
-def _attend_and_certify(q, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats, k_norms,
+def _attend_and_certify(q, qf, k, v, scale, selection, log_left, v_left, v_kept, selected, index_stats, k_norms,
                         select_seconds, tail):
     """Softmax over the selected keys and the last `tail` keys of k, v, and its certificate,
     from the per (batch, q head) log of the left-out upper-bound mass and the largest value
-    norms left out and kept."""
+    norms left out and kept. qf: q[:, :, 0] in float32, as the selection used it."""
     offsets_t, ids_t, mask_t = selection
-    qf = q[:, :, 0].float()
     n = k.shape[2] - tail
     started = time.perf_counter()
     every = torch.ops.hsr.selection_with_tail(offsets_t, ids_t, mask_t, n, n + tail) if tail else selection
@@ -308,7 +307,7 @@ def fixed_set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
             left, v_l, v_k = _left_out_by_sketch(qf, sketch, v_up_f, scale, pick, b, h, G)
             log_left.append(left), v_left.append(v_l), v_kept.append(v_k)
     per_head = [torch.cat(x).view(B, Hq) for x in (log_left, v_left, v_kept)]
-    return _attend_and_certify(q, k, v, scale, selection.tensors(), *per_head, chosen.sum(-1), None, None,
+    return _attend_and_certify(q, qf, k, v, scale, selection.tensors(), *per_head, chosen.sum(-1), None, None,
                                time.perf_counter() - started, tail)
 
 

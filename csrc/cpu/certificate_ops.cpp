@@ -10,9 +10,11 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "hsr/sketch/certificate.h"
 #include "hsr/types.h"
+#include "selection_checks.h"
 
 namespace hsr {
 namespace {
@@ -103,9 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_certificate_cpu(
   const at::Tensor offsets = offsets_in.contiguous(), ids = ids_in.contiguous(), mask = mask_in.contiguous();
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   const int64_t total = ids.size(0);
-  bool rises = o[0] == 0 && o[pairs] == total;
-  for (int64_t p = 0; p < pairs && rises; ++p) rises = o[p] <= o[p + 1];
-  TORCH_CHECK_VALUE(rises, what, ": offsets must rise from 0 to len(ids) = ", total);
+  check_offsets_rise(what, offsets, total);
   KeyNorms norm_of{&k, tail_begin};
   if (k_norms.has_value()) {
     const at::Tensor& kn = *k_norms;

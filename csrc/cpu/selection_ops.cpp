@@ -8,6 +8,8 @@
 
 #include <algorithm>
 
+#include "selection_checks.h"
+
 namespace hsr {
 namespace {
 
@@ -15,15 +17,6 @@ void check_index_vectors(const char* what, const at::Tensor& offsets, const at::
   for (const auto& [t, name] : {std::pair{&offsets, "offsets"}, std::pair{&ids, "ids"}})
     TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu(), what, ": ", name,
                       " must be a 1-D CPU int64 tensor, got ", t->scalar_type(), " of shape ", t->sizes());
-}
-
-// offsets (pairs + 1 >= 1 entries, contiguous) must rise from 0 to the number of ids.
-void check_offsets_rise(const char* what, const at::Tensor& offsets, int64_t total) {
-  const int64_t* o = offsets.const_data_ptr<int64_t>();
-  const int64_t pairs = offsets.size(0) - 1;
-  bool ok = o[0] == 0 && o[pairs] == total;
-  for (int64_t p = 0; p < pairs && ok; ++p) ok = o[p] <= o[p + 1];
-  TORCH_CHECK_VALUE(ok, what, ": offsets must rise from 0 to len(ids) = ", total);
 }
 
 // Checks offsets (pairs + 1,) int64 non-decreasing from 0 to len(ids), ids (total,) int64

@@ -100,9 +100,17 @@ TORCH_LIBRARY(hsr, m) {
   // Raises ValueError "<what>: <name> contains NaN or Inf" unless every element of every
   // tensor (CPU float32, float16 or bfloat16) is finite: a cache's per-step input check.
   m.def("check_finite(Tensor[] tensors, str what, str name) -> ()");
-  // Copies tokens[i] (B, H, L, W) into rows [start, start + L) of buffers[i] (B, H, capacity,
-  // W; rows contiguous, same dtype) for every i, after checking that all of them fit.
-  m.def("write_tokens(Tensor(a!)[] buffers, Tensor[] tokens, int start) -> ()");
+  // Raises ValueError "<what>: <name> must be ..." unless every tokens[i] is (B, H, L, W) with
+  // buffers[i]'s B, H, W, dtype and device, one L for all (= length when length >= 0), and
+  // with `finite`, "<what>: <names joined by ' or '> contains NaN or Inf" unless all are finite.
+  m.def(
+      "check_tokens(Tensor[] buffers, Tensor[] tokens, str what, str[] names, "
+      "int length=-1, bool finite=False) -> ()");
+  // check_tokens, then copies tokens[i] into rows [start, start + L) of buffers[i] (B, H,
+  // capacity, W; rows contiguous) for every i, after checking that all of them fit.
+  m.def(
+      "write_tokens(Tensor(a!)[] buffers, Tensor[] tokens, int start, str what, str[] names, "
+      "int length=-1, bool finite=False) -> ()");
 
   // The vector tier the CPU kernels run with: "sse", "avx" or "avx512" (the CPU's widest,
   // capped by the environment variable HSR_SIMD when the library loaded).

@@ -28,7 +28,7 @@ def median_ms_cpu(fn: Callable[[], object], *, warmup: int = 2, iters: int = 7, 
     return statistics.median(times)
 
 
-def _largest_cpu_cache_bytes() -> int:
+def largest_cpu_cache_bytes() -> int:
     """The largest CPU cache sysfs lists (the last level), 32 MiB when it lists none."""
     sizes = []
     root = "/sys/devices/system/cpu/cpu0/cache"
@@ -54,7 +54,7 @@ def flush_cpu_caches() -> None:
     not written: evicted lines are clean, so the timed call pays no write-backs.)"""
     if not _CPU_FLUSH:
         # One float32 element (4 bytes) per byte of the cache: four times its size.
-        _CPU_FLUSH.append(torch.ones(_largest_cpu_cache_bytes(), dtype=torch.float32))
+        _CPU_FLUSH.append(torch.ones(largest_cpu_cache_bytes(), dtype=torch.float32))
     _CPU_FLUSH[0].sum()
 
 

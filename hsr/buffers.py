@@ -27,6 +27,7 @@ class TokenBuffers:
         if len(shapes) != len(self._names):
             raise ValueError(f"{cls}: one (heads, width) per buffer {self._names}, got {shapes}")
         self._shapes = shapes
+        self._name_list = list(self._names)
         self._dtypes = tuple(dtypes) if dtypes is not None else (dtype,) * len(shapes)
         self._bufs = [torch.empty(batch, h, 0, w, dtype=t, device=self.device)
                       for (h, w), t in zip(shapes, self._dtypes)]
@@ -49,38 +50,34 @@ class TokenBuffers:
         # several microseconds per call on a decode step's path.
         return self._bufs[i].narrow(2, 0, self._length)
 
-    def append_tokens(self, *tensors) -> None:
-        """Appends one (B, heads, L, width) tensor per buffer; validated first, so bad
-        input raises and leaves the buffers unchanged."""
-        cls = type(self).__name__
-        n = None
-        for name, t, (h, w), dtype in zip(self._names, tensors, self._shapes, self._dtypes):
-            want = (self.batch, h, w)
-            if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{cls}.append: {name} must be ({self.batch}, {h}, L, {w}), got {got}")
-            if t.dtype != dtype or t.device != self.device:
-                raise ValueError(f"{cls}.append: {name} must be {dtype} on {self.device}, got {t.dtype} on "
-                                 f"{t.device}")
-            if n is not None and t.shape[2] != n:
-                raise ValueError(f"{cls}.append: {self._names[0]} and {name} must hold the same number of tokens")
-            n = t.shape[2]
-        need = self._length + n
+    def append_tokens(self, *tensors, what: str | None = None, length: int = -1, finite: bool = False) -> None:
+        """Appends one (B, heads, L, width) tensor per buffer; validated first (one L for all,
+        equal to `length` when it is >= 0; with `finite`, no NaN or Inf), so bad input raises
+        ValueError naming `what` (default "<class>.append") and leaves the buffers unchanged."""
+        what = what or f"{type(self).__name__}.append"
+        if len(tensors) != len(self._bufs):
+            raise ValueError(f"{what}: one tensor per buffer {self._names}, got {len(tensors)}")
+        for name, t in zip(self._names, tensors):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+        first, tokens = tensors[0], list(tensors)
+        need = self._length + (first.shape[2] if first.dim() == 4 else 0)
         if need > self._bufs[0].shape[2]:
-            old_cap = self._bufs[0].shape[2]
-            cap = max(need + (need // 8 if old_cap == 0 else 0), 2 * old_cap, 64)
-            grown = []
-            for old, (h, w), dtype in zip(self._bufs, self._shapes, self._dtypes):
-                new = torch.empty(self.batch, h, cap, w, dtype=dtype, device=self.device)
-                new[:, :, :self._length] = old[:, :, :self._length]
-                grown.append(new)
-            self._bufs = grown
-        if self.device.type == "cpu":
-            torch.ops.hsr.write_tokens(self._bufs, list(tensors), self._length)
-        else:
-            for buf, t in zip(self._bufs, tensors):
-                buf.narrow(2, self._length, n).copy_(t)
+            torch.ops.hsr.check_tokens(self._bufs, tokens, what, self._name_list, length, finite)
+            self._grow(need)
+        # One call checks the tokens (the same checks) and copies them in as rows.
+        torch.ops.hsr.write_tokens(self._bufs, tokens, self._length, what, self._name_list, length, finite)
         self._length = need
+
+    def _grow(self, need: int) -> None:
+        old_cap = self._bufs[0].shape[2]
+        cap = max(need + (need // 8 if old_cap == 0 else 0), 2 * old_cap, 64)
+        grown = []
+        for old, (h, w), dtype in zip(self._bufs, self._shapes, self._dtypes):
+            new = torch.empty(self.batch, h, cap, w, dtype=dtype, device=self.device)
+            new[:, :, :self._length] = old[:, :, :self._length]
+            grown.append(new)
+        self._bufs = grown
 
     def permute_tokens(self, perm: torch.Tensor) -> None:
         """Reorders the first perm.shape[2] tokens of every buffer: token j becomes old token

@@ -278,8 +278,10 @@ class HSRKVCache:
         out.scatter_(2, pos, stored[:, :, :self._indexed])
         return out
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._kv.append(k, v)
+    def _append(self, k: torch.Tensor, v: torch.Tensor, what: str, length: int = -1) -> None:
+        """Appends k and v (B, Hkv, L, D) after checking them (shapes, dtype, finite): bad
+        input raises ValueError naming HSRKVCache.<what> and leaves the cache unchanged."""
+        self._kv.append_tokens(k, v, what=f"HSRKVCache.{what}", length=length, finite=True)
 
     @property
     def indexed_length(self) -> int:
@@ -291,37 +293,20 @@ class HSRKVCache:
             return ids
         return torch.ops.hsr.selection_positions(offsets, ids, self._bufs.view("positions")[..., 0])
 
-    def _check_kv(self, k, v, what, length=None):
-        expect = (self.batch, self.num_kv_heads)
-        for name, t, width in (("k", k, self.head_dim), ("v", v, self.value_dim)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:2]) != expect \
-                    or t.shape[3] != width or (length is not None and t.shape[2] != length):
-                want = f"({self.batch}, {self.num_kv_heads}, {'L' if length is None else length}, {width})"
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"HSRKVCache.{what}: {name} must be {want}, got {got}")
-            if t.dtype != self.dtype or t.device.type != "cpu":
-                raise ValueError(f"HSRKVCache.{what}: {name} must be a CPU {self.dtype} tensor, got "
-                                 f"{t.dtype} on {t.device}")
-        if k.shape[2] != v.shape[2]:
-            raise ValueError(f"HSRKVCache.{what}: k and v must hold the same number of tokens")
-        torch.ops.hsr.check_finite([k, v], f"HSRKVCache.{what}", "k or v")
-
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the prompt's keys and values (B, Hkv, L, D) in an empty cache; every whole
         leaf of them is indexed and sketched, the rest forms the tail."""
-        self._check_kv(k, v, "prefill")
         if self.length:
             raise ValueError("HSRKVCache.prefill: the cache is not empty (call reset() first, or extend())")
-        self._extend_checked(k, v)
+        self._extend(k, v, "prefill")
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append keys and values (B, Hkv, L, D) without attending (a chunk of a chunked
         prefill); the tail's whole leaves are indexed and sketched."""
-        self._check_kv(k, v, "extend")
-        self._extend_checked(k, v)
+        self._extend(k, v, "extend")
 
-    def _extend_checked(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._append(k, v)
+    def _extend(self, k: torch.Tensor, v: torch.Tensor, what: str) -> None:
+        self._append(k, v, what)
         self._index_up_to(self.length - (self.length - self._indexed) % self.leaf_size)
 
     def _index_up_to(self, end: int) -> None:
@@ -403,7 +388,6 @@ class HSRKVCache:
     def decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append one key and value per kv head, then attend q (B, Hq, 1, D) to every key.
         Returns (out (B, Hq, 1, D) in the cache dtype, DecodeInfo)."""
-        self._check_kv(k_new, v_new, "decode", length=1)
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[0] != self.batch or q.shape[2] != 1 \
                 or q.shape[3] != self.head_dim or q.shape[1] % self.num_kv_heads:
             got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
@@ -412,7 +396,7 @@ class HSRKVCache:
         if q.dtype != self.dtype or q.device.type != "cpu":
             raise ValueError(f"HSRKVCache.decode: q must be a CPU {self.dtype} tensor, got {q.dtype} on {q.device}")
         start = time.perf_counter()
-        self._append(k_new, v_new)
+        self._append(k_new, v_new, "decode", length=1)
         if self.length - self._indexed >= self.leaf_size:
             self._index_up_to(self.length)
         candidates = self._candidates()

@@ -221,8 +221,13 @@ def _check_finite_fake(tensors, what, name):
     return None  # values are unknown while tracing; the check runs on real tensors
 
 
+@torch.library.register_fake("hsr::check_tokens")
+def _check_tokens_fake(buffers, tokens, what, names, length=-1, finite=False):
+    return None
+
+
 @torch.library.register_fake("hsr::write_tokens")
-def _write_tokens_fake(buffers, tokens, start):
+def _write_tokens_fake(buffers, tokens, start, what, names, length=-1, finite=False):
     return None
 
 

@@ -195,16 +195,44 @@ def test_write_tokens_copies_rows_and_rejects_what_does_not_fit(dtype):
     bufs = [torch.zeros(2, 3, 10, 5).to(dtype), torch.zeros(2, 3, 10, 7).to(dtype)]
     a = torch.arange(2 * 3 * 4 * 5).view(2, 3, 4, 5).to(dtype)
     b = torch.arange(2 * 3 * 7 * 4).view(2, 3, 7, 4).transpose(2, 3).to(dtype)  # rows not contiguous
-    torch.ops.hsr.write_tokens(bufs, [a, b], 6)
+    torch.ops.hsr.write_tokens(bufs, [a, b], 6, "here", ["a", "b"])
     assert torch.equal(bufs[0][:, :, 6:], a) and torch.equal(bufs[1][:, :, 6:], b)
     assert not bufs[0][:, :, :6].any() and not bufs[1][:, :, :6].any()
     before = [t.clone() for t in bufs]
-    for tokens, start, message in [([a, b], 7, "outside"), ([a, b], -1, "outside"), ([a], 0, "one token tensor"),
-                                   ([a, b[..., :3]], 0, "do not fit"), ([a.double(), b], 0, "do not fit"),
-                                   ([a, b[:1]], 0, "do not fit")]:
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    for tokens, start, names, length, message in [
+            ([a, b], 7, ["a", "b"], -1, r"here: rows \[7, 11\) are outside the buffer's 10"),
+            ([a, b], -1, ["a", "b"], -1, "outside"),
+            ([a], 0, ["a", "b"], -1, "one token tensor per buffer, got 1 for 2"),
+            ([a, b], 0, ["a"], -1, "one name per buffer"),
+            ([a, b[..., :3]], 0, ["a", "b"], -1, r"here: b must be \(2, 3, L, 7\), got \(2, 3, 4, 3\)"),
+            ([a, b[:1]], 0, [], -1, r"here: tokens\[1\] must be \(2, 3, L, 7\), got \(1, 3, 4, 7\)"),
+            ([a[0], b], 0, ["a", "b"], -1, r"a must be \(2, 3, L, 5\), got \(3, 4, 5\)"),
+            ([a, b], 0, ["a", "b"], 3, r"a must be \(2, 3, 3, 5\), got \(2, 3, 4, 5\)"),
+            ([a.to(other), b], 0, ["a", "b"], -1, f"here: a must be a CPU {dtype} tensor, got {other} on cpu"),
+            ([a, b[:, :, :3]], 0, ["a", "b"], -1, "here: a and b must hold the same number of tokens")]:
         with pytest.raises(ValueError, match=message):
-            torch.ops.hsr.write_tokens(bufs, tokens, start)
+            torch.ops.hsr.write_tokens(bufs, tokens, start, "here", names, length)
         assert all(torch.equal(x, y) for x, y in zip(bufs, before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_tokens_checks_what_write_tokens_checks_and_finiteness(dtype):
+    bufs = [torch.zeros(1, 2, 4, 3, dtype=dtype), torch.zeros(1, 2, 4, 5, dtype=dtype)]
+    k, v = torch.ones(1, 2, 9, 3, dtype=dtype), torch.ones(1, 2, 9, 5, dtype=dtype)
+    torch.ops.hsr.check_tokens(bufs, [k, v], "here", ["k", "v"], 9, True)  # larger than the buffers: no write
+    with pytest.raises(ValueError, match=r"here: v must be \(1, 2, 8, 5\)"):
+        torch.ops.hsr.check_tokens(bufs, [k[:, :, :8], v], "here", ["k", "v"], 8)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        late = v.clone()
+        late[0, 1, 8, 4] = bad  # the last element
+        torch.ops.hsr.check_tokens(bufs, [k, late], "here", ["k", "v"])  # finite not asked
+        with pytest.raises(ValueError, match="here: k or v contains NaN or Inf"):
+            torch.ops.hsr.check_tokens(bufs, [k, late], "here", ["k", "v"], -1, True)
+        with pytest.raises(ValueError, match="here: k or v contains NaN or Inf"):
+            torch.ops.hsr.write_tokens(bufs, [k[:, :, :1], late[:, :, 8:]], 0,
+                                       "here", ["k", "v"], 1, True)
+        assert not any(b.any() for b in bufs)
 
 
 def test_bad_construction_and_policies():

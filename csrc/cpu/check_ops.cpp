@@ -1,14 +1,18 @@
-// CPU entry points of a cache's per-step bookkeeping, one call each: hsr::check_finite (with
+// Entry points of a cache's per-step bookkeeping, one call each: hsr::check_finite (with
 // torch.isfinite(t).all() per tensor, a decode step at 4k context spent about a twentieth of
-// the dense kernel's time on four tensor ops and two host syncs) and hsr::write_tokens (row
-// copies: a tensor copy per buffer sets up a TensorIterator whose code, cold on every decode
-// step of a many-layer model, cost 0.06 ms a step, a tenth of the dense kernel's step at 4k
-// keys, 9/3 heads, D=64).
+// the dense kernel's time on four tensor ops and two host syncs), hsr::check_tokens and
+// hsr::write_tokens (a step's new tokens checked against the cache's buffers and copied in
+// as rows: the same checks in Python, a separate finiteness call and a tensor copy per buffer
+// cost a cold decode step about 0.1 ms, a quarter of the dense kernel's step at 4k keys, 9/3
+// heads, D=64).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/isfinite.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -17,43 +21,112 @@
 namespace hsr {
 namespace {
 
-void check_finite_cpu(const std::vector<at::Tensor>& tensors, const std::string& what, const std::string& name) {
-  for (const at::Tensor& t : tensors) {
-    TORCH_CHECK_VALUE(t.device().is_cpu(), what, ": ", name, " must be on the CPU, got ", t.device());
-    const at::Tensor c = t.contiguous();
-    switch (c.scalar_type()) {
-      case at::kFloat: check_all_finite(c.const_data_ptr<float>(), c.numel(), what.c_str(), name.c_str()); break;
-      case at::kHalf:
-        check_all_finite(reinterpret_cast<const half_t*>(c.const_data_ptr<at::Half>()), c.numel(), what.c_str(),
-                         name.c_str());
-        break;
-      case at::kBFloat16:
-        check_all_finite(reinterpret_cast<const bfloat16_t*>(c.const_data_ptr<at::BFloat16>()), c.numel(),
-                         what.c_str(), name.c_str());
-        break;
-      default:
-        TORCH_CHECK_VALUE(false, what, ": ", name, " must be float32, float16 or bfloat16, got ", c.scalar_type());
-    }
+// Raises "<what>: <name> contains NaN or Inf" unless every element of t is finite.
+void check_tensor_finite(const at::Tensor& t, const char* what, const char* name) {
+  if (!t.device().is_cpu()) {
+    TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), what, ": ", name, " contains NaN or Inf");
+    return;
+  }
+  const at::Tensor c = t.contiguous();
+  switch (c.scalar_type()) {
+    case at::kFloat: check_all_finite(c.const_data_ptr<float>(), c.numel(), what, name); break;
+    case at::kHalf:
+      check_all_finite(reinterpret_cast<const half_t*>(c.const_data_ptr<at::Half>()), c.numel(), what, name);
+      break;
+    case at::kBFloat16:
+      check_all_finite(reinterpret_cast<const bfloat16_t*>(c.const_data_ptr<at::BFloat16>()), c.numel(), what,
+                       name);
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, what, ": ", name, " must be float32, float16 or bfloat16, got ", c.scalar_type());
   }
 }
 
-void write_tokens_cpu(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens, int64_t start) {
-  const char* what = "hsr.write_tokens";
+void check_finite_cpu(const std::vector<at::Tensor>& tensors, const std::string& what, const std::string& name) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), what, ": ", name, " must be on the CPU, got ", t.device());
+    check_tensor_finite(t, what.c_str(), name.c_str());
+  }
+}
+
+// A shape as Python prints a tuple: "(1, 3, 1, 64)", "(5,)".
+std::string python_shape(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << '(';
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// A dtype as Python prints it ("torch.bfloat16"), so that messages read like the Python layer's.
+std::string python_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// tokens[i] must be (B, H_i, L, W_i) with buffers[i]'s B, H_i and W_i, its dtype and device,
+// one L for all (equal to `length` when length >= 0); with `finite`, every element finite.
+// Messages name "<what>: <names[i]>" ("tokens[i]" when names is empty).
+void check_tokens_fit(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens,
+                      const std::string& what, const std::vector<std::string>& names, int64_t length, bool finite) {
   TORCH_CHECK_VALUE(buffers.size() == tokens.size(), what, ": one token tensor per buffer, got ", tokens.size(),
                     " for ", buffers.size());
+  TORCH_CHECK_VALUE(names.empty() || names.size() == buffers.size(), what, ": one name per buffer, got ",
+                    names.size(), " for ", buffers.size());
+  std::vector<std::string> name(buffers.size());
+  for (size_t i = 0; i < buffers.size(); ++i) name[i] = names.empty() ? "tokens[" + std::to_string(i) + "]" : names[i];
   for (size_t i = 0; i < buffers.size(); ++i) {
     const at::Tensor &buf = buffers[i], &t = tokens[i];
-    TORCH_CHECK_VALUE(buf.dim() == 4 && t.dim() == 4 && buf.size(0) == t.size(0) && buf.size(1) == t.size(1) &&
-                          buf.size(3) == t.size(3) && buf.scalar_type() == t.scalar_type() &&
-                          buf.device().is_cpu() && t.device().is_cpu(),
-                      what, ": tokens ", t.sizes(), " ", t.scalar_type(), " do not fit buffer ", buf.sizes(), " ",
-                      buf.scalar_type());
-    TORCH_CHECK_VALUE(start >= 0 && start + t.size(2) <= buf.size(2), what, ": rows [", start, ", ",
-                      start + t.size(2), ") are outside the buffer's ", buf.size(2));
+    TORCH_CHECK_VALUE(buf.dim() == 4, what, ": buffers must be 4-D, got ", python_shape(buf.sizes()));
+    const bool fits = t.dim() == 4 && t.size(0) == buf.size(0) && t.size(1) == buf.size(1) &&
+                      t.size(3) == buf.size(3) && (length < 0 || t.size(2) == length);
+    TORCH_CHECK_VALUE(fits, what, ": ", name[i], " must be (", buf.size(0), ", ", buf.size(1), ", ",
+                      length < 0 ? std::string("L") : std::to_string(length), ", ", buf.size(3), "), got ",
+                      python_shape(t.sizes()));
+    TORCH_CHECK_VALUE(t.scalar_type() == buf.scalar_type() && t.device() == buf.device(), what, ": ", name[i],
+                      " must be a ", c10::DeviceTypeName(buf.device().type()), " ",
+                      python_dtype(buf.scalar_type()), " tensor, got ", python_dtype(t.scalar_type()), " on ",
+                      t.device());
+    TORCH_CHECK_VALUE(t.size(2) == tokens[0].size(2), what, ": ", name[0], " and ", name[i],
+                      " must hold the same number of tokens");
+  }
+  if (!finite) return;
+  std::string all = name[0];
+  for (size_t i = 1; i < name.size(); ++i) all += " or " + name[i];
+  for (const at::Tensor& t : tokens) check_tensor_finite(t, what.c_str(), all.c_str());
+}
+
+void check_tokens_op(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens,
+                     const std::string& what, const std::vector<std::string>& names, int64_t length, bool finite) {
+  check_tokens_fit(buffers, tokens, what, names, length, finite);
+}
+
+void write_tokens_op(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens, int64_t start,
+                     const std::string& what, const std::vector<std::string>& names, int64_t length, bool finite) {
+  check_tokens_fit(buffers, tokens, what, names, length, finite);
+  for (const at::Tensor& buf : buffers) {
+    const int64_t n = tokens.empty() ? 0 : tokens[0].size(2);
+    TORCH_CHECK_VALUE(start >= 0 && start + n <= buf.size(2), what, ": rows [", start, ", ", start + n,
+                      ") are outside the buffer's ", buf.size(2));
     TORCH_CHECK_VALUE(buf.stride(3) == 1, what, ": buffer rows must be contiguous");
   }
   for (size_t i = 0; i < buffers.size(); ++i) {
     const at::Tensor& buf = buffers[i];
+    if (!buf.device().is_cpu()) {
+      buf.narrow(2, start, tokens[i].size(2)).copy_(tokens[i]);
+      continue;
+    }
     const at::Tensor t = tokens[i].stride(3) == 1 ? tokens[i] : tokens[i].contiguous();
     const int64_t item = t.element_size(), row_bytes = t.size(3) * item;
     char* dst = static_cast<char*>(buf.data_ptr());
@@ -70,7 +143,14 @@ void write_tokens_cpu(const std::vector<at::Tensor>& buffers, const std::vector<
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("check_finite", &check_finite_cpu);
-  m.impl("write_tokens", &write_tokens_cpu);
+  m.impl("check_tokens", &check_tokens_op);
+  m.impl("write_tokens", &write_tokens_op);
+}
+
+// The token buffers of a cache on the GPU (hsr.gta's caches) append through the same checks.
+TORCH_LIBRARY_IMPL(hsr, CUDA, m) {
+  m.impl("check_tokens", &check_tokens_op);
+  m.impl("write_tokens", &write_tokens_op);
 }
 
 }  // namespace hsr

@@ -190,6 +190,22 @@ def test_check_finite_finds_one_bad_element_anywhere(dtype):
         torch.ops.hsr.check_finite([torch.zeros(3, dtype=torch.int64)], "here", "x")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_finite_reads_row_slices_in_place(dtype):
+    # A decode step's k[:, :, i:i+1] (rows contiguous, the tensor not): only its own rows count.
+    x = torch.randn(2, 3, 7, 5).to(dtype)
+    x[1, 2, 4, 0] = float("nan")
+    x[0, 0, 2, 4] = float("inf")
+    for i in (0, 1, 3, 5, 6):
+        torch.ops.hsr.check_finite([x[:, :, i:i + 1], x[:, :, i:i + 1].transpose(0, 1)], "here", "k")
+    for i, bad in ((2, "inf"), (4, "nan")):
+        with pytest.raises(ValueError, match="here: k contains NaN or Inf"):
+            torch.ops.hsr.check_finite([x[:, :, i:i + 1]], "here", "k")
+    torch.ops.hsr.check_finite([x[:, :, 5:], x[..., 1:4][:, :, :2]], "here", "k")  # spans of rows, strided rows
+    with pytest.raises(ValueError, match="here: k contains NaN or Inf"):
+        torch.ops.hsr.check_finite([x[..., :1]], "here", "k")  # strided rows: copied, then checked
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 def test_write_tokens_copies_rows_and_rejects_what_does_not_fit(dtype):
     bufs = [torch.zeros(2, 3, 10, 5).to(dtype), torch.zeros(2, 3, 10, 7).to(dtype)]

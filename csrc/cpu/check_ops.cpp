@@ -11,6 +11,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -21,24 +23,50 @@
 namespace hsr {
 namespace {
 
+// Raises "<what>: <name> contains NaN or Inf" unless the rows of a (B, H, L, W) tensor whose
+// rows are contiguous (a slice of a bigger tensor, as a decode step's k[:, :, i:i+1]) are all
+// finite; read in place (a contiguous() copy is a tensor op, whose cold code costs a decode
+// step tens of microseconds).
+template <typename T>
+void check_rows_finite(const at::Tensor& t, const T* p, const char* what, const char* name) {
+  const int64_t rows = t.size(0) * t.size(1) * t.size(2), w = t.size(3);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(w, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     bool ok = true;
+                     for (int64_t r = begin; r < end; ++r) {
+                       const int64_t l = r % t.size(2), bh = r / t.size(2);
+                       const T* row = p + (bh / t.size(1)) * t.stride(0) + (bh % t.size(1)) * t.stride(1) +
+                                      l * t.stride(2);
+                       for (int64_t i = 0; i < w; ++i) ok &= std::isfinite(to_float(row[i]));
+                     }
+                     if (!ok) finite = false;
+                   });
+  TORCH_CHECK_VALUE(finite.load(), what, ": ", name, " contains NaN or Inf");
+}
+
+template <typename T>
+void check_finite_as(const at::Tensor& t, const char* what, const char* name) {
+  if (t.dim() == 4 && t.stride(3) == 1 && !t.is_contiguous()) {
+    check_rows_finite(t, static_cast<const T*>(t.const_data_ptr()), what, name);
+    return;
+  }
+  const at::Tensor c = t.contiguous();
+  check_all_finite(static_cast<const T*>(c.const_data_ptr()), c.numel(), what, name);
+}
+
 // Raises "<what>: <name> contains NaN or Inf" unless every element of t is finite.
 void check_tensor_finite(const at::Tensor& t, const char* what, const char* name) {
   if (!t.device().is_cpu()) {
     TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), what, ": ", name, " contains NaN or Inf");
     return;
   }
-  const at::Tensor c = t.contiguous();
-  switch (c.scalar_type()) {
-    case at::kFloat: check_all_finite(c.const_data_ptr<float>(), c.numel(), what, name); break;
-    case at::kHalf:
-      check_all_finite(reinterpret_cast<const half_t*>(c.const_data_ptr<at::Half>()), c.numel(), what, name);
-      break;
-    case at::kBFloat16:
-      check_all_finite(reinterpret_cast<const bfloat16_t*>(c.const_data_ptr<at::BFloat16>()), c.numel(), what,
-                       name);
-      break;
+  switch (t.scalar_type()) {
+    case at::kFloat: check_finite_as<float>(t, what, name); break;
+    case at::kHalf: check_finite_as<half_t>(t, what, name); break;
+    case at::kBFloat16: check_finite_as<bfloat16_t>(t, what, name); break;
     default:
-      TORCH_CHECK_VALUE(false, what, ": ", name, " must be float32, float16 or bfloat16, got ", c.scalar_type());
+      TORCH_CHECK_VALUE(false, what, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 

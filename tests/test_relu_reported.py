@@ -94,6 +94,36 @@ def test_tree_and_sketch_select_between_the_positive_keys_and_the_sketch_alone(k
         assert len(chosen) == int(tree.keys_reported.view(-1)[p * G + g])
 
 
+@pytest.mark.parametrize("kind,n,D", [("clustered", 20000, 128), ("slabs", 6000, 8), ("clustered", 6000, 7)])
+def test_tree_and_sketch_exact_whether_or_not_the_walk_keeps_reading_node_boxes(kind, n, D):
+    # The walk stops reading node boxes when they rarely settle a node (the clustered D=128
+    # keys) and keeps them where they do (slabs: keys on 16 planes x_0 = c, queries along
+    # x_0, so a node's box is as thin along q as its planes are, its ball is not); either way
+    # no key with a positive weight is left out.
+    G = 4
+    g = torch.Generator().manual_seed(11)
+    if kind == "slabs":
+        k = torch.rand(1, 2, n, D, generator=g) * 4 - 2
+        k[..., 0] = torch.randint(-8, 8, (1, 2, n), generator=g).float() * 2.5
+        q = torch.zeros(1, 2 * G, 1, D)
+        q[..., 0] = torch.tensor([1.0, -1.0, 2.0, -0.5] * 2).view(1, 2 * G, 1)
+        v = torch.randn(1, 2, n, D, generator=g)
+    else:
+        q, k, v = make(kind, 1, 2, G, n, D, torch.float32, seed=11)
+    s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k.repeat_interleave(G, 1)) / D ** 0.5
+    for quantile in (0.9, 0.99):
+        # Off the slabs' discrete scores (0.44 apart at least): no key sits at the bias itself.
+        bias = float(torch.quantile(s.flatten(), quantile)) + 0.1
+        out, tree = run("tree+sketch", q, k, v, bias=bias)
+        _, alone = run("sketch", q, k, v, bias=bias)
+        tree_sets, alone_sets = per_head_sets(tree, G), per_head_sets(alone, G)
+        for (p, h), chosen in tree_sets.items():
+            positive = set(torch.nonzero(s[0, p * G + h] > bias)[:, 0].tolist())
+            assert positive <= chosen <= alone_sets[p, h]
+        ref, _ = attention_ref(q.double(), k.double(), v.double(), kind="relu", bias=bias)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("offset", [-0.2, 0.2])
 def test_tree_and_sketch_on_duplicated_keys_where_node_bounds_are_tight(offset):
     # 16 distinct keys, each repeated 125 times: leaves hold copies of one key, so a node's

@@ -22,6 +22,8 @@ namespace {
 constexpr double kInflate = 1.0 + 1e-9;
 // Unit roundoff of float: scores are float dot products of dim terms.
 constexpr double kFloatEps = 1.0 / 16777216.0;
+// gamma_d of a float dot product of d terms (its rounding error over sum |q_t x_t|), with margin.
+double dot_gamma(int d) { return 1.01 * (d + 2) * kFloatEps; }
 // The scan-or-traverse estimate stops at nodes of at most this many leaves' worth of points.
 constexpr int kFrontierLeaves = 4;
 // Points of a leaf scored per kernel call (leaves may hold up to 65536): the score tile of
@@ -688,34 +690,44 @@ void HSRTree::reset() {
 
 double HSRTree::query_norm(const float* q) const { return norm_rounded_up(q, dim_); }
 
-void HSRTree::prefetch_node(int32_t node) const {
+void HSRTree::prefetch_node(int32_t node, bool with_box) const {
   const int64_t at = int64_t(node) * dim_;
   constexpr int64_t kLineFloats = 64 / sizeof(float);
   for (int64_t f = 0; f < dim_; f += kLineFloats) {
     __builtin_prefetch(centroid_.data() + at + f);
+    if (!with_box) continue;
     __builtin_prefetch(lo_.data() + at + f);
     __builtin_prefetch(hi_.data() + at + f);
   }
 }
 
-void HSRTree::bounds(int32_t node, const float* q, double qnorm, double prune_below,
-                     double& upper, double& lower, double& slack) const {
+void HSRTree::ball_bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
+                          double& slack) const {
   const int d = dim_;
-  const double gamma = 1.01 * (d + 2) * kFloatEps;
   // |float dot - exact| <= gamma_d * sum|q_t x_t| <= gamma_d * |q| * max|x|, with margin.
-  slack = gamma * qnorm * max_norm_[node] + 1e-30;
+  slack = dot_gamma(d) * qnorm * max_norm_[node] + 1e-30;
   // The centroid lies in the hull of the node's points, so |c| <= max_norm bounds the error of
   // <q, c> as well.
   const double qc = centroid_dot(q, centroid_.data() + int64_t(node) * d, d);
   const double ball = qnorm * radius_[node] + slack;
   upper = qc + ball;
   lower = qc - ball;
-  // The box can only tighten the ball; when the ball alone prunes, its pass is not needed.
-  if (upper + slack < prune_below) return;
+}
+
+void HSRTree::tighten_with_box(int32_t node, const float* q, double& upper, double& lower) const {
+  const int d = dim_;
   const NodeSums box = box_sums(q, lo_.data() + int64_t(node) * d, hi_.data() + int64_t(node) * d, d);
-  const double box_err = gamma * double(box.box_abs) + 1e-30;
+  const double box_err = dot_gamma(d) * double(box.box_abs) + 1e-30;
   upper = std::min(upper, double(box.box_hi) + box_err);
   lower = std::max(lower, double(box.box_lo) - box_err);
+}
+
+void HSRTree::bounds(int32_t node, const float* q, double qnorm, double prune_below,
+                     double& upper, double& lower, double& slack) const {
+  ball_bounds(node, q, qnorm, upper, lower, slack);
+  // The box can only tighten the ball; when the ball alone prunes, its pass is not needed.
+  if (upper + slack < prune_below) return;
+  tighten_with_box(node, q, upper, lower);
 }
 
 double HSRTree::estimated_scored_fraction(const float* q, float thresh, double stop_above) const {

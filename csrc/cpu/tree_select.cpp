@@ -279,6 +279,30 @@ namespace {
 // Per head, what a node's bounds decided for every key below it.
 enum class Verdict : uint8_t { kOut, kOpen, kIn };
 
+// Whether a walk still computes the box bound. The ball bound (the centroid's 4d bytes) comes
+// first; the box (8d more bytes) is read only for a node the ball leaves open, and pays when it
+// settles the node instead (rules it out or takes it whole), which saves bounding its children
+// or sketching its keys, about ten times the box's bytes. In high dimension it rarely does (the
+// clustered D=128 keys of bench_decode_cpu: 1 in 80 nodes), so a walk stops reading it once
+// fewer than one in kPayRatio of the last kWindow boxes settled a node; the bounds stay valid
+// either way (the box only tightens them).
+class BoxGate {
+ public:
+  bool on() const { return on_; }
+  void record(bool settled) {
+    ++tries_;
+    settled_ += settled;
+    if (tries_ < kWindow) return;
+    on_ = settled_ * kPayRatio >= tries_;
+    tries_ = settled_ = 0;
+  }
+
+ private:
+  static constexpr int kWindow = 32, kPayRatio = 16;
+  bool on_ = true;
+  int tries_ = 0, settled_ = 0;
+};
+
 // ReLU selection for one tree: a head drops out of a subtree once the node's upper bound
 // shows no key below can pass, and is in for every key below once its lower bound passes;
 // heads still open at a leaf test each key's sketch upper bound.
@@ -287,7 +311,7 @@ class ReluWalk {
   ReluWalk(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch, double scale,
            double bias)
       : tree_(tree), q_(q), G_(G), d_(tree.dim()), sketch_(sketch), scale_(scale), bias_(bias),
-        prune_below_(bias / scale), qnorm_(G), group_scanner_(sketch.layout, q, G), kept_(size_t(G), 0) {
+        qnorm_(G), group_scanner_(sketch.layout, q, G), kept_(size_t(G), 0) {
     for (int g = 0; g < G; ++g) {
       qnorm_[g] = tree.query_norm(q + int64_t(g) * d_);
       scanners_.emplace_back(sketch.layout, q + int64_t(g) * d_, 1);
@@ -307,10 +331,11 @@ class ReluWalk {
       for (const auto& [node, slot] : level)
         for (const int32_t c : {tree_.left_child(node), tree_.right_child(node)})
           if (tree_.live_count(c) > 0) children.emplace_back(c, slot);
-      for (size_t i = 0; i < std::min(children.size(), kPrefetchNodes); ++i) tree_.prefetch_node(children[i].first);
+      for (size_t i = 0; i < std::min(children.size(), kPrefetchNodes); ++i)
+        tree_.prefetch_node(children[i].first, box_.on());
       next.clear();
       for (size_t i = 0; i < children.size(); ++i) {
-        if (i + kPrefetchNodes < children.size()) tree_.prefetch_node(children[i + kPrefetchNodes].first);
+        if (i + kPrefetchNodes < children.size()) tree_.prefetch_node(children[i + kPrefetchNodes].first, box_.on());
         // keep_if_any appends to verdicts_, which may move: the parent's verdicts go by copy.
         const auto at = verdicts_.begin() + children[i].second * G_;
         parent_.assign(at, at + G_);
@@ -372,13 +397,16 @@ class ReluWalk {
     bool bounded = false, any = false;
     for (int g = 0; g < G_; ++g) {
       if (out[g] == Verdict::kOpen) {
+        const float* q = q_ + int64_t(g) * d_;
         double upper, lower, slack;
-        tree_.bounds(node, q_ + int64_t(g) * d_, qnorm_[g], prune_below_, upper, lower, slack);
+        tree_.ball_bounds(node, q, qnorm_[g], upper, lower, slack);
         bounded = true;
-        if (widen_up((upper + slack) * scale_) <= bias_)
-          out[g] = Verdict::kOut;
-        else if (widen_down((lower - slack) * scale_) > bias_)
-          out[g] = Verdict::kIn;
+        out[g] = verdict(upper, lower, slack);
+        if (out[g] == Verdict::kOpen && box_.on()) {
+          tree_.tighten_with_box(node, q, upper, lower);
+          out[g] = verdict(upper, lower, slack);
+          box_.record(out[g] != Verdict::kOpen);
+        }
       }
       any = any || out[g] != Verdict::kOut;
     }
@@ -387,6 +415,13 @@ class ReluWalk {
       (tree_.is_leaf(node) ? leaves : inner).emplace_back(node, slot);
     else
       verdicts_.resize(size_t(slot) * G_);
+  }
+
+  // A head's verdict at a node from its bounds of <q, x> (before scaling) and their slack.
+  Verdict verdict(double upper, double lower, double slack) const {
+    if (widen_up((upper + slack) * scale_) <= bias_) return Verdict::kOut;
+    if (widen_down((lower - slack) * scale_) > bias_) return Verdict::kIn;
+    return Verdict::kOpen;
   }
 
   // Appends the leaf's keys with each head's pass flags; false when a sketch bound came out
@@ -439,10 +474,11 @@ class ReluWalk {
   const float* q_;
   int G_, d_;
   const SketchView& sketch_;
-  double scale_, bias_, prune_below_;
+  double scale_, bias_;
   std::vector<double> qnorm_;
   std::vector<IntervalScanner> scanners_;  // one per head
   IntervalScanner group_scanner_;          // all G heads
+  BoxGate box_;
   std::vector<Verdict> verdicts_, parent_;
   std::vector<int64_t> ids_;
   std::vector<uint8_t> pass_;  // G flags per entry of ids_

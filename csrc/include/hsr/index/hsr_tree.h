@@ -129,9 +129,10 @@ class HSRTree {
     return slot_id_.data() + int64_t(block_[leaf]) * leaf_size_;
   }
   int32_t leaf_point_count(int32_t leaf) const { return block_used_[block_[leaf]]; }
-  // Asks the CPU to start loading the node's summaries (centroid and box), for walks that know
-  // which nodes they will bound next: a walk is otherwise bound by the latency of these loads.
-  void prefetch_node(int32_t node) const;
+  // Asks the CPU to start loading the node's summaries (centroid, and the box unless
+  // with_box is false), for walks that know which nodes they will bound next: a walk is
+  // otherwise bound by the latency of these loads.
+  void prefetch_node(int32_t node, bool with_box = true) const;
   // |q|, rounded up: the qnorm argument of bounds().
   double query_norm(const float* q) const;
   // Upper/lower bounds of <q, x> over the node and the float slack to add to them when
@@ -140,6 +141,11 @@ class HSRTree {
   // When the ball bound alone shows upper + slack < prune_below, the box is not computed.
   void bounds(int32_t node, const float* q, double qnorm, double prune_below, double& upper,
               double& lower, double& slack) const;
+  // bounds() in two parts, for walks that decide themselves whether the box pays: the ball
+  // bound alone (the same contract), then the box's tightening of a ball's upper and lower.
+  void ball_bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
+                   double& slack) const;
+  void tighten_with_box(int32_t node, const float* q, double& upper, double& lower) const;
 
  private:
   int32_t new_node(int32_t parent);

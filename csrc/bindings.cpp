@@ -149,6 +149,7 @@ TORCH_LIBRARY(hsr, m) {
       .def("search", &hsr::IndexBatchHolder::search)
       .def("certified_select", &hsr::IndexBatchHolder::certified_select)
       .def("relu_select", &hsr::IndexBatchHolder::relu_select)
+      .def("relu_attend", &hsr::IndexBatchHolder::relu_attend)
       .def("ntotal", &hsr::IndexBatchHolder::ntotal)
       .def("last_stats", &hsr::IndexBatchHolder::last_stats)
       .def("scan_fraction", &hsr::IndexBatchHolder::scan_fraction)

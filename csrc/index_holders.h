@@ -117,6 +117,19 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   relu_select(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& delta,
               int64_t bits, int64_t group, double scale, double bias);
+  // The ReLU decode step of a cache whose first keys this index holds: relu_select for q
+  // (B, Hq, 1, D) in k's dtype, then ReLU^alpha attention (hsr.sparse_attention's) over the
+  // selection plus the tail [tail_begin, Lk) of k (B, H, Lk, D) and v (B, H, Lk, Dv), in one
+  // call. Returns out (B, Hq, 1, Dv); the selection without the tail (offsets, ids, mask),
+  // ids mapped through positions (B, H, n) int64 where given (ids from n on map to
+  // themselves); keys per (B, Hq) and keys read per (B, H), tail included; stats as
+  // relu_select; and the seconds spent choosing the keys (checks, walk, packing: all but the
+  // kernel).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double>
+  relu_attend(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& delta,
+              int64_t bits, int64_t group, const at::Tensor& k, const at::Tensor& v,
+              const std::optional<at::Tensor>& positions, int64_t tail_begin, double scale, int64_t alpha,
+              double bias, bool normalize);
 
   int64_t batch, heads, dim;
   std::vector<index::HSRTree> trees;

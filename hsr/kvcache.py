@@ -537,6 +537,8 @@ class HSRKVCache:
             return self._attend_dense(q)
         B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
+        if select == "tree+sketch":
+            return self._relu_step(q, tail, zeros)
         started = time.perf_counter()
         offsets, ids, mask, counts, bytes_read = self._relu_selection(q, select)
         selected = time.perf_counter()
@@ -548,6 +550,21 @@ class HSRKVCache:
         bytes_read += int(every[0][-1]) * self._token_bytes()
         info = (zeros, zeros.clone(), counts + tail, read, int(bytes_read), selected - started, attended - selected)
         return out, info, (offsets, self._arrival_positions(offsets, ids), mask)
+
+    def _relu_step(self, q, tail, zeros):
+        """The tree+sketch selection, the tail and the kernel in one call (no selection tensors
+        to merge with the tail, no second pass for arrival positions); the call times its
+        selection, the rest of its time is the kernel's."""
+        policy, sketch = self.policy, self._sketch
+        started = time.perf_counter()
+        out, offsets, positions, mask, counts, read, stats, select_seconds = self._index._impl.relu_attend(
+            q, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group, self._kv.keys, self._kv.values,
+            self._bufs.view("positions")[..., 0] if self._reordered else None, self._indexed, self.scale,
+            policy.alpha, float(policy.bias), policy.normalize)
+        seconds = time.perf_counter() - started
+        bytes_read = self._walk_bytes(stats) + int(read.sum()) * self._token_bytes()
+        return out, (zeros, zeros.clone(), counts, read, bytes_read, select_seconds, seconds - select_seconds), \
+            (offsets, positions, mask)
 
     def _relu_selection(self, q, select):
         """The indexed keys that can pass the ReLU threshold: (offsets, ids, mask, keys per

@@ -202,3 +202,65 @@ def test_bad_inputs_raise():
         hsr.relu_sketch_attention(q, k, v, sk, bias=0.0, index=hsr.HSRIndexBatch(k[:, :, :50]))
     with pytest.raises(ValueError, match="index"):
         hsr.relu_sketch_attention(q, k, v, sk, bias=0.0, index=index.ntotal)
+
+
+def relu_attend(index, sk, q, k, v, positions, tail_begin, scale, bias, alpha=2, normalize=True):
+    return index._impl.relu_attend(q, sk.codes, sk.lo, sk.delta, sk.bits, sk.group, k, v, positions, tail_begin,
+                                   scale, alpha, bias, normalize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("G,n,tail,D", [(1, 97, 0, 48), (3, 1025, 30, 24), (4, 1, 5, 7)])
+def test_relu_attend_is_relu_select_the_tail_and_the_kernel_in_one_call(dtype, G, n, tail, D):
+    # HSRKVCache's ReLU step: the tree+sketch selection of the indexed keys [0, n), the tail
+    # [n, n + tail) for every head, ReLU^2 attention over both; the selection comes back with
+    # its ids mapped through the arrival positions.
+    B, H = 2, 2
+    q, k, v = make("clustered", B, H, G, n + tail, D, dtype, seed=7)
+    index = hsr.HSRIndexBatch(k[:, :, :n].float(), keep_points=False)
+    sk = hsr.KeySketch.from_keys(k[:, :, :n])
+    scale = D ** -0.5
+    s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float().repeat_interleave(G, 1)) * scale
+    bias = float(torch.quantile(s.flatten(), 0.9))
+    g = torch.Generator().manual_seed(8)
+    positions = torch.stack([torch.randperm(n, generator=g) for _ in range(B * H)]).view(B, H, n)
+    out, offsets, ids, mask, counts, read, stats, select_seconds = relu_attend(index, sk, q, k, v, positions, n,
+                                                                               scale, bias)
+    offsets2, ids2, mask2, kept2, stats2 = index._impl.relu_select(q[:, :, 0].float(), sk.codes, sk.lo, sk.delta,
+                                                                   sk.bits, sk.group, scale, bias)
+    assert torch.equal(offsets, offsets2) and torch.equal(mask, mask2) and torch.equal(stats, stats2)
+    pair = torch.repeat_interleave(torch.arange(B * H), offsets2.diff())
+    assert torch.equal(ids, positions.view(B * H, n)[pair, ids2])
+    assert torch.equal(counts, kept2 + tail) and torch.equal(read, offsets2.diff().view(B, H) + tail)
+    assert select_seconds > 0
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), kind="relu", alpha=2, bias=bias, scale=scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    # Without positions the ids are the stored rows.
+    _, _, rows, *_ = relu_attend(index, sk, q, k, v, None, n, scale, bias)
+    assert torch.equal(rows, ids2)
+
+
+def test_relu_attend_bad_inputs_raise():
+    q, k, v = make("random", 1, 2, 2, 100, 16, torch.float32)
+    index = hsr.HSRIndexBatch(k[:, :, :80], keep_points=False)
+    sk = hsr.KeySketch.from_keys(k[:, :, :80])
+    positions = torch.arange(80).expand(1, 2, 80).contiguous()
+    ok = dict(q=q, k=k, v=v, positions=positions, tail_begin=80)
+    for change, message in [
+            (dict(tail_begin=79), r"tail_begin must lie in \[80 .*got 79"),
+            (dict(tail_begin=101), "tail_begin"),
+            (dict(q=q[:, :, 0]), r"q must be \(B, Hq, 1, D\)"),
+            (dict(q=q * float("nan")), "relu_attend: q contains NaN or Inf"),
+            (dict(q=q.double()), "dtype"),
+            (dict(k=k[:, :1], v=v[:, :1]), r"k must be \(1, 2, Lk, 16\) as the index"),
+            (dict(positions=positions.float()), "positions"),
+            (dict(positions=positions[0]), "positions")]:
+        args = {**ok, **change}
+        with pytest.raises(ValueError, match=message):
+            relu_attend(index, sk, args["q"], args["k"], args["v"], args["positions"], args["tail_begin"], 0.25, 0.0)
+    small = hsr.KeySketch.from_keys(k[:, :, :50])
+    with pytest.raises(ValueError, match="codes"):
+        relu_attend(index, small, q, k, v, positions, 80, 0.25, 0.0)
+    with pytest.raises(ValueError, match="bias"):
+        relu_attend(index, sk, q, k, v, positions, 80, 0.25, float("nan"))

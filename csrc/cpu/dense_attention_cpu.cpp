@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "attention_checks.h"
+#include "attention_launch.h"
 #include "hsr/cpu/dense_attention.h"
 #include "latent_decoder.h"
 #include "parallel_items.h"
@@ -60,10 +61,12 @@ void run_dense_attention_cpu(const DenseAttentionProblem& p, const at::Tensor& q
   }
 }
 
-// The one dtype dispatch point of both entry points.
-void run_attention_for_dtype(const DenseAttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                             cpu::KeySelection selection = {}, int64_t keys_to_plan = -1) {
+}  // namespace
+
+// The one dtype dispatch point of every CPU entry point.
+void run_attention_cpu(const DenseAttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, at::Tensor& out, at::Tensor& lse, cpu::KeySelection selection,
+                       int64_t keys_to_plan) {
   switch (dtype_of(q, "q")) {
     case DType::kFloat32:
       run_dense_attention_cpu<float, float>(p, q, k, v, out, lse, selection, keys_to_plan);
@@ -77,6 +80,8 @@ void run_attention_for_dtype(const DenseAttentionProblem& p, const at::Tensor& q
   }
 }
 
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, c10::string_view kind,
                                                  std::optional<double> scale, int64_t alpha,
@@ -88,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
       q, k, v, std::string_view(kind.data(), kind.size()), scale, alpha, bias, normalize, causal);
   auto [out, lse] = empty_attention_outputs(p, q);
   if (out.numel() == 0) return {out, lse};
-  run_attention_for_dtype(p, q, k, v, out, lse);
+  run_attention_cpu(p, q, k, v, out, lse);
   return {out, lse};
 }
 
@@ -147,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(
   if (out.numel() == 0) return {out, lse};
   const cpu::KeySelection selection{offsets.const_data_ptr<int64_t>(), ids.const_data_ptr<int64_t>(),
                                     mask.has_value() ? mask->const_data_ptr<uint8_t>() : nullptr};
-  run_attention_for_dtype(p, q, k, v, out, lse, selection, most);
+  run_attention_cpu(p, q, k, v, out, lse, selection, most);
   return {out, lse};
 }
 
@@ -161,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> gta_attention_cpu(const at::Tensor& q_in, con
   const DenseAttentionProblem p = make_latent_problem(q, k, c, scale, causal);
   check_latent_decoder(p, q, w_p, gate);
   auto [z, lse] = empty_attention_outputs(p, q);
-  if (z.numel() != 0) run_attention_for_dtype(p, q, k, c, z, lse);
+  if (z.numel() != 0) run_attention_cpu(p, q, k, c, z, lse);
   return {decode_latent_heads(z, w_p, gate), lse};
 }
 

@@ -1,11 +1,16 @@
-// IndexBatch.certified_select: the two-level certified softmax selection (tree, then key
-// sketch) for every (batch, kv head) of an HSRIndexBatch, in parallel threads. Validation and
-// packing only; the walk is in csrc/cpu/tree_select.cpp.
+// IndexBatch.certified_select / relu_select: the two-level selections (tree, then key sketch)
+// for every (batch, kv head) of an HSRIndexBatch, in parallel threads, and relu_attend, the
+// ReLU decode step (that selection, a cache's tail and the attention kernel in one call).
+// Validation and packing only; the walk is in csrc/cpu/tree_select.cpp, the kernel in
+// csrc/cpu/dense_attention_cpu.cpp.
 #include <ATen/Functions.h>
 #include <c10/util/Exception.h>
 
+#include <chrono>
 #include <cmath>
 
+#include "attention_checks.h"
+#include "attention_launch.h"
 #include "hsr/sketch/tree_select.h"
 #include "index_holders.h"
 #include "parallel_items.h"
@@ -76,6 +81,59 @@ TreeSketchArgs checked_tree_sketch_args(const char* what, const at::Tensor& q_in
   return a;
 }
 
+// The ReLU selections with a cache's tail: what the kernel attends to (every pair's selection,
+// then the tail [tail_begin, len) for all G heads) and what the step reports (the selections
+// alone, their ids mapped through positions: arrival positions of a reordered cache).
+struct ReluStepSelection {
+  at::Tensor offsets, ids, mask;            // with the tail, for the kernel
+  at::Tensor sel_offsets, sel_ids, sel_mask;  // without it, ids as positions
+  at::Tensor kept, read;                      // (B, Hq) and (B, H): keys per head / per pair, tail included
+  int64_t most = 0;                           // keys of the largest pair, tail included
+};
+
+ReluStepSelection pack_relu_step(const std::vector<sketch::GroupSelection>& sel, int64_t batch, int64_t heads,
+                                 int64_t G, int64_t tail_begin, int64_t len, const at::Tensor* positions) {
+  const int64_t pairs = batch * heads, tail = len - tail_begin;
+  int64_t total = 0;
+  for (const auto& s : sel) total += int64_t(s.ids.size());
+  ReluStepSelection r;
+  r.offsets = at::empty({pairs + 1}, at::kLong);
+  r.ids = at::empty({total + pairs * tail}, at::kLong);
+  r.mask = at::empty({total + pairs * tail, G}, at::kByte);
+  r.sel_offsets = at::empty({pairs + 1}, at::kLong);
+  r.sel_ids = at::empty({total}, at::kLong);
+  r.sel_mask = at::empty({total, G}, at::kBool);
+  r.kept = at::empty({batch, heads * G}, at::kLong);
+  r.read = at::empty({batch, heads}, at::kLong);
+  int64_t *off = r.offsets.data_ptr<int64_t>(), *ids = r.ids.data_ptr<int64_t>();
+  int64_t *sel_off = r.sel_offsets.data_ptr<int64_t>(), *sel_ids = r.sel_ids.data_ptr<int64_t>();
+  uint8_t* mask = r.mask.data_ptr<uint8_t>();
+  bool* sel_mask = r.sel_mask.data_ptr<bool>();
+  int64_t at_all = 0, at_sel = 0;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const auto& s = sel[p];
+    const int64_t m = int64_t(s.ids.size());
+    off[p] = at_all;
+    sel_off[p] = at_sel;
+    std::copy(s.ids.begin(), s.ids.end(), ids + at_all);
+    std::copy(s.mask.begin(), s.mask.end(), mask + at_all * G);
+    for (int64_t t = 0; t < tail; ++t) ids[at_all + m + t] = tail_begin + t;
+    std::fill(mask + (at_all + m) * G, mask + (at_all + m + tail) * G, uint8_t(1));
+    const int64_t* table = positions != nullptr ? pair_rows<int64_t>(*positions, p, heads) : nullptr;
+    const int64_t mapped = positions != nullptr ? positions->size(2) : 0;
+    for (int64_t j = 0; j < m; ++j) sel_ids[at_sel + j] = s.ids[j] < mapped ? table[s.ids[j]] : s.ids[j];
+    std::transform(s.mask.begin(), s.mask.end(), sel_mask + at_sel * G, [](uint8_t f) { return f != 0; });
+    for (int64_t g = 0; g < G; ++g) r.kept.data_ptr<int64_t>()[p * G + g] = s.heads[g].kept + tail;
+    r.read.data_ptr<int64_t>()[p] = m + tail;
+    r.most = std::max(r.most, m + tail);
+    at_all += m + tail;
+    at_sel += m;
+  }
+  off[pairs] = at_all;
+  sel_off[pairs] = at_sel;
+  return r;
+}
+
 void check_finite_sketch_bounds(const std::vector<char>& finite, const char* what) {
   for (const char f : finite)
     TORCH_CHECK_VALUE(f, what, ": a sketch score bound was not finite: codes, lo and delta must come from "
@@ -133,6 +191,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatc
   check_finite_sketch_bounds(finite, what);
   auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, G);
   return {offsets, ids, mask, kept, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double>
+IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, const at::Tensor& lo,
+                              const at::Tensor& delta, int64_t bits, int64_t group, const at::Tensor& k_in,
+                              const at::Tensor& v_in, const std::optional<at::Tensor>& positions_in,
+                              int64_t tail_begin, double scale, int64_t alpha, double bias, bool normalize) {
+  const char* what = "HSRIndexBatch.relu_attend";
+  const auto started = std::chrono::steady_clock::now();
+  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) == 1, what, ": q must be (B, Hq, 1, D), got ", q_in.sizes());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), what,
+                    ": q, k and v must be CPU tensors");
+  const DenseAttentionProblem p = make_dense_problem(q, k, v, "relu", scale, alpha, bias, normalize, false);
+  TORCH_CHECK_VALUE(k.size(0) == batch && k.size(1) == heads && k.size(3) == dim, what, ": k must be (", batch,
+                    ", ", heads, ", Lk, ", dim, ") as the index, got ", k.sizes());
+  const int64_t rows = largest_next_id(trees), len = k.size(2);
+  TORCH_CHECK_VALUE(tail_begin >= rows && tail_begin <= len, what, ": tail_begin must lie in [", rows,
+                    " (past every indexed key), Lk = ", len, "], got ", tail_begin);
+  const at::Tensor* positions = positions_in.has_value() ? &*positions_in : nullptr;
+  if (positions != nullptr) check_per_key(*positions, at::kLong, batch, heads, 0, -1, what, "positions");
+  const at::Tensor positions_rows = positions != nullptr ? rows_contiguous(*positions) : at::Tensor();
+  const TreeSketchArgs a = checked_tree_sketch_args(what, q.select(2, 0).to(at::kFloat), batch, heads, dim, rows,
+                                                    codes, lo, delta, bits, group, scale);
+  const int64_t pairs = batch * heads, G = a.G;
+  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
+  std::vector<char> finite(static_cast<size_t>(pairs), 1);
+  parallel_for_each_item(pairs, [&](int64_t i) {
+    finite[i] = sketch::select_relu_two_level(trees[i], a.q.const_data_ptr<float>() + i * G * dim, int(G),
+                                              a.view(i, heads), scale, bias, sel[i]);
+  });
+  check_finite_sketch_bounds(finite, what);
+  const ReluStepSelection r =
+      pack_relu_step(sel, batch, heads, G, tail_begin, len, positions != nullptr ? &positions_rows : nullptr);
+  at::Tensor stats = at::zeros({3}, at::kLong);
+  for (const auto& s : sel) {
+    stats.data_ptr<int64_t>()[0] += s.stats.nodes_visited;
+    stats.data_ptr<int64_t>()[1] += s.stats.leaves_opened;
+    stats.data_ptr<int64_t>()[2] += s.stats.keys_sketched;
+  }
+  const double select_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  auto [out, lse] = empty_attention_outputs(p, q);
+  if (out.numel() != 0)
+    run_attention_cpu(p, q, k, v, out, lse,
+                      cpu::KeySelection{r.offsets.const_data_ptr<int64_t>(), r.ids.const_data_ptr<int64_t>(),
+                                        r.mask.const_data_ptr<uint8_t>()},
+                      r.most);
+  return {out, r.sel_offsets, r.sel_ids, r.sel_mask, r.kept, r.read, stats, select_seconds};
 }
 
 }  // namespace hsr

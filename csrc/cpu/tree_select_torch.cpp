@@ -81,6 +81,26 @@ TreeSketchArgs checked_tree_sketch_args(const char* what, const at::Tensor& q_in
   return a;
 }
 
+void check_finite_sketch_bounds(const std::vector<char>& finite, const char* what) {
+  for (const char f : finite)
+    TORCH_CHECK_VALUE(f, what, ": a sketch score bound was not finite: codes, lo and delta must come from "
+                      "hsr.sketch_keys over finite keys");
+}
+
+// The ReLU walk (sketch::select_relu_two_level) of every tree for its G queries, in parallel.
+std::vector<sketch::GroupSelection> relu_walks(const std::vector<index::HSRTree>& trees, const TreeSketchArgs& a,
+                                               double scale, double bias, const char* what) {
+  const int64_t pairs = int64_t(trees.size()), heads = a.codes.size(1), dim = a.q.size(2);
+  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
+  std::vector<char> finite(static_cast<size_t>(pairs), 1);
+  parallel_for_each_item(pairs, [&](int64_t p) {
+    finite[p] = sketch::select_relu_two_level(trees[p], a.q.const_data_ptr<float>() + p * a.G * dim, int(a.G),
+                                              a.view(p, heads), scale, bias, sel[p]);
+  });
+  check_finite_sketch_bounds(finite, what);
+  return sel;
+}
+
 // The ReLU selections with a cache's tail: what the kernel attends to (every pair's selection,
 // then the tail [tail_begin, len) for all G heads) and what the step reports (the selections
 // alone, their ids mapped through positions: arrival positions of a reordered cache).
@@ -134,11 +154,6 @@ ReluStepSelection pack_relu_step(const std::vector<sketch::GroupSelection>& sel,
   return r;
 }
 
-void check_finite_sketch_bounds(const std::vector<char>& finite, const char* what) {
-  for (const char f : finite)
-    TORCH_CHECK_VALUE(f, what, ": a sketch score bound was not finite: codes, lo and delta must come from "
-                      "hsr.sketch_keys over finite keys");
-}
 
 }  // namespace
 
@@ -181,15 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatc
   const TreeSketchArgs a = checked_tree_sketch_args(what, q_in, batch, heads, dim, largest_next_id(trees), codes_in,
                                                     lo_in, delta_in, bits, group, scale);
   TORCH_CHECK_VALUE(std::isfinite(bias), what, ": bias must be finite, got ", bias);
-  const int64_t pairs = batch * heads, G = a.G;
-  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
-  std::vector<char> finite(static_cast<size_t>(pairs), 1);
-  parallel_for_each_item(pairs, [&](int64_t p) {
-    finite[p] = sketch::select_relu_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
-                                              a.view(p, heads), scale, bias, sel[p]);
-  });
-  check_finite_sketch_bounds(finite, what);
-  auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, G);
+  const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
+  auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, a.G);
   return {offsets, ids, mask, kept, stats};
 }
 
@@ -215,16 +223,9 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
   const at::Tensor positions_rows = positions != nullptr ? rows_contiguous(*positions) : at::Tensor();
   const TreeSketchArgs a = checked_tree_sketch_args(what, q.select(2, 0).to(at::kFloat), batch, heads, dim, rows,
                                                     codes, lo, delta, bits, group, scale);
-  const int64_t pairs = batch * heads, G = a.G;
-  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
-  std::vector<char> finite(static_cast<size_t>(pairs), 1);
-  parallel_for_each_item(pairs, [&](int64_t i) {
-    finite[i] = sketch::select_relu_two_level(trees[i], a.q.const_data_ptr<float>() + i * G * dim, int(G),
-                                              a.view(i, heads), scale, bias, sel[i]);
-  });
-  check_finite_sketch_bounds(finite, what);
+  const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
   const ReluStepSelection r =
-      pack_relu_step(sel, batch, heads, G, tail_begin, len, positions != nullptr ? &positions_rows : nullptr);
+      pack_relu_step(sel, batch, heads, a.G, tail_begin, len, positions != nullptr ? &positions_rows : nullptr);
   at::Tensor stats = at::zeros({3}, at::kLong);
   for (const auto& s : sel) {
     stats.data_ptr<int64_t>()[0] += s.stats.nodes_visited;

@@ -135,11 +135,6 @@ void check_tokens_fit(const std::vector<at::Tensor>& buffers, const std::vector<
   for (const at::Tensor& t : tokens) check_tensor_finite(t, what.c_str(), all.c_str());
 }
 
-void check_tokens_op(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens,
-                     const std::string& what, const std::vector<std::string>& names, int64_t length, bool finite) {
-  check_tokens_fit(buffers, tokens, what, names, length, finite);
-}
-
 void write_tokens_op(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens, int64_t start,
                      const std::string& what, const std::vector<std::string>& names, int64_t length, bool finite) {
   check_tokens_fit(buffers, tokens, what, names, length, finite);
@@ -171,13 +166,13 @@ void write_tokens_op(const std::vector<at::Tensor>& buffers, const std::vector<a
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("check_finite", &check_finite_cpu);
-  m.impl("check_tokens", &check_tokens_op);
+  m.impl("check_tokens", &check_tokens_fit);
   m.impl("write_tokens", &write_tokens_op);
 }
 
 // The token buffers of a cache on the GPU (hsr.gta's caches) append through the same checks.
 TORCH_LIBRARY_IMPL(hsr, CUDA, m) {
-  m.impl("check_tokens", &check_tokens_op);
+  m.impl("check_tokens", &check_tokens_fit);
   m.impl("write_tokens", &write_tokens_op);
 }
 

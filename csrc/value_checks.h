@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -24,6 +25,26 @@ void check_all_finite(const T* p, int64_t n, const char* what, const char* name)
     if (!ok) finite = false;
   });
   TORCH_CHECK_VALUE(finite.load(), what, ": ", name, " contains NaN or Inf");
+}
+
+// Calls fn with a null pointer of t's element type as the torch-free kernels see it (float,
+// half_t or bfloat16_t: the one float16/bfloat16 switch of the per-element checks and loops);
+// raises ValueError "<what>: <name> must be float32, float16 or bfloat16" for other dtypes.
+template <typename F>
+decltype(auto) visit_float_type(const at::Tensor& t, const char* what, const char* name, F&& fn) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fn(static_cast<const float*>(nullptr));
+    case at::kHalf: return fn(static_cast<const half_t*>(nullptr));
+    case at::kBFloat16: return fn(static_cast<const bfloat16_t*>(nullptr));
+    default:
+      TORCH_CHECK_VALUE(false, what, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// The data of t as the element type of visit_float_type's pointer.
+template <typename T>
+const T* float_data(const at::Tensor& t, const T*) {
+  return static_cast<const T*>(t.const_data_ptr());
 }
 
 }  // namespace hsr

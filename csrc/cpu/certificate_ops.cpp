@@ -15,6 +15,7 @@
 #include "hsr/sketch/certificate.h"
 #include "hsr/types.h"
 #include "selection_checks.h"
+#include "value_checks.h"
 
 namespace hsr {
 namespace {
@@ -34,11 +35,8 @@ double row_norm(const T* row, int64_t d) {
 // The norm of row id of (b, h) in t (B, H, n, W; float32, float16 or bfloat16, rows contiguous).
 double norm_of_row(const at::Tensor& t, int64_t b, int64_t h, int64_t id) {
   const int64_t w = t.size(3), at_row = b * t.stride(0) + h * t.stride(1) + id * t.stride(2);
-  switch (t.scalar_type()) {
-    case at::kFloat: return row_norm(t.const_data_ptr<float>() + at_row, w);
-    case at::kHalf: return row_norm(reinterpret_cast<const half_t*>(t.const_data_ptr<at::Half>()) + at_row, w);
-    default: return row_norm(reinterpret_cast<const bfloat16_t*>(t.const_data_ptr<at::BFloat16>()) + at_row, w);
-  }
+  return visit_float_type(t, "hsr.softmax_certificate", "rows",
+                          [&](auto type) { return row_norm(float_data(t, type) + at_row, w); });
 }
 
 // Per kept row of pair (b, h), its key's norm bound: from k_norms (B, Hkv, >= tail_begin) for

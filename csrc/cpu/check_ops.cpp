@@ -46,13 +46,13 @@ void check_rows_finite(const at::Tensor& t, const T* p, const char* what, const 
 }
 
 template <typename T>
-void check_finite_as(const at::Tensor& t, const char* what, const char* name) {
+void check_finite_as(const at::Tensor& t, const T* data, const char* what, const char* name) {
   if (t.dim() == 4 && t.stride(3) == 1 && !t.is_contiguous()) {
-    check_rows_finite(t, static_cast<const T*>(t.const_data_ptr()), what, name);
+    check_rows_finite(t, data, what, name);
     return;
   }
   const at::Tensor c = t.contiguous();
-  check_all_finite(static_cast<const T*>(c.const_data_ptr()), c.numel(), what, name);
+  check_all_finite(float_data(c, data), c.numel(), what, name);
 }
 
 // Raises "<what>: <name> contains NaN or Inf" unless every element of t is finite.
@@ -61,13 +61,7 @@ void check_tensor_finite(const at::Tensor& t, const char* what, const char* name
     TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), what, ": ", name, " contains NaN or Inf");
     return;
   }
-  switch (t.scalar_type()) {
-    case at::kFloat: check_finite_as<float>(t, what, name); break;
-    case at::kHalf: check_finite_as<half_t>(t, what, name); break;
-    case at::kBFloat16: check_finite_as<bfloat16_t>(t, what, name); break;
-    default:
-      TORCH_CHECK_VALUE(false, what, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
+  visit_float_type(t, what, name, [&](auto type) { check_finite_as(t, float_data(t, type), what, name); });
 }
 
 void check_finite_cpu(const std::vector<at::Tensor>& tensors, const std::string& what, const std::string& name) {

@@ -567,13 +567,12 @@ class HSRKVCache:
             (offsets, positions, mask)
 
     def _relu_selection(self, q, select):
-        """The indexed keys that can pass the ReLU threshold: (offsets, ids, mask, keys per
-        (batch, q head), bytes the selection read)."""
+        """The indexed keys that can pass the ReLU threshold, by the index's half-space query
+        (select="index") or every key's sketch ("sketch"; tree+sketch is _relu_step): (offsets,
+        ids, mask, keys per (batch, q head), bytes the selection read)."""
         qf, bias = q[:, :, 0].float(), float(self.policy.bias)
         if select == "index":  # the index's half-space query on its float32 points
             offsets, ids, mask, counts = self._index.range_union(qf, bias / self.scale)
             return offsets, ids, mask, counts, self._index_query_bytes()
-        index = self._index if select == "tree+sketch" else None
-        sketch = self._sketch
-        offsets, ids, mask, counts, stats = relu_sketch_select(qf, sketch, self.scale, bias, index)
-        return offsets, ids, mask, counts, sketch.nbytes if stats is None else self._walk_bytes(stats)
+        offsets, ids, mask, counts, _ = relu_sketch_select(qf, self._sketch, self.scale, bias)
+        return offsets, ids, mask, counts, self._sketch.nbytes

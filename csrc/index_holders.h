@@ -103,7 +103,7 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   // value-norm bounds by key id; v_norm_max (B, H): a bound of all of them. Returns (offsets (B*H+1,), ids, mask (len(ids), Hq/H): the
   // selection in sparse_attention's form; log_left, v_left_max, v_kept_max (B, Hq) float64
   // and keys_kept (B, Hq) int64 as select_by_bounds; stats [nodes_visited, leaves_opened,
-  // keys_sketched]).
+  // keys_sketched, boxes_read]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   certified_select(const at::Tensor& q, const std::optional<at::Tensor>& codes,
                    const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& delta, int64_t bits,
@@ -113,7 +113,7 @@ struct IndexBatchHolder : torch::CustomClassHolder {
   // (B, Hq, D): every key that can have relu(scale * <q, k> - bias) > 0, found by the tree,
   // then the key sketch (codes, lo, delta as certified_select's). Returns (offsets, ids,
   // mask) as certified_select, keys_kept (B, Hq) int64 and stats [nodes_visited,
-  // leaves_opened, keys_sketched].
+  // leaves_opened, keys_sketched, boxes_read].
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   relu_select(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& delta,
               int64_t bits, int64_t group, double scale, double bias);

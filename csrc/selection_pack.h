@@ -27,9 +27,22 @@ const T* pair_rows(const at::Tensor& t, int64_t p, int64_t heads) {
   return t.const_data_ptr<T>() + (p / heads) * t.stride(0) + (p % heads) * t.stride(1);
 }
 
+// The walks' stats summed over the pairs: [nodes_visited, leaves_opened, keys_sketched,
+// boxes_read] (int64).
+inline at::Tensor summed_walk_stats(const std::vector<sketch::GroupSelection>& sel) {
+  at::Tensor stats = at::zeros({4}, at::kLong);
+  int64_t* p = stats.data_ptr<int64_t>();
+  for (const auto& s : sel) {
+    p[0] += s.stats.nodes_visited;
+    p[1] += s.stats.leaves_opened;
+    p[2] += s.stats.keys_sketched;
+    p[3] += s.stats.boxes_read;
+  }
+  return stats;
+}
+
 // offsets (pairs + 1,) int64, ids (total,) int64, mask (total, G) bool, then per (batch, q
-// head): log_left, v_left_max, v_kept_max (float64), kept (int64); and the summed stats
-// [nodes_visited, leaves_opened, keys_sketched] (int64).
+// head): log_left, v_left_max, v_kept_max (float64), kept (int64); and summed_walk_stats.
 using PackedSelection =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -44,8 +57,6 @@ inline PackedSelection pack_selections(const std::vector<sketch::GroupSelection>
   at::Tensor log_left = at::empty({batch, hq}, at::kDouble);
   at::Tensor v_left = at::empty({batch, hq}, at::kDouble), v_kept = at::empty({batch, hq}, at::kDouble);
   at::Tensor kept = at::empty({batch, hq}, at::kLong);
-  at::Tensor stats = at::zeros({3}, at::kLong);
-  int64_t* stats_p = stats.data_ptr<int64_t>();
   int64_t at_row = 0;
   for (int64_t p = 0; p < pairs; ++p) {
     const auto& s = sel[p];
@@ -60,12 +71,9 @@ inline PackedSelection pack_selections(const std::vector<sketch::GroupSelection>
       v_kept.data_ptr<double>()[r] = s.heads[g].v_kept_max;
       kept.data_ptr<int64_t>()[r] = s.heads[g].kept;
     }
-    stats_p[0] += s.stats.nodes_visited;
-    stats_p[1] += s.stats.leaves_opened;
-    stats_p[2] += s.stats.keys_sketched;
   }
   offsets.data_ptr<int64_t>()[pairs] = at_row;
-  return {offsets, ids, mask, log_left, v_left, v_kept, kept, stats};
+  return {offsets, ids, mask, log_left, v_left, v_kept, kept, summed_walk_stats(sel)};
 }
 
 }  // namespace hsr

@@ -121,8 +121,9 @@ class CertifiedInfo:
     # (B, Hq) float32: log of the kept keys' (and the tail's) softmax normaliser, to merge with
     # other keys.
     lse: torch.Tensor
-    # With an index: int64 [nodes_visited, leaves_opened, keys_sketched] summed over the
-    # trees; None without.
+    # With an index: int64 [nodes_visited, leaves_opened, keys_sketched, boxes_read] summed
+    # over the trees (boxes_read: nodes whose box was read besides their centroid); None
+    # without.
     index_stats: torch.Tensor | None = None
     # With value_blocks (the estimate mode), per (batch, q head): the estimated share of the
     # softmax mass added in for the keys left out (lambda_hat) and the largest norm of a block
@@ -146,7 +147,7 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     sketch: KeySketch.from_keys(k), or None with an index (tree-only selection). index:
     hsr.HSRIndexBatch over k (ids = positions): the two-level selection (the tree prunes whole
     nodes first, the sketch then prunes keys inside the leaves kept); info.index_stats holds
-    its [nodes_visited, leaves_opened, keys_sketched]. Without an index every key's sketch
+    its [nodes_visited, leaves_opened, keys_sketched, boxes_read]. Without an index every key's sketch
     interval is computed. v_norms (B, Hkv, n): value_norm_bounds(v), computed from v when not
     given (a cache keeps them); v_norm_max (B, Hkv): their maximum (taken from v_norms when not
     given). eps in [0, 1): 0 selects everything (exact).
@@ -398,7 +399,7 @@ class ReportedInfo:
     index reports; relu_sketch_attention: those whose bound passes, a superset of the keys
     with a positive weight); keys_read (B, Hkv): the union over the GQA group; index_stats:
     the index's IndexStats (relu_reported_attention), (nodes visited, leaves opened, keys
-    sketched) int64 (relu_sketch_attention with an index) or None; the selection."""
+    sketched, boxes read) int64 (relu_sketch_attention with an index) or None; the selection."""
 
     keys_reported: torch.Tensor
     keys_read: torch.Tensor
@@ -450,8 +451,8 @@ def relu_sketch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ske
     index: an hsr.HSRIndexBatch over k (ids = positions; it need not keep its points): the
     tree first drops whole nodes whose upper bound is at most bias (and keeps whole nodes
     whose lower bound passes), and only the keys of the leaves left undecided have their
-    sketch scored; info.index_stats is then (nodes visited, leaves opened, keys sketched),
-    else None (every key's sketch is scored). info.keys_reported counts the keys selected
+    sketch scored; info.index_stats is then (nodes visited, leaves opened, keys sketched,
+    nodes whose box was read: the walk stops reading boxes that rarely settle a node), else None (every key's sketch is scored). info.keys_reported counts the keys selected
     per q head (those that can have a positive weight)."""
     what = "hsr.relu_sketch_attention"
     B, Hq, Hkv, n, D, G, scale = _decode_problem(what, q, k, v, scale)

@@ -473,7 +473,7 @@ class HSRKVCache:
             return self._sketch.nbytes + self._v_norms.numel() * 4 + self._index_query_bytes()
         if info.index_stats is None:
             return self._sketch.nbytes + self._v_norms.numel() * 4
-        _, _, sketched = (int(x) for x in info.index_stats)
+        sketched = int(info.index_stats[2])
         opened = sketched if select != "tree" else int(info.keys_read.sum())
         return self._walk_bytes(info.index_stats) + opened * 4
 
@@ -488,10 +488,11 @@ class HSRKVCache:
         return self._node_bytes(stats.nodes_visited) + stats.points_scored * self.head_dim * 4
 
     def _walk_bytes(self, index_stats) -> int:
-        """Bytes a two-level walk read, from its (nodes visited, leaves opened, keys sketched):
-        the node summaries and the sketch (codes, per-group lo and delta) of the keys scored."""
-        nodes, _, sketched = (int(x) for x in index_stats)
-        return self._node_bytes(nodes) + sketched * self._sketch_key_bytes
+        """Bytes a two-level walk read, from its (nodes visited, leaves opened, keys sketched,
+        boxes read): every visited node's centroid, the boxes it read (float32) and the sketch
+        (codes, per-group lo and delta) of the keys scored."""
+        nodes, _, sketched, boxes = index_stats.tolist()
+        return (nodes + 2 * boxes) * self.head_dim * 4 + sketched * self._sketch_key_bytes
 
     def _select_and_attend(self, q, select, tail):
         """The softmax-family policies over every key (the indexed ones selected, the last

@@ -208,8 +208,9 @@ def test_tree_prunes_whole_clusters():
     q = (centers[:2] * 0.5).view(1, 2, 1, D)
     out, info = certify(q, k, v, 1e-3, "tree+sketch")
     check_certificate(q, k, v, out, info, 1e-3)
-    nodes, leaves, sketched = (int(x) for x in info.index_stats)
+    nodes, leaves, sketched, boxes = (int(x) for x in info.index_stats)
     assert leaves * 64 <= n // 4 and sketched <= n // 4
+    assert boxes == nodes  # the certified walk reads every visited node's box
 
 
 def test_error_bound_is_reached_when_left_out_values_oppose_the_kept_ones():

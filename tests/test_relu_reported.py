@@ -72,8 +72,8 @@ def test_a_selective_bias_reads_few_keys(path):
     torch.testing.assert_close(out, hsr.attention(q, k, v, kind="relu", bias=bias, alpha=2), atol=1e-5, rtol=1e-5)
     assert info.keys_read.max() < 0.05 * 20_000
     if path == "tree+sketch":  # the tree left most leaves out: few keys had their sketch scored
-        nodes, leaves, sketched = info.index_stats.tolist()
-        assert 0 < sketched < 0.2 * 2 * 20_000 and leaves * 64 >= sketched
+        nodes, leaves, sketched, boxes = info.index_stats.tolist()
+        assert 0 < sketched < 0.2 * 2 * 20_000 and leaves * 64 >= sketched and boxes <= nodes
 
 
 @pytest.mark.parametrize("kind", ["random", "clustered"])
@@ -122,6 +122,11 @@ def test_tree_and_sketch_exact_whether_or_not_the_walk_keeps_reading_node_boxes(
             assert positive <= chosen <= alone_sets[p, h]
         ref, _ = attention_ref(q.double(), k.double(), v.double(), kind="relu", bias=bias)
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        nodes, _, _, boxes = tree.index_stats.tolist()
+        if D == 128:  # the boxes stopped paying within the first nodes
+            assert boxes < nodes / 10
+        if kind == "slabs":  # read wherever the ball left a node open: most of the nodes visited
+            assert boxes >= nodes / 2
 
 
 @pytest.mark.parametrize("offset", [-0.2, 0.2])
@@ -170,13 +175,13 @@ def test_tree_and_sketch_decide_whole_trees_at_the_root():
     sk = hsr.KeySketch.from_keys(k)
     # Far below every score: the root's lower bound passes, every key is kept unsketched.
     out, info = hsr.relu_sketch_attention(q, k, v, sk, bias=-1e6, index=index)
-    nodes, leaves, sketched = info.index_stats.tolist()
-    assert nodes == 2 and leaves >= 2 * 8 and sketched == 0
+    nodes, leaves, sketched, boxes = info.index_stats.tolist()
+    assert nodes == 2 and leaves >= 2 * 8 and sketched == 0 and boxes == 0  # the balls decided
     assert (info.keys_reported == 500).all()
     torch.testing.assert_close(out, hsr.attention(q, k, v, kind="relu", bias=-1e6), atol=1e-5, rtol=1e-5)
     # Far above: the root's upper bound fails, nothing is read.
     out, info = hsr.relu_sketch_attention(q, k, v, sk, bias=1e6, index=index)
-    assert info.index_stats.tolist() == [2, 0, 0]
+    assert info.index_stats.tolist() == [2, 0, 0, 0]
     assert (info.keys_read == 0).all() and (out == 0).all()
 
 

@@ -148,6 +148,7 @@ class TwoLevelWalk {
   // Upper then lower logit bounds of node for the G heads, into out[0..2G).
   void node_bounds(int32_t node, double* out, TreeSelectStats& stats) const {
     ++stats.nodes_visited;
+    ++stats.boxes_read;  // bounds() reads the box whenever the ball does not prune below -inf
     for (int g = 0; g < G_; ++g) {
       double upper, lower, slack;
       tree_.bounds(node, q_ + int64_t(g) * d_, qnorm_[g], -HUGE_VAL, upper, lower, slack);
@@ -394,7 +395,7 @@ class ReluWalk {
     const int64_t slot = int64_t(verdicts_.size()) / G_;
     verdicts_.insert(verdicts_.end(), parent, parent + G_);
     Verdict* out = verdicts_.data() + slot * G_;
-    bool bounded = false, any = false;
+    bool bounded = false, boxed = false, any = false;
     for (int g = 0; g < G_; ++g) {
       if (out[g] == Verdict::kOpen) {
         const float* q = q_ + int64_t(g) * d_;
@@ -404,6 +405,7 @@ class ReluWalk {
         out[g] = verdict(upper, lower, slack);
         if (out[g] == Verdict::kOpen && box_.on()) {
           tree_.tighten_with_box(node, q, upper, lower);
+          boxed = true;
           out[g] = verdict(upper, lower, slack);
           box_.record(out[g] != Verdict::kOpen);
         }
@@ -411,6 +413,7 @@ class ReluWalk {
       any = any || out[g] != Verdict::kOut;
     }
     stats.nodes_visited += bounded;
+    stats.boxes_read += boxed;
     if (any)
       (tree_.is_leaf(node) ? leaves : inner).emplace_back(node, slot);
     else

@@ -226,12 +226,7 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
   const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
   const ReluStepSelection r =
       pack_relu_step(sel, batch, heads, a.G, tail_begin, len, positions != nullptr ? &positions_rows : nullptr);
-  at::Tensor stats = at::zeros({3}, at::kLong);
-  for (const auto& s : sel) {
-    stats.data_ptr<int64_t>()[0] += s.stats.nodes_visited;
-    stats.data_ptr<int64_t>()[1] += s.stats.leaves_opened;
-    stats.data_ptr<int64_t>()[2] += s.stats.keys_sketched;
-  }
+  const at::Tensor stats = summed_walk_stats(sel);
   const double select_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   auto [out, lse] = empty_attention_outputs(p, q);
   if (out.numel() != 0)

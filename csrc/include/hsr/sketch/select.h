@@ -106,6 +106,7 @@ struct TreeSelectStats {
   int64_t nodes_visited = 0;  // nodes whose bounds were computed
   int64_t leaves_opened = 0;
   int64_t keys_sketched = 0;  // keys whose sketch intervals were computed (all G heads)
+  int64_t boxes_read = 0;     // nodes whose box was read too (the ReLU walk skips boxes that do not pay)
 };
 
 // The selection for one (batch, kv head): the union of the heads' keys, ascending ids, with

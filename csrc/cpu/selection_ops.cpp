@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "selection_checks.h"
+#include "selection_edits.h"
 
 namespace hsr {
 namespace {
@@ -38,11 +39,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_with_tail_cpu(const at:
                                                                        const at::Tensor& mask_in, int64_t tail_begin,
                                                                        int64_t tail_end) {
   const char* what = "hsr.selection_with_tail";
-  const int64_t pairs = checked_selection(what, offsets_in, ids_in, mask_in);
+  checked_selection(what, offsets_in, ids_in, mask_in);
   TORCH_CHECK_VALUE(0 <= tail_begin && tail_begin <= tail_end, what, ": the tail [", tail_begin, ", ", tail_end,
                     ") must be a range of rows");
-  const at::Tensor offsets = offsets_in.contiguous(), ids = ids_in.contiguous(), mask = mask_in.contiguous();
-  const int64_t G = mask.size(1), tail = tail_end - tail_begin, total = ids.size(0) + pairs * tail;
+  return append_tail_rows(offsets_in.contiguous(), ids_in.contiguous(), mask_in.contiguous(), tail_begin,
+                          tail_end);
+}
+
+at::Tensor selection_positions_cpu(const at::Tensor& offsets_in, const at::Tensor& ids_in,
+                                   const at::Tensor& positions) {
+  const char* what = "hsr.selection_positions";
+  TORCH_CHECK_VALUE(positions.dim() == 3 && positions.scalar_type() == at::kLong && positions.device().is_cpu(),
+                    what, ": positions must be a CPU int64 tensor (B, H, n), got ", positions.scalar_type(),
+                    " of shape ", positions.sizes());
+  check_index_vectors(what, offsets_in, ids_in);
+  const int64_t B = positions.size(0), H = positions.size(1);
+  TORCH_CHECK_VALUE(offsets_in.size(0) == B * H + 1, what, ": offsets must hold B * H + 1 = ", B * H + 1,
+                    " entries, got ", offsets_in.size(0));
+  const at::Tensor offsets = offsets_in.contiguous(), ids = ids_in.contiguous();
+  check_offsets_rise(what, offsets, ids.size(0));
+  return map_to_positions(offsets, ids, positions, what);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> append_tail_rows(const at::Tensor& offsets, const at::Tensor& ids,
+                                                                const at::Tensor& mask, int64_t tail_begin,
+                                                                int64_t tail_end) {
+  const int64_t pairs = offsets.size(0) - 1, G = mask.size(1), tail = tail_end - tail_begin;
+  const int64_t total = ids.size(0) + pairs * tail;
   at::Tensor out_offsets = at::empty({pairs + 1}, at::kLong);
   at::Tensor out_ids = at::empty({total}, at::kLong);
   at::Tensor out_mask = at::empty({total, G}, at::kBool);
@@ -67,24 +92,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_with_tail_cpu(const at:
   return {out_offsets, out_ids, out_mask};
 }
 
-at::Tensor selection_positions_cpu(const at::Tensor& offsets_in, const at::Tensor& ids_in,
-                                   const at::Tensor& positions) {
-  const char* what = "hsr.selection_positions";
-  TORCH_CHECK_VALUE(positions.dim() == 3 && positions.scalar_type() == at::kLong && positions.device().is_cpu(),
-                    what, ": positions must be a CPU int64 tensor (B, H, n), got ", positions.scalar_type(),
-                    " of shape ", positions.sizes());
-  check_index_vectors(what, offsets_in, ids_in);
-  const int64_t B = positions.size(0), H = positions.size(1), n = positions.size(2);
-  TORCH_CHECK_VALUE(offsets_in.size(0) == B * H + 1, what, ": offsets must hold B * H + 1 = ", B * H + 1,
-                    " entries, got ", offsets_in.size(0));
-  const at::Tensor offsets = offsets_in.contiguous(), ids = ids_in.contiguous();
-  check_offsets_rise(what, offsets, ids.size(0));
+at::Tensor map_to_positions(const at::Tensor& offsets, const at::Tensor& ids, const at::Tensor& positions,
+                            const char* what) {
+  const int64_t H = positions.size(1), n = positions.size(2), pairs = offsets.size(0) - 1;
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   const int64_t* src = ids.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   at::Tensor out = at::empty({ids.size(0)}, at::kLong);
   int64_t* dst = out.data_ptr<int64_t>();
-  for (int64_t p = 0; p < B * H; ++p) {
+  for (int64_t p = 0; p < pairs; ++p) {
     const int64_t* row = pos + (p / H) * positions.stride(0) + (p % H) * positions.stride(1);
     const int64_t step = positions.stride(2);
     for (int64_t j = o[p]; j < o[p + 1]; ++j) {
@@ -95,8 +111,6 @@ at::Tensor selection_positions_cpu(const at::Tensor& offsets_in, const at::Tenso
   }
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("selection_with_tail", &selection_with_tail_cpu);

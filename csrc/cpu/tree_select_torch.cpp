@@ -14,6 +14,7 @@
 #include "hsr/sketch/tree_select.h"
 #include "index_holders.h"
 #include "parallel_items.h"
+#include "selection_edits.h"
 #include "selection_pack.h"
 #include "sketch_checks.h"
 #include "value_checks.h"
@@ -101,60 +102,6 @@ std::vector<sketch::GroupSelection> relu_walks(const std::vector<index::HSRTree>
   return sel;
 }
 
-// The ReLU selections with a cache's tail: what the kernel attends to (every pair's selection,
-// then the tail [tail_begin, len) for all G heads) and what the step reports (the selections
-// alone, their ids mapped through positions: arrival positions of a reordered cache).
-struct ReluStepSelection {
-  at::Tensor offsets, ids, mask;            // with the tail, for the kernel
-  at::Tensor sel_offsets, sel_ids, sel_mask;  // without it, ids as positions
-  at::Tensor kept, read;                      // (B, Hq) and (B, H): keys per head / per pair, tail included
-  int64_t most = 0;                           // keys of the largest pair, tail included
-};
-
-ReluStepSelection pack_relu_step(const std::vector<sketch::GroupSelection>& sel, int64_t batch, int64_t heads,
-                                 int64_t G, int64_t tail_begin, int64_t len, const at::Tensor* positions) {
-  const int64_t pairs = batch * heads, tail = len - tail_begin;
-  int64_t total = 0;
-  for (const auto& s : sel) total += int64_t(s.ids.size());
-  ReluStepSelection r;
-  r.offsets = at::empty({pairs + 1}, at::kLong);
-  r.ids = at::empty({total + pairs * tail}, at::kLong);
-  r.mask = at::empty({total + pairs * tail, G}, at::kByte);
-  r.sel_offsets = at::empty({pairs + 1}, at::kLong);
-  r.sel_ids = at::empty({total}, at::kLong);
-  r.sel_mask = at::empty({total, G}, at::kBool);
-  r.kept = at::empty({batch, heads * G}, at::kLong);
-  r.read = at::empty({batch, heads}, at::kLong);
-  int64_t *off = r.offsets.data_ptr<int64_t>(), *ids = r.ids.data_ptr<int64_t>();
-  int64_t *sel_off = r.sel_offsets.data_ptr<int64_t>(), *sel_ids = r.sel_ids.data_ptr<int64_t>();
-  uint8_t* mask = r.mask.data_ptr<uint8_t>();
-  bool* sel_mask = r.sel_mask.data_ptr<bool>();
-  int64_t at_all = 0, at_sel = 0;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const auto& s = sel[p];
-    const int64_t m = int64_t(s.ids.size());
-    off[p] = at_all;
-    sel_off[p] = at_sel;
-    std::copy(s.ids.begin(), s.ids.end(), ids + at_all);
-    std::copy(s.mask.begin(), s.mask.end(), mask + at_all * G);
-    for (int64_t t = 0; t < tail; ++t) ids[at_all + m + t] = tail_begin + t;
-    std::fill(mask + (at_all + m) * G, mask + (at_all + m + tail) * G, uint8_t(1));
-    const int64_t* table = positions != nullptr ? pair_rows<int64_t>(*positions, p, heads) : nullptr;
-    const int64_t mapped = positions != nullptr ? positions->size(2) : 0;
-    for (int64_t j = 0; j < m; ++j) sel_ids[at_sel + j] = s.ids[j] < mapped ? table[s.ids[j]] : s.ids[j];
-    std::transform(s.mask.begin(), s.mask.end(), sel_mask + at_sel * G, [](uint8_t f) { return f != 0; });
-    for (int64_t g = 0; g < G; ++g) r.kept.data_ptr<int64_t>()[p * G + g] = s.heads[g].kept + tail;
-    r.read.data_ptr<int64_t>()[p] = m + tail;
-    r.most = std::max(r.most, m + tail);
-    at_all += m + tail;
-    at_sel += m;
-  }
-  off[pairs] = at_all;
-  sel_off[pairs] = at_sel;
-  return r;
-}
-
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -218,23 +165,31 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
   const int64_t rows = largest_next_id(trees), len = k.size(2);
   TORCH_CHECK_VALUE(tail_begin >= rows && tail_begin <= len, what, ": tail_begin must lie in [", rows,
                     " (past every indexed key), Lk = ", len, "], got ", tail_begin);
-  const at::Tensor* positions = positions_in.has_value() ? &*positions_in : nullptr;
-  if (positions != nullptr) check_per_key(*positions, at::kLong, batch, heads, 0, -1, what, "positions");
-  const at::Tensor positions_rows = positions != nullptr ? rows_contiguous(*positions) : at::Tensor();
+  if (positions_in.has_value()) check_per_key(*positions_in, at::kLong, batch, heads, 0, -1, what, "positions");
   const TreeSketchArgs a = checked_tree_sketch_args(what, q.select(2, 0).to(at::kFloat), batch, heads, dim, rows,
                                                     codes, lo, delta, bits, group, scale);
   const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
-  const ReluStepSelection r =
-      pack_relu_step(sel, batch, heads, a.G, tail_begin, len, positions != nullptr ? &positions_rows : nullptr);
-  const at::Tensor stats = summed_walk_stats(sel);
+  // The selection as the step reports it (ids as arrival positions), and with the tail for
+  // every head as the kernel reads it.
+  auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, a.G);
+  const auto [all_offsets, all_ids, all_mask] = append_tail_rows(offsets, ids, mask, tail_begin, len);
+  const at::Tensor reported = positions_in.has_value() ? map_to_positions(offsets, ids, *positions_in, what) : ids;
+  kept.add_(len - tail_begin);
+  at::Tensor read = at::empty({batch, heads}, at::kLong);
+  const int64_t* all_off = all_offsets.const_data_ptr<int64_t>();
+  int64_t most = 0;
+  for (int64_t i = 0; i < batch * heads; ++i) {
+    read.data_ptr<int64_t>()[i] = all_off[i + 1] - all_off[i];
+    most = std::max(most, all_off[i + 1] - all_off[i]);
+  }
   const double select_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   auto [out, lse] = empty_attention_outputs(p, q);
   if (out.numel() != 0)
     run_attention_cpu(p, q, k, v, out, lse,
-                      cpu::KeySelection{r.offsets.const_data_ptr<int64_t>(), r.ids.const_data_ptr<int64_t>(),
-                                        r.mask.const_data_ptr<uint8_t>()},
-                      r.most);
-  return {out, r.sel_offsets, r.sel_ids, r.sel_mask, r.kept, r.read, stats, select_seconds};
+                      cpu::KeySelection{all_off, all_ids.const_data_ptr<int64_t>(),
+                                        reinterpret_cast<const uint8_t*>(all_mask.const_data_ptr<bool>())},
+                      most);
+  return {out, offsets, reported, mask, kept, read, stats, select_seconds};
 }
 
 }  // namespace hsr

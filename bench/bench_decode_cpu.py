@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, figure, flush_cpu_caches, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import (environment, figure, flush_cpu_caches, format_table, median_ms_cpu, print_row,
+                             write_json)
 
 
 def make_stream(n, heads_kv, group, d, seed=0, batch=1):
@@ -217,12 +218,12 @@ def main():
                            hsr.Softmax(eps=1e-1, select="sketch"), hsr.Softmax(eps=1e-1, estimate=True)):
                 if wanted(policy_name(policy), args.policies):
                     row = bench_case(n, policy, args.steps, **shape)
-                    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                    print_row(row)
                     rows.append(row)
             # The default cache: times its candidate paths every probe_every steps, keeps the fastest.
             if wanted("softmax eps=0.001 default", args.policies):
                 row = bench_case(n, hsr.Softmax(eps=1e-3), args.steps, fallback=True, **shape)
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                print_row(row)
                 rows.append(row)
     print(format_table(rows, [("n", "n", "d"), ("batch", "B", "d"), ("heads", "heads", ""), ("d", "D", "d"),
                               ("policy", "policy", ""), ("step_ms", "step ms", ".1f"),

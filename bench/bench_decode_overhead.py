@@ -28,7 +28,8 @@ import time
 import torch
 
 import hsr
-from hsr.benchmarking import environment, flush_cpu_caches, format_table, largest_cpu_cache_bytes, write_json
+from hsr.benchmarking import (environment, flush_cpu_caches, format_table, largest_cpu_cache_bytes, print_row,
+                             write_json)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_decode_cpu import make_stream  # noqa: E402
@@ -101,7 +102,7 @@ def main():
         for heads_q, heads_kv, d in shapes:
             layers = args.layers or layers_for(n, heads_kv, d, largest_cpu_cache_bytes())
             row = bench_shape(n, heads_q, heads_kv, d, args.steps, args.warmup, layers)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            print_row(row)
             rows.append(row)
     print(format_table(rows, [("n", "n", "d"), ("heads", "heads", ""), ("d", "D", "d"), ("paths", "path", ""),
                               ("layers", "layers", "d"), ("loop_step_ms", "loop: step ms", ".3f"),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, flush_cpu_caches, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, flush_cpu_caches, format_table, median_ms_cpu, print_row, write_json
 from hsr.capture import load_capture
 from bench_decode_cpu import policy_name, quality
 
@@ -105,8 +105,7 @@ def main():
             agg = run_layer(data["q"][layer][:, -steps:], data["k"][layer], data["v"][layer], policy, dtype, eps,
                             sketch)
             row = dict(policy=f"{policy_name(policy)} {sketch}", layer=layer, **agg)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, file=sys.stderr,
-                  flush=True)
+            print_row(row, file=sys.stderr)
             rows.append(row)
     summary = []
     for name in dict.fromkeys(r["policy"] for r in rows):

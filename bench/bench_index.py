@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import hsr
-from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, write_json
+from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, print_row, write_json
 
 
 _CAPTURE = {}
@@ -187,7 +187,7 @@ def main():
                     continue
                 new = bench_one(ds, n, d, args.selectivities, args.k, args.queries, args.iters)
                 for r in new:
-                    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+                    print_row(r)
                 rows += new
     print(format_table(rows, [("dataset", "data", ""), ("n", "n", "d"), ("d", "d", "d"), ("query", "query", ""),
                               ("tree_ms", "index ms", ".2f"), ("brute_ms", "brute ms", ".2f"),

@@ -136,6 +136,12 @@ def write_json(path: str, payload: dict) -> None:
         f.write("\n")
 
 
+def print_row(row: dict, file=None) -> None:
+    """A benchmark row as it is measured (floats to 4 places), flushed at once: the progress of
+    a long run."""
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, file=file, flush=True)
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table. columns: (key, header, format spec)."""
     cells = [[h for _, h, _ in columns]]

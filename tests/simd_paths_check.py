@@ -1,7 +1,7 @@
 """Run by test_simd_paths.py in a child process with HSR_SIMD set: the kernels of one vector
 tier (sse, avx, avx512) give certified sketch intervals, exact index results, valid
-certificates and attention (dense and sparse) as accurate as the reference rule asks. Exits
-77 when the CPU does not run the tier asked for."""
+certificates, the ReLU selection's exact pass flags and attention (dense and sparse) as
+accurate as the reference rule asks. Exits 77 when the CPU does not run the tier asked for."""
 
 import sys
 
@@ -9,8 +9,9 @@ import torch
 
 import hsr
 from attention_cases import DTYPES, check_against_reference, make_qkv
-from test_certified import certify, check_certificate, keys_for
+from test_certified import certify, check_certificate, keys_for, test_sketch_relu_select_reports_every_key_that_can_pass
 from test_index import assert_range_exact, assert_topk_exact, make_points, make_queries
+from test_relu_reported import test_tree_and_sketch_select_between_the_positive_keys_and_the_sketch_alone
 from test_sparse_attention import check_rows, random_selection
 
 
@@ -47,6 +48,15 @@ def check_certified():
         check_certificate(q, k, v, out, info, 1e-3)
 
 
+def check_relu_select():
+    # The pass flags of every key (the sketch alone, then inside the tree's leaves) equal the
+    # double-precision rule and miss no key with a positive weight.
+    for bits in (8, 4):
+        test_sketch_relu_select_reports_every_key_that_can_pass(bits)
+    for kind in ("random", "clustered"):
+        test_tree_and_sketch_select_between_the_positive_keys_and_the_sketch_alone(kind, 0.99)
+
+
 def check_attention():
     # Head and value widths around each tier's vector pairs (8, 16, 32 floats), decode and
     # causal prefill, both kinds, every dtype; a long decode takes the key-split path.
@@ -72,6 +82,7 @@ def main(tier):
     check_sketch_intervals()
     check_index()
     check_certified()
+    check_relu_select()
     check_attention()
     print(f"{tier}: ok")
 

@@ -373,11 +373,12 @@ class ReluWalk {
     const int64_t count = std::accumulate(any_.begin(), any_.end(), int64_t(0));
     out.ids.resize(size_t(count));
     out.mask.resize(size_t(count) * G_);
+    const int G = G_;
     int64_t k = 0;
     for (int64_t j = 0; j < m; ++j) {
       if (!any_[j]) continue;
       out.ids[k] = ids_[j];
-      std::memcpy(out.mask.data() + k * G_, pass_.data() + j * G_, size_t(G_));
+      for (int g = 0; g < G; ++g) out.mask[k * G + g] = pass_[j * G + g];
       ++k;
     }
   }
@@ -449,26 +450,23 @@ class ReluWalk {
       if (open > 1) sketch_keys_of_leaf(group_scanner_, sketch_, ids, n, est_.data(), rad_.data());
     }
     bool finite = true;
-    for (int g = 0; g < G_; ++g) {
-      if (heads[g] != Verdict::kOpen) {
-        const uint8_t in = heads[g] == Verdict::kIn;
-        for (int64_t j = 0; j < n; ++j) pass[j * G_ + g] = in;
-        if (in) {
-          std::fill(any, any + n, uint8_t(1));
-          kept_[g] += n;
-        }
+    const int G = G_;
+    for (int g = 0; g < G; ++g) {
+      if (heads[g] == Verdict::kOut) continue;  // pass_ and any_ grew zero-filled
+      if (heads[g] == Verdict::kIn) {
+        for (int64_t j = 0; j < n; ++j) pass[j * G + g] = 1;
+        std::fill(any, any + n, uint8_t(1));
+        kept_[g] += n;
         continue;
       }
       const int64_t row = open > 1 ? int64_t(g) * n : 0;
       if (open == 1) sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
-      int64_t passed = 0;
+      flags_.resize(size_t(n));
+      kept_[g] += relu_pass_flags(est_.data() + row, rad_.data() + row, n, scale_, bias_, flags_.data(), finite);
       for (int64_t j = 0; j < n; ++j) {
-        const uint8_t p = relu_may_pass(est_[row + j], rad_[row + j], scale_, bias_, finite);
-        pass[j * G_ + g] = p;
-        any[j] |= p;
-        passed += p;
+        pass[j * G + g] = flags_[j];
+        any[j] |= flags_[j];
       }
-      kept_[g] += passed;
     }
     return finite;
   }
@@ -488,6 +486,7 @@ class ReluWalk {
   std::vector<uint8_t> any_;   // per entry of ids_: whether any head passes it
   std::vector<int64_t> kept_;  // per head: entries passed
   std::vector<float> est_, rad_;
+  std::vector<uint8_t> flags_;  // one head's pass flags over a leaf
 };
 
 }  // namespace

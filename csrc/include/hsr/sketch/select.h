@@ -38,6 +38,12 @@ inline bool relu_may_pass(float est, float rad, double scale, double bias, bool&
   return u > bias;
 }
 
+// relu_may_pass for keys j < n: flags[j] = whether est[j] +- rad[j] can pass, the same test
+// (in double, AVX-512 where the CPU has it); returns how many pass and clears finite when a
+// bound is not finite.
+int64_t relu_pass_flags(const float* est, const float* rad, int64_t n, double scale, double bias, uint8_t* flags,
+                        bool& finite);
+
 struct RowSelection {
   double log_left;    // log of sum e^{upper} over the keys left out (-inf when none)
   double v_left_max;  // largest value norm among the keys left out (0 when none)

@@ -232,6 +232,51 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline v
   }
 }
 
+// w = delta / 2 + rounding (|lo| + levels delta), lane by lane.
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline __m512 radius_weight(
+    __m512 lo, __m512 de, __m512 half, __m512 rnd, __m512 levels) {
+  const __m512 magnitude = _mm512_fmadd_ps(levels, de, _mm512_abs_ps(lo));
+  return _mm512_fmadd_ps(rnd, magnitude, _mm512_mul_ps(half, de));
+}
+
+// radius_tile_avx512 for consecutive rows with NG = 2 or 4 groups (head dims 64 and 128 with
+// the default 32-channel groups): the 16 keys' scales are NG contiguous vectors, so w is
+// computed in that layout and regrouped per group with two-source permutes (NG = 4: keys 0-7
+// from the first two vectors, 8-15 from the last two) instead of gathering the scales. Each
+// lane sees the same operations in the same order as the gathering loop, so the radii are
+// bit for bit the same.
+template <int NG>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void radius_block_contiguous(
+    const QueryTerms& qt, int64_t m, const float* lo, const float* delta, int64_t nk, __m512 half, __m512 rnd,
+    __m512 levels, __m512 infl, float* rad, int64_t ld) {
+  static_assert(NG == 2 || NG == 4);
+  __m512 w[NG], per_group[NG];
+  for (int v = 0; v < NG; ++v) {
+    const int64_t live = std::clamp<int64_t>(nk * NG - 16 * v, 0, 16);
+    const __mmask16 load = __mmask16((1u << live) - 1u);
+    w[v] = radius_weight(_mm512_maskz_loadu_ps(load, lo + 16 * v), _mm512_maskz_loadu_ps(load, delta + 16 * v), half,
+                         rnd, levels);
+  }
+  // Lane k of group g's vector sits at NG * (k % (32 / NG)) + g of a concatenated pair.
+  const __m512i first = NG == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+                                : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  for (int g = 0; g < NG; ++g) {
+    const __m512i idx = _mm512_add_epi32(first, _mm512_set1_epi32(g));
+    if constexpr (NG == 2) {
+      per_group[g] = _mm512_permutex2var_ps(w[0], idx, w[1]);
+    } else {
+      per_group[g] = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_permutex2var_ps(w[0], idx, w[1]),
+                                          _mm512_permutex2var_ps(w[2], idx, w[3]));
+    }
+  }
+  const __mmask16 store = __mmask16((1u << nk) - 1u);
+  for (int64_t i = 0; i < m; ++i) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int g = 0; g < NG; ++g) acc = _mm512_fmadd_ps(_mm512_set1_ps(qt.qabs[i * NG + g]), per_group[g], acc);
+    _mm512_mask_storeu_ps(rad + i * ld, store, _mm512_mul_ps(acc, infl));
+  }
+}
+
 // The radii of keys [j0, j0 + count) (see radius_of_key), 16 keys per vector: per group g,
 // w_g = delta_g / 2 + rounding (|lo_g| + levels delta_g) for 16 keys at once (their scales
 // gathered), then rad_i = inflate * sum_g qabs_ig w_g. The terms are the same as the scalar
@@ -244,6 +289,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void radius_tile_avx512
   const __m512 half = _mm512_set1_ps(0.5f), rnd = _mm512_set1_ps(rounding), levels = _mm512_set1_ps(float(l.levels()));
   const __m512 infl = _mm512_set1_ps(inflate);
   constexpr int kHeads = 8;
+  if (rows == nullptr && (ng == 2 || ng == 4)) {
+    for (int64_t j = j0; j < j0 + count; j += 16) {
+      const int64_t nk = std::min<int64_t>(16, j0 + count - j);
+      if (ng == 2)
+        radius_block_contiguous<2>(qt, m, lo + j * 2, delta + j * 2, nk, half, rnd, levels, infl, rad + j, ld);
+      else
+        radius_block_contiguous<4>(qt, m, lo + j * 4, delta + j * 4, nk, half, rnd, levels, infl, rad + j, ld);
+    }
+    return;
+  }
   for (int64_t j = j0; j < j0 + count; j += 16) {
     const int64_t nk = std::min<int64_t>(16, j0 + count - j);
     const __mmask16 store = __mmask16((1u << nk) - 1u);
@@ -265,8 +320,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void radius_tile_avx512
         const __m512 lo_g = _mm512_castpd_ps(_mm512_insertf64x4(
             _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_i64gather_ps(off_a, lo + g, 4))),
             _mm256_castps_pd(_mm512_i64gather_ps(off_b, lo + g, 4)), 1));
-        const __m512 magnitude = _mm512_fmadd_ps(levels, de, _mm512_abs_ps(lo_g));
-        const __m512 w = _mm512_fmadd_ps(rnd, magnitude, _mm512_mul_ps(half, de));
+        const __m512 w = radius_weight(lo_g, de, half, rnd, levels);
         for (int i = 0; i < heads; ++i)
           acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qt.qabs[(i0 + i) * ng + g]), w, acc[i]);
       }

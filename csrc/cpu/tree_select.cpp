@@ -373,12 +373,17 @@ class ReluWalk {
     const int64_t count = std::accumulate(any_.begin(), any_.end(), int64_t(0));
     out.ids.resize(size_t(count));
     out.mask.resize(size_t(count) * G_);
+    // Plain pointers: through the vectors, every byte stored would reload their data pointers.
     const int G = G_;
+    const uint8_t *any = any_.data(), *pass = pass_.data();
+    const int64_t* ids = ids_.data();
+    int64_t* out_ids = out.ids.data();
+    uint8_t* out_mask = out.mask.data();
     int64_t k = 0;
     for (int64_t j = 0; j < m; ++j) {
-      if (!any_[j]) continue;
-      out.ids[k] = ids_[j];
-      for (int g = 0; g < G; ++g) out.mask[k * G + g] = pass_[j * G + g];
+      if (!any[j]) continue;
+      out_ids[k] = ids[j];
+      for (int g = 0; g < G; ++g) out_mask[k * G + g] = pass[j * G + g];
       ++k;
     }
   }
@@ -462,10 +467,11 @@ class ReluWalk {
       const int64_t row = open > 1 ? int64_t(g) * n : 0;
       if (open == 1) sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
       flags_.resize(size_t(n));
+      const uint8_t* flags = flags_.data();
       kept_[g] += relu_pass_flags(est_.data() + row, rad_.data() + row, n, scale_, bias_, flags_.data(), finite);
       for (int64_t j = 0; j < n; ++j) {
-        pass[j * G + g] = flags_[j];
-        any[j] |= flags_[j];
+        pass[j * G + g] = flags[j];
+        any[j] |= flags[j];
       }
     }
     return finite;

@@ -691,6 +691,13 @@ void HSRTree::reset() {
 double HSRTree::query_norm(const float* q) const { return norm_rounded_up(q, dim_); }
 
 void HSRTree::prefetch_node(int32_t node, bool with_box) const {
+  // The node's scalars sit in their own arrays: a walk reads each of them right after the centroid.
+  __builtin_prefetch(radius_.data() + node);
+  __builtin_prefetch(max_norm_.data() + node);
+  __builtin_prefetch(count_.data() + node);
+  __builtin_prefetch(block_.data() + node);
+  __builtin_prefetch(left_.data() + node);
+  __builtin_prefetch(right_.data() + node);
   const int64_t at = int64_t(node) * dim_;
   constexpr int64_t kLineFloats = 64 / sizeof(float);
   for (int64_t f = 0; f < dim_; f += kLineFloats) {

@@ -129,8 +129,8 @@ class HSRTree {
     return slot_id_.data() + int64_t(block_[leaf]) * leaf_size_;
   }
   int32_t leaf_point_count(int32_t leaf) const { return block_used_[block_[leaf]]; }
-  // Asks the CPU to start loading the node's summaries (centroid, and the box unless
-  // with_box is false), for walks that know which nodes they will bound next: a walk is
+  // Asks the CPU to start loading the node's summaries (its scalars, its centroid, and the box
+  // unless with_box is false), for walks that know which nodes they will bound next: a walk is
   // otherwise bound by the latency of these loads.
   void prefetch_node(int32_t node, bool with_box = true) const;
   // |q|, rounded up: the qnorm argument of bounds().

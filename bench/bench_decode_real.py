@@ -57,15 +57,17 @@ def run_layer(q_all, k_all, v_all, policy, dtype, eps_oracle, sketch):
     start = n - steps
     cache = hsr.HSRKVCache(1, hkv, d, dtype=dtype, policy=policy, sketch=sketch, dense_fallback=False)
     cache.prefill(k[:, :, :start].contiguous(), v[:, :, :start].contiguous())
-    rows = []
+    timed = []
     for j in range(steps):
         i = start + j
         q = q_all[:, j].reshape(1, hq, 1, d).to(dtype)
         flush_cpu_caches()
         t = time.perf_counter()
         out, info = cache.decode(q, k[:, :, i:i + 1].contiguous(), v[:, :, i:i + 1].contiguous())
-        ms = (time.perf_counter() - t) * 1e3
-        err, tv = quality(q, k[:, :, :i + 1], v[:, :, :i + 1], out, policy, info.selection, cache.indexed_length)
+        timed.append((i, q, out, info, (time.perf_counter() - t) * 1e3, cache.indexed_length))
+    rows = []
+    for i, q, out, info, ms, indexed in timed:  # checked after the timed steps, as in bench_decode_cpu
+        err, tv = quality(q, k[:, :, :i + 1], v[:, :, :i + 1], out, policy, info.selection, indexed)
         o_head, o_union = oracle_fractions(q, k[:, :, :i + 1], eps_oracle)
         rows.append(dict(ms=ms, read=info.keys_read.double().mean().item() / (i + 1),
                          bytes=info.bytes_read / (2 * hkv * (i + 1) * d * k.element_size()),

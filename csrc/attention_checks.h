@@ -89,21 +89,21 @@ inline DenseAttentionProblem problem_from_tensors(const at::Tensor& q, const at:
 // Validates q, k, v (SDPA layout; v's last dimension may differ from k's) and the score
 // options; returns the problem with the tensors' strides. Tensors whose last dimension is
 // not contiguous must be made contiguous by the caller before the strides are used (see
-// last_dim_contiguous).
+// last_dim_contiguous). `what` names the entry point in the error messages.
 inline DenseAttentionProblem make_dense_problem(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v, std::string_view kind,
                                                 std::optional<double> scale, int64_t alpha,
-                                                double bias, bool normalize, bool causal) {
-  check_attention_tensors("hsr.attention", q, k, v, "v");
-  TORCH_CHECK_VALUE(k.size(1) == v.size(1),
-                    "hsr.attention: k and v must have the same shape but for the last dimension, "
-                    "got k ", k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-                    "hsr.attention: the number of q heads (", q.size(1),
+                                                double bias, bool normalize, bool causal,
+                                                const char* what = "hsr.attention") {
+  check_attention_tensors(what, q, k, v, "v");
+  TORCH_CHECK_VALUE(k.size(1) == v.size(1), what,
+                    ": k and v must have the same shape but for the last dimension, got k ", k.sizes(), " and v ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, what, ": the number of q heads (", q.size(1),
                     ") must be a multiple of the number of kv heads (", k.size(1), ")");
-  TORCH_CHECK_VALUE(alpha >= 1, "hsr.attention: alpha must be a positive integer, got ", alpha);
-  TORCH_CHECK_VALUE(std::isfinite(bias), "hsr.attention: bias must be finite, got ", bias);
-  DenseAttentionProblem p = problem_from_tensors(q, k, v, k.size(1), scale, "hsr.attention");
+  TORCH_CHECK_VALUE(alpha >= 1, what, ": alpha must be a positive integer, got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(bias), what, ": bias must be finite, got ", bias);
+  DenseAttentionProblem p = problem_from_tensors(q, k, v, k.size(1), scale, what);
   p.kind = parse_score_kind(kind);
   p.alpha = int(alpha);
   p.bias = float(bias);

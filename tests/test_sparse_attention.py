@@ -124,6 +124,9 @@ def test_bad_selections_raise():
             torch.ops.hsr.sparse_attention(q, k, v, args["offsets"], args["ids"], args["mask"])
     with pytest.raises(ValueError, match="offsets"):
         hsr.sparse_attention(q, k, v, torch.tensor([0, 4], dtype=torch.int64), ids)
+    # The problem's own checks name the call they come from.
+    with pytest.raises(ValueError, match="hsr.sparse_attention: k and v must have the same shape"):
+        torch.ops.hsr.sparse_attention(q, k, v[:, :1], good, ids, None)
 
 
 def test_opcheck():

@@ -140,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(
   const at::Tensor q = last_dim_contiguous(q_in);
   const at::Tensor k = last_dim_contiguous(k_in);
   const at::Tensor v = last_dim_contiguous(v_in);
-  const DenseAttentionProblem p = make_dense_problem(
-      q, k, v, std::string_view(kind.data(), kind.size()), scale, alpha, bias, normalize, false);
+  const DenseAttentionProblem p = make_dense_problem(q, k, v, std::string_view(kind.data(), kind.size()), scale,
+                                                     alpha, bias, normalize, false, "hsr.sparse_attention");
   TORCH_CHECK_VALUE(q.device().is_cpu(), "hsr.sparse_attention: only CPU tensors are supported, got ",
                     q.device());
   const at::Tensor offsets = offsets_in.contiguous(), ids = ids_in.contiguous();

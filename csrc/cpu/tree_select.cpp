@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -467,8 +466,8 @@ class ReluWalk {
       const int64_t row = open > 1 ? int64_t(g) * n : 0;
       if (open == 1) sketch_keys_of_leaf(scanners_[g], sketch_, ids, n, est_.data(), rad_.data());
       flags_.resize(size_t(n));
-      const uint8_t* flags = flags_.data();
-      kept_[g] += relu_pass_flags(est_.data() + row, rad_.data() + row, n, scale_, bias_, flags_.data(), finite);
+      uint8_t* flags = flags_.data();
+      kept_[g] += relu_pass_flags(est_.data() + row, rad_.data() + row, n, scale_, bias_, flags, finite);
       for (int64_t j = 0; j < n; ++j) {
         pass[j * G + g] = flags[j];
         any[j] |= flags[j];

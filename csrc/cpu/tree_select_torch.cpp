@@ -159,7 +159,7 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), what,
                     ": q, k and v must be CPU tensors");
-  const DenseAttentionProblem p = make_dense_problem(q, k, v, "relu", scale, alpha, bias, normalize, false);
+  const DenseAttentionProblem p = make_dense_problem(q, k, v, "relu", scale, alpha, bias, normalize, false, what);
   TORCH_CHECK_VALUE(k.size(0) == batch && k.size(1) == heads && k.size(3) == dim, what, ": k must be (", batch,
                     ", ", heads, ", Lk, ", dim, ") as the index, got ", k.sizes());
   const int64_t rows = largest_next_id(trees), len = k.size(2);

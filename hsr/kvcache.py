@@ -429,19 +429,21 @@ class HSRKVCache:
         """Times every candidate path on this step's query and keeps the fastest for the next
         probe_every steps: when the bounds cannot prune, decode reads densely instead of paying
         for a selection that keeps nearly everything, and select="auto" drops the tree walk when
-        it does not pay. Returns the path, selection and result kept for this step."""
-        best = None
-        for path, select in candidates:
+        it does not pay. Each candidate runs twice, in mirrored order (A B C, then C B A), and
+        is judged by its total: a single timing let the first candidate pay for caches the
+        later ones found warm, and one noisy run decide. Returns the path, selection and result
+        kept for this step."""
+        seconds, results = dict.fromkeys(candidates, 0.0), {}
+        for candidate in candidates + candidates[::-1]:
+            path, select = candidate
             t = time.perf_counter()
-            result = self._attend(q, select) if path == "sparse" else self._attend_dense(q)
-            seconds = time.perf_counter() - t
-            if best is None or seconds < best[0]:
-                best = (seconds, path, select, result)
-        _, path, select, result = best
+            results[candidate] = self._attend(q, select) if path == "sparse" else self._attend_dense(q)
+            seconds[candidate] += time.perf_counter() - t
+        path, select = best = min(candidates, key=seconds.__getitem__)
         self._path = path
         if path == "sparse":
             self._kept_select = select
-        return path, select, result
+        return path, select, results[best]
 
     def _dense_kwargs(self):
         if isinstance(self.policy, (Softmax, TopK)):

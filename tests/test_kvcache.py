@@ -366,6 +366,39 @@ def test_a_slow_selection_or_kernel_shows_in_its_own_time(policy, slow, monkeypa
     assert slow_part >= 0.05 > fast_part
 
 
+def test_the_probe_runs_every_path_twice_in_mirrored_order_and_keeps_the_least_total(monkeypatch):
+    # The first path run pays a cold start (0.06 s once), the second is steadily slow (0.04 s
+    # a run): timed once each, the second would look faster; over both runs the first is.
+    k, v, g = stream("clustered", 1, 2, 300, 32, seed=8)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=hsr.Softmax(eps=1e-2))
+    cache.prefill(k[:, :, :200], v[:, :, :200])
+    sparse, dense = cache._attend, cache._attend_dense
+    calls = []
+
+    def timed_sparse(q, select=None):
+        calls.append(select)
+        time.sleep(0.06 if calls.count("tree+sketch") == 1 and select == "tree+sketch" else
+                   0.04 if select == "sketch" else 0.0)
+        return sparse(q, select)
+
+    def timed_dense(q):
+        calls.append("dense")
+        time.sleep(0.1)
+        return dense(q)
+
+    monkeypatch.setattr(cache, "_attend", timed_sparse)
+    monkeypatch.setattr(cache, "_attend_dense", timed_dense)
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    out, info = cache.decode(q, k[:, :, 200:201], v[:, :, 200:201])
+    assert calls == ["tree+sketch", "sketch", "dense", "dense", "sketch", "tree+sketch"]
+    assert info.path == "sparse" and info.select == "tree+sketch"
+    ref, _ = attention_ref(q, k[:, :, :201], v[:, :, :201])
+    assert ((out.double() - ref).norm(dim=-1)[..., 0] <= info.error_bound + 1e-5).all()
+    calls.clear()  # until the next probe, the kept path alone
+    cache.decode(q, k[:, :, 201:202], v[:, :, 201:202])
+    assert calls == ["tree+sketch"]
+
+
 def test_auto_selection_keeps_the_faster_of_tree_and_sketch(monkeypatch):
     k, v, g = stream("clustered", 1, 2, 300, 32, seed=4)
     cache = hsr.HSRKVCache(1, 2, 32, leaf_size=8, policy=hsr.Softmax(eps=1e-2), dense_fallback=False, probe_every=4)

@@ -278,6 +278,9 @@ def test_bad_construction_and_policies():
         hsr.HSRKVCache(1, 1, 32, sketch="int2")
     with pytest.raises(ValueError, match="probe_every"):
         hsr.HSRKVCache(1, 1, 32, probe_every=0)
+    for bad in (0, -0.5, math.nan, math.inf, True, "0.25"):
+        with pytest.raises(ValueError, match="rebuild_after"):
+            hsr.HSRKVCache(1, 1, 32, rebuild_after=bad)
     with pytest.raises(ValueError, match="policy"):
         hsr.HSRKVCache(1, 1, 32, policy="softmax")
 
@@ -528,6 +531,75 @@ def test_indexed_keys_are_stored_leaf_contiguous_and_read_back_in_arrival_order(
             scores = stored[b, h] @ qs[b, h].double()
             assert abs(float(scores[top_id[b, h, 0]]) - float(top_score[b, h, 0])) < 1e-4
             assert abs(float(scores.max()) - float(top_score[b, h, 0])) < 1e-4
+
+
+@pytest.mark.parametrize("rebuild_after, builds", [(0.25, [1, 1, 2, 2, 3, 3]), (1.0, [1] * 6), (None, [1] * 6)])
+def test_rebuild_after_rebuilds_the_trees_as_decode_adds_leaves_and_stays_exact(rebuild_after, builds):
+    # Built over 200 keys at the prefill; with rebuild_after=0.25, again once 50 more are
+    # indexed (at 256: leaves of 8 arrive whole), then at 320 (64 more than 256); 1.0 would
+    # wait for 400.
+    B, Hkv, G, D = 1, 2, 3, 32
+    k, v, g = stream("clustered", B, Hkv, 330, D, seed=9)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=8, policy=hsr.ReLU(alpha=2, bias=0.5, select="tree+sketch"),
+                           dense_fallback=False, rebuild_after=rebuild_after)
+    cache.prefill(k[:, :, :200], v[:, :, :200])
+    seen = []
+    for t in range(200, 330):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1], kind="relu", alpha=2, bias=0.5)
+        assert (out.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+        # The selection is in arrival positions whatever the rows' storage order.
+        offsets, ids, mask = info.selection
+        for h in range(Hkv):
+            rows = slice(int(offsets[h]), int(offsets[h + 1]))
+            for gi in range(G):
+                scores = (k[0, h, :cache.indexed_length].double() @ q[0, h * G + gi, 0].double()) * cache.scale
+                assert set((scores > 0.5 + 1e-6).nonzero().flatten().tolist()) <= \
+                    set(ids[rows][mask[rows, gi]].tolist())
+        if t + 1 in (210, 250, 260, 300, 320, 330):
+            seen.append(cache.tree_builds)
+    assert seen == builds
+    assert torch.equal(cache.keys, k) and torch.equal(cache.values, v)
+    # The paper threshold's key statistics count every indexed key once, rebuilds or not.
+    n = cache.indexed_length
+    torch.testing.assert_close(cache._k_sum, k[:, :, :n].double().sum(2))
+
+
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-2, select="tree+sketch"), hsr.Softmax(eps=0.2, estimate=True),
+                                    hsr.TopK(8), hsr.ReLU(bias=0.5, select="index")], ids=repr)
+def test_rebuild_regroups_the_added_leaves_and_changes_no_answer(policy):
+    # Whole leaves of the stream's next keys added one at a time (never rebuilt), then
+    # rebuild(): every row moves into the new leaf order and decoding stays exact/certified.
+    B, Hkv, G, D, leaf = 2, 2, 2, 24, 8
+    k, v, g = stream("clustered", B, Hkv, 400, D, seed=10)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=leaf, policy=policy, dense_fallback=False, rebuild_after=None)
+    cache.prefill(k[:, :, :100], v[:, :, :100])
+    for s in range(100, 300, leaf):
+        cache.extend(k[:, :, s:s + leaf], v[:, :, s:s + leaf])
+    assert cache.tree_builds == 1 and cache.indexed_length == 296
+    before = cache.stored_keys.clone()
+    cache.rebuild()
+    assert cache.tree_builds == 2 and not torch.equal(cache.stored_keys, before)
+    assert torch.equal(cache.keys, k[:, :, :300]) and torch.equal(cache.values, v[:, :, :300])
+    if policy == hsr.Softmax(eps=0.2, estimate=True):  # block means follow the moved rows
+        m = cache.indexed_length
+        want = cache.stored_values[:, :, :m].float().view(B, Hkv, m // leaf, leaf, D).mean(3)
+        torch.testing.assert_close(cache._block_means.views()[0], want)
+    for t in range(300, 312):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        if isinstance(policy, hsr.ReLU):
+            ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1], kind="relu", alpha=2, bias=0.5)
+            assert (out.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+            continue
+        ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+        assert ((out.double() - ref).norm(dim=-1)[..., 0] <= info.error_bound + 1e-5).all()
+        tv = left_out_mass(q, k[:, :, :t + 1], info.selection, cache.indexed_length)
+        assert (tv <= info.mass_bound * (1 + 1e-9) + 1e-300).all()
+    empty = hsr.HSRKVCache(1, 1, D)
+    empty.rebuild()  # nothing indexed: nothing to build
+    assert empty.tree_builds == 0
 
 
 @pytest.mark.parametrize("policy, keeps", [(hsr.Softmax(eps=1e-3), False), (hsr.ReLU(bias=1.0), False),

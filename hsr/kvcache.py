@@ -177,9 +177,11 @@ class HSRKVCache:
     """value_dim: the width of the values (head_dim by default); GTA caches value latents
     wider than its keys (hsr.gta.GTAAttention.hsr_cache). rebuild_after: once the keys indexed
     since the trees were last built reach this fraction of the keys they were built over, the
-    trees are built again over every indexed key (a full tail otherwise becomes one new leaf,
-    and leaves of consecutive decode keys prune poorly: 25% of such leaves made a ReLU step
-    1.4x slower); None never rebuilds after the first build. rebuild() does it at once."""
+    trees are built again over every indexed key before the next step that walks them (a full
+    tail otherwise becomes one new leaf, and leaves of consecutive decode keys prune poorly:
+    25% of such leaves made a ReLU step 1.4x slower); a cache whose steps read densely or by
+    the sketch alone waits until a probe or its path needs the trees. None never rebuilds
+    after the first build; rebuild() builds at once."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device="cpu", leaf_size: int = 64, sketch: str = "int8", policy=None,
@@ -318,6 +320,7 @@ class HSRKVCache:
     def _extend(self, k: torch.Tensor, v: torch.Tensor, what: str) -> None:
         self._append(k, v, what)
         self._index_up_to(self.length - (self.length - self._indexed) % self.leaf_size)
+        self._rebuild_if_due()
 
     @property
     def tree_builds(self) -> int:
@@ -330,12 +333,24 @@ class HSRKVCache:
         if self._indexed:
             self._build_trees(self._indexed)
 
-    def _needs_build(self, start: int, end: int) -> bool:
-        """Whether indexing [start, end) builds the trees over every key: a batch larger than
-        what is indexed, or (rebuild_after) enough keys added since the last build."""
-        if end - start > start:
-            return True
-        return self.rebuild_after is not None and end - self._built >= self.rebuild_after * self._built
+    def _rebuild_if_due(self) -> None:
+        """Builds the trees again when rebuild_after says enough keys were indexed since the last
+        build and the next step may walk them."""
+        added = self._indexed - self._built
+        if self.rebuild_after is None or added <= 0 or added < self.rebuild_after * self._built:
+            return
+        if self._trees_in_use():
+            self._build_trees(self._indexed)
+
+    def _trees_in_use(self) -> bool:
+        """Whether the next decode step may walk the trees: a probe times every candidate path,
+        otherwise the kept one runs (dense and sketch-only steps read no tree)."""
+        candidates = self._candidates()
+        if len(candidates) > 1 and self._until_probe == 0:
+            live = candidates
+        else:
+            live = [candidates[0] if len(candidates) == 1 else (self._path, self._kept_select)]
+        return any(path == "sparse" and select != "sketch" for path, select in live)
 
     def _build_trees(self, end: int) -> None:
         """A fresh index over the keys [0, end) (their ids are storage rows), then every one of
@@ -352,11 +367,11 @@ class HSRKVCache:
         self._until_probe = 0
 
     def _index_up_to(self, end: int) -> None:
-        """Index, sketch and take value norms of the keys [indexed, end) (whole leaves). When
-        _needs_build, the trees are built over every indexed key and every indexed row is then
-        permuted into leaf order; otherwise the batch's whole leaves become new leaves whose
-        rows stay where they are (each already one contiguous block), so a tree's ids are always
-        storage rows."""
+        """Index, sketch and take value norms of the keys [indexed, end) (whole leaves). A
+        batch larger than what is indexed builds the trees over every indexed key, and every
+        indexed row is then permuted into leaf order; smaller ones become new leaves whose rows
+        stay where they are (each already one contiguous block), so a tree's ids are always
+        storage rows (see also rebuild_after)."""
         start = self._indexed
         if end <= start:
             return
@@ -372,7 +387,7 @@ class HSRKVCache:
         self._k_sum += k64.sum(2)
         self._k_sumsq += (k64 * k64).sum(2)
         self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
-        if self._needs_build(start, end):
+        if end - start > start:
             self._build_trees(end)
         else:
             self._index.add_leaves(k_new.float())
@@ -441,6 +456,7 @@ class HSRKVCache:
         self._append(k_new, v_new, "decode", length=1)
         if self.length - self._indexed >= self.leaf_size:
             self._index_up_to(self.length)
+        self._rebuild_if_due()
         candidates = self._candidates()
         if len(candidates) > 1 and self._until_probe == 0:
             path, select, result = self._probe(q, candidates)

@@ -566,6 +566,32 @@ def test_rebuild_after_rebuilds_the_trees_as_decode_adds_leaves_and_stays_exact(
     torch.testing.assert_close(cache._k_sum, k[:, :, :n].double().sum(2))
 
 
+def test_caches_whose_steps_read_no_tree_wait_to_rebuild_until_one_will(monkeypatch):
+    # The same growth as above (200 -> 330 keys, leaves of 8): a cache that reads by the sketch
+    # alone never rebuilds, one whose probe kept the dense read rebuilds only before its next
+    # probe (which times the tree walk too).
+    B, Hkv, G, D = 1, 2, 3, 32
+    k, v, g = stream("clustered", B, Hkv, 330, D, seed=9)
+    sketch_only = hsr.HSRKVCache(B, Hkv, D, leaf_size=8, policy=hsr.Softmax(eps=1e-2, select="sketch"),
+                                 dense_fallback=False)
+    dense_kept = hsr.HSRKVCache(B, Hkv, D, leaf_size=8, policy=hsr.Softmax(eps=1e-2), probe_every=100)
+    monkeypatch.setattr(dense_kept, "_attend", delayed(dense_kept._attend))  # the probe keeps the dense read
+    for cache in (sketch_only, dense_kept):
+        cache.prefill(k[:, :, :200], v[:, :, :200])
+    builds = []
+    for t in range(200, 330):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g)
+        for cache in (sketch_only, dense_kept):
+            out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+            ref, _ = attention_ref(q, k[:, :, :t + 1], v[:, :, :t + 1])
+            assert ((out.double() - ref).norm(dim=-1)[..., 0] <= info.error_bound + 1e-5).all()
+        assert dense_kept._path == "dense"
+        builds.append((sketch_only.tree_builds, dense_kept.tree_builds))
+    assert all(b == 1 for b, _ in builds)
+    # dense_kept probes at steps 0 and 100 (length 300): 64 keys were added by then (>= 50).
+    assert [d for _, d in builds] == [1] * 100 + [2] * 30
+
+
 @pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-2, select="tree+sketch"), hsr.Softmax(eps=0.2, estimate=True),
                                     hsr.TopK(8), hsr.ReLU(bias=0.5, select="index")], ids=repr)
 def test_rebuild_regroups_the_added_leaves_and_changes_no_answer(policy):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import (environment, figure, flush_cpu_caches, format_table, median_ms_cpu, print_row,
+from hsr.benchmarking import (command_line, environment, figure, flush_cpu_caches, format_table, median_ms_cpu, print_row,
                              write_json)
 
 
@@ -205,7 +205,6 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    import sys
 
     shapes = [(b, *(int(x) for x in h.split("/")), d) for b in args.batch for h in args.heads for d in args.d]
     for _, hq, hkv, _ in shapes:
@@ -240,7 +239,7 @@ def main():
                               ("error_bound_max", "err bound", ".1e"), ("output_error_max", "err", ".1e")]))
     if args.json:
         write_json(args.json, {"benchmark": "HSRKVCache decode step vs dense, CPU", "environment": environment("cpu"),
-                               "command": " ".join(["python", "bench/bench_decode_cpu.py"] + sys.argv[1:]),
+                               "command": command_line(),
                                "rows": rows})
     if args.plot:
         plot(rows, args.plot)

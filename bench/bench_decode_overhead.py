@@ -28,7 +28,7 @@ import time
 import torch
 
 import hsr
-from hsr.benchmarking import (environment, flush_cpu_caches, format_table, largest_cpu_cache_bytes, print_row,
+from hsr.benchmarking import (command_line, environment, flush_cpu_caches, format_table, largest_cpu_cache_bytes, print_row,
                              write_json)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -112,7 +112,7 @@ def main():
     if args.json:
         write_json(args.json, {"benchmark": "HSRKVCache dense path vs hsr.attention, cold, CPU",
                                "environment": environment("cpu"),
-                               "command": " ".join(["python", "bench/bench_decode_overhead.py"] + sys.argv[1:]),
+                               "command": command_line(),
                                "rows": rows})
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import environment, flush_cpu_caches, format_table, median_ms_cpu, print_row, write_json
+from hsr.benchmarking import command_line, environment, flush_cpu_caches, format_table, median_ms_cpu, print_row, write_json
 from hsr.capture import load_capture
 from bench_decode_cpu import policy_name, quality
 
@@ -134,7 +134,7 @@ def main():
         write_json(args.json, {"benchmark": "HSRKVCache decode on captured SmolLM2 keys, CPU",
                                "environment": environment("cpu"), "capture": meta | {"query_positions": None},
                                "dtype": args.dtype, "steps": steps,
-                               "command": " ".join(["python", "bench/bench_decode_real.py"] + sys.argv[1:]),
+                               "command": command_line(),
                                "summary": summary, "rows": rows})
 
 

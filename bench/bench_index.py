@@ -18,14 +18,13 @@ Thresholds for a selectivity s are each query's exact (1 - s) score quantile.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
 import torch
 
 import hsr
-from hsr.benchmarking import environment, figure, format_table, median_ms_cpu, print_row, write_json
+from hsr.benchmarking import command_line, environment, figure, format_table, median_ms_cpu, print_row, write_json
 
 
 _CAPTURE = {}
@@ -206,7 +205,7 @@ def main():
                              ("insert_mean_us_in_batch", "batch mean us", ".1f")]))
     if args.json:
         write_json(args.json, {"benchmark": "HSR index vs brute force, CPU", "environment": environment("cpu"),
-                               "command": " ".join(["python", "bench/bench_index.py"] + sys.argv[1:]),
+                               "command": command_line(),
                                "queries_per_batch": args.queries,
                                "rows": rows, "slopes": slope_rows})
     if args.plot:

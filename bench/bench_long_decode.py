@@ -17,15 +17,13 @@ grow from n0 to n1 (rebuilds included) per added key, and the longest single lea
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
-import torch
 
 import hsr
 from bench_decode_cpu import make_stream, relu_bias_for
-from hsr.benchmarking import environment, flush_cpu_caches, format_table, print_row, write_json
+from hsr.benchmarking import command_line, environment, flush_cpu_caches, format_table, print_row, write_json
 
 CACHES = [("never rebuilt", None), ("rebuild_after=0.25", 0.25)]
 
@@ -92,7 +90,7 @@ def main():
     if args.json:
         write_json(args.json, {"benchmark": "HSRKVCache decode step after a long decode, CPU",
                                "environment": environment("cpu"),
-                               "command": " ".join(["python", "bench/bench_long_decode.py"] + sys.argv[1:]),
+                               "command": command_line(),
                                "rows": rows})
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from typing import Callable
@@ -134,6 +135,12 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+
+
+def command_line() -> str:
+    """The command that ran this benchmark script, as the results JSON records it
+    ("python bench/<script> <its arguments>")."""
+    return " ".join(["python", f"bench/{os.path.basename(sys.argv[0])}"] + sys.argv[1:])
 
 
 def print_row(row: dict, file=None) -> None:

@@ -158,7 +158,8 @@ class DecodeInfo:
     bounds, the cut; TopK and threshold: the index's search and the sketch bounds of the keys
     left out; 0 for a dense step); attend_seconds: in the attention kernel over the selection
     and the tail (one call). The rest of seconds goes to the checks, the append, indexing a
-    full tail, the certificate and, at a probe step, the paths not kept."""
+    full tail, a rebuild of the trees when one is due (rebuild_after), the certificate and, at
+    a probe step, the paths not kept."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor

@@ -86,6 +86,29 @@ def test_chunked_prefill_then_decode_equals_dense(model):
     torch.testing.assert_close(torch.stack(steps, 1), dense, rtol=1e-4, atol=1e-4)
 
 
+def test_layers_rebuild_their_trees_at_staggered_points():
+    # Every layer grows in step; layer i rebuilds after rebuild_after * (1 + i / layers) of
+    # growth, so the layers' rebuilds land on different decode steps (None: no rebuilds).
+    model = tiny_llama(layers=4)
+    assert all(layer.cache_kwargs["rebuild_after"] is None
+               for layer in htf.HSRCache(model.config, rebuild_after=None).layers)
+    htf.enable(model, policy=hsr.Softmax(eps=1e-2, select="tree+sketch"), leaf_size=8, dense_fallback=False)
+    ids = torch.randint(0, 96, (1, 260), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = model(ids[:, :128]).past_key_values
+        assert [layer.cache_kwargs["rebuild_after"] for layer in cache.layers] == [0.25, 0.3125, 0.375, 0.4375]
+        steps_of = {i: [] for i in range(4)}
+        for t in range(128, 260):
+            before = [layer.hsr.tree_builds for layer in cache.layers]
+            model(ids[:, t:t + 1], past_key_values=cache)
+            for i, layer in enumerate(cache.layers):
+                if layer.hsr.tree_builds > before[i]:
+                    steps_of[i].append(t)
+    htf.disable(model)
+    firsts = [steps[0] for steps in steps_of.values()]
+    assert all(steps for steps in steps_of.values()) and len(set(firsts)) == 4
+
+
 def test_dense_cache_runs_plain_sdpa_while_enabled(model):
     ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -165,12 +165,23 @@ class HSRLayer(CacheLayerMixin):
         self._unsupported("selecting batch rows (contrastive search)")
 
 
+def _staggered(cache_kwargs: dict, layer: int, layers: int) -> dict:
+    """Layer `layer`'s HSRKVCache arguments: rebuild_after scaled by 1 + layer / layers."""
+    kwargs = dict(cache_kwargs)
+    base = kwargs.get("rebuild_after", 0.25)
+    if base is not None:
+        kwargs["rebuild_after"] = float(base) * (1.0 + layer / layers)
+    return kwargs
+
+
 class HSRCache(Cache):
     """A transformers Cache with one hsr.HSRKVCache per layer.
 
     HSRCache(config, policy=hsr.Softmax(eps=1e-3), **HSRKVCache keyword arguments
-    (leaf_size, sketch, dense_fallback, probe_every)). `from_dense(cache, config, policy)`
-    builds one from a filled DynamicCache (the prefill is then shared with a dense run)."""
+    (leaf_size, sketch, dense_fallback, probe_every, rebuild_after)). `from_dense(cache, config,
+    policy)` builds one from a filled DynamicCache (the prefill is then shared with a dense run).
+    The layers grow in step, so their tree rebuilds are staggered: layer i uses rebuild_after
+    (0.25 unless given) times 1 + i / num_layers, and no decode step pays every layer's rebuild."""
 
     def __init__(self, config, policy=None, **cache_kwargs):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -182,8 +193,8 @@ class HSRCache(Cache):
         scale = None if scale is None else scale ** -0.5
         HSRKVCache(1, 1, 8, policy=policy, scale=scale, **cache_kwargs)   # rejects bad arguments now
         self.policy = policy
-        super().__init__(layers=[HSRLayer(policy, scale, dict(cache_kwargs))
-                                 for _ in range(text_config.num_hidden_layers)])
+        layers = text_config.num_hidden_layers
+        super().__init__(layers=[HSRLayer(policy, scale, _staggered(cache_kwargs, i, layers)) for i in range(layers)])
 
     @classmethod
     def from_dense(cls, dense: "Cache", config, policy=None, **cache_kwargs) -> "HSRCache":

@@ -46,8 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import (command_line, environment, figure, flush_cpu_caches, format_table, median_ms_cpu, print_row,
-                             write_json)
+from hsr.benchmarking import figure, flush_cpu_caches, format_table, median_ms_cpu, print_row, write_results
 
 
 def make_stream(n, heads_kv, group, d, seed=0, batch=1):
@@ -238,9 +237,7 @@ def main():
                               ("tv_max", "TV", ".1e"), ("steps_tv_over_bound", "TV>bound", "d"),
                               ("error_bound_max", "err bound", ".1e"), ("output_error_max", "err", ".1e")]))
     if args.json:
-        write_json(args.json, {"benchmark": "HSRKVCache decode step vs dense, CPU", "environment": environment("cpu"),
-                               "command": command_line(),
-                               "rows": rows})
+        write_results(args.json, "HSRKVCache decode step vs dense, CPU", rows)
     if args.plot:
         plot(rows, args.plot)
 

@@ -28,8 +28,7 @@ import time
 import torch
 
 import hsr
-from hsr.benchmarking import (command_line, environment, flush_cpu_caches, format_table, largest_cpu_cache_bytes, print_row,
-                             write_json)
+from hsr.benchmarking import flush_cpu_caches, format_table, largest_cpu_cache_bytes, print_row, write_results
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_decode_cpu import make_stream  # noqa: E402
@@ -110,10 +109,7 @@ def main():
                               ("step_ms", "flushed: step ms", ".3f"), ("dense_ms", "hsr.attention ms", ".3f"),
                               ("ratio", "ratio", ".2f")]))
     if args.json:
-        write_json(args.json, {"benchmark": "HSRKVCache dense path vs hsr.attention, cold, CPU",
-                               "environment": environment("cpu"),
-                               "command": command_line(),
-                               "rows": rows})
+        write_results(args.json, "HSRKVCache dense path vs hsr.attention, cold, CPU", rows)
 
 
 if __name__ == "__main__":

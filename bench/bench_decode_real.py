@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import hsr
-from hsr.benchmarking import command_line, environment, flush_cpu_caches, format_table, median_ms_cpu, print_row, write_json
+from hsr.benchmarking import environment, flush_cpu_caches, format_table, median_ms_cpu, print_row, write_results
 from hsr.capture import load_capture
 from bench_decode_cpu import policy_name, quality
 
@@ -131,11 +131,8 @@ def main():
                                  ("step_ms", "step ms", ".2f"),
                                  ("dense_ms", "hsr dense ms", ".2f"), ("sdpa_ms", "SDPA ms", ".2f")]))
     if args.json:
-        write_json(args.json, {"benchmark": "HSRKVCache decode on captured SmolLM2 keys, CPU",
-                               "environment": environment("cpu"), "capture": meta | {"query_positions": None},
-                               "dtype": args.dtype, "steps": steps,
-                               "command": command_line(),
-                               "summary": summary, "rows": rows})
+        write_results(args.json, "HSRKVCache decode on captured SmolLM2 keys, CPU", rows,
+                      capture=meta | {"query_positions": None}, dtype=args.dtype, steps=steps, summary=summary)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import hsr
-from hsr.benchmarking import command_line, environment, figure, format_table, median_ms_cpu, print_row, write_json
+from hsr.benchmarking import figure, format_table, median_ms_cpu, print_row, write_results
 
 
 _CAPTURE = {}
@@ -204,10 +204,8 @@ def main():
                              ("insert_p99_us_python_call", "insert p99 us", ".1f"),
                              ("insert_mean_us_in_batch", "batch mean us", ".1f")]))
     if args.json:
-        write_json(args.json, {"benchmark": "HSR index vs brute force, CPU", "environment": environment("cpu"),
-                               "command": command_line(),
-                               "queries_per_batch": args.queries,
-                               "rows": rows, "slopes": slope_rows})
+        write_results(args.json, "HSR index vs brute force, CPU", rows, queries_per_batch=args.queries,
+                      slopes=slope_rows)
     if args.plot:
         plot(rows, args.plot)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 import hsr
 from bench_decode_cpu import make_stream, relu_bias_for
-from hsr.benchmarking import command_line, environment, flush_cpu_caches, format_table, print_row, write_json
+from hsr.benchmarking import flush_cpu_caches, format_table, print_row, write_results
 
 CACHES = [("never rebuilt", None), ("rebuild_after=0.25", 0.25)]
 
@@ -88,10 +88,7 @@ def main():
                               ("select_ms", "select ms", ".2f"), ("keys_read_fraction", "keys read", ".3f"),
                               ("grow_us_per_key", "grow us/key", ".1f"), ("longest_add_s", "longest add s", ".2f")]))
     if args.json:
-        write_json(args.json, {"benchmark": "HSRKVCache decode step after a long decode, CPU",
-                               "environment": environment("cpu"),
-                               "command": command_line(),
-                               "rows": rows})
+        write_results(args.json, "HSRKVCache decode step after a long decode, CPU", rows)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,13 @@ def command_line() -> str:
     return " ".join(["python", f"bench/{os.path.basename(sys.argv[0])}"] + sys.argv[1:])
 
 
+def write_results(path: str, benchmark: str, rows: list, *, device: str = "cpu", **extra) -> None:
+    """A benchmark's results JSON: what it measured, on what (environment), the command that
+    ran it, any extra fields, then its rows."""
+    write_json(path, {"benchmark": benchmark, "environment": environment(device), "command": command_line(), **extra,
+                      "rows": rows})
+
+
 def print_row(row: dict, file=None) -> None:
     """A benchmark row as it is measured (floats to 4 places), flushed at once: the progress of
     a long run."""

@@ -174,6 +174,10 @@ class DecodeInfo:
     attend_seconds: float = 0.0
 
 
+# HSRKVCache's default rebuild_after (the transformers integration staggers its layers from it).
+REBUILD_AFTER = 0.25
+
+
 class HSRKVCache:
     """value_dim: the width of the values (head_dim by default); GTA caches value latents
     wider than its keys (hsr.gta.GTAAttention.hsr_cache). rebuild_after: once the keys indexed
@@ -187,7 +191,7 @@ class HSRKVCache:
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device="cpu", leaf_size: int = 64, sketch: str = "int8", policy=None,
                  scale: float | None = None, dense_fallback: bool = True, probe_every: int = 128,
-                 value_dim: int | None = None, rebuild_after: float | None = 0.25):
+                 value_dim: int | None = None, rebuild_after: float | None = REBUILD_AFTER):
         value_dim = head_dim if value_dim is None else value_dim
         for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("leaf_size", leaf_size), ("value_dim", value_dim)):
@@ -344,14 +348,17 @@ class HSRKVCache:
             self._build_trees(self._indexed)
 
     def _trees_in_use(self) -> bool:
-        """Whether the next decode step may walk the trees: a probe times every candidate path,
-        otherwise the kept one runs (dense and sketch-only steps read no tree)."""
+        """Whether the next decode step may walk the trees (dense and sketch-only steps read no
+        tree)."""
+        return any(path == "sparse" and select != "sketch" for path, select in self._step_paths())
+
+    def _step_paths(self) -> list:
+        """The (path, select) pairs the next decode step runs: every candidate when a probe is
+        due, else the one kept (the only candidate, or the last probe's choice)."""
         candidates = self._candidates()
         if len(candidates) > 1 and self._until_probe == 0:
-            live = candidates
-        else:
-            live = [candidates[0] if len(candidates) == 1 else (self._path, self._kept_select)]
-        return any(path == "sparse" and select != "sketch" for path, select in live)
+            return candidates
+        return [candidates[0] if len(candidates) == 1 else (self._path, self._kept_select)]
 
     def _build_trees(self, end: int) -> None:
         """A fresh index over the keys [0, end) (their ids are storage rows), then every one of
@@ -458,11 +465,11 @@ class HSRKVCache:
         if self.length - self._indexed >= self.leaf_size:
             self._index_up_to(self.length)
         self._rebuild_if_due()
-        candidates = self._candidates()
-        if len(candidates) > 1 and self._until_probe == 0:
-            path, select, result = self._probe(q, candidates)
+        paths = self._step_paths()
+        if len(paths) > 1:
+            path, select, result = self._probe(q, paths)
         else:
-            path, select = ("sparse", candidates[0][1]) if len(candidates) == 1 else (self._path, self._kept_select)
+            (path, select), = paths
             result = self._attend(q, select) if path == "sparse" else self._attend_dense(q)
         self._until_probe = self.probe_every - 1 if self._until_probe == 0 else self._until_probe - 1
         out, info, selection = result

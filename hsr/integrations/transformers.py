@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kvcache import HSRKVCache, ReLU, Softmax, TopK
+from ..kvcache import REBUILD_AFTER, HSRKVCache, ReLU, Softmax, TopK
 
 try:
     import transformers
@@ -168,7 +168,7 @@ class HSRLayer(CacheLayerMixin):
 def _staggered(cache_kwargs: dict, layer: int, layers: int) -> dict:
     """Layer `layer`'s HSRKVCache arguments: rebuild_after scaled by 1 + layer / layers."""
     kwargs = dict(cache_kwargs)
-    base = kwargs.get("rebuild_after", 0.25)
+    base = kwargs.get("rebuild_after", REBUILD_AFTER)
     if base is not None:
         kwargs["rebuild_after"] = float(base) * (1.0 + layer / layers)
     return kwargs

@@ -112,6 +112,13 @@ TORCH_LIBRARY(hsr, m) {
       "write_tokens(Tensor(a!)[] buffers, Tensor[] tokens, int start, str what, str[] names, "
       "int length=-1, bool finite=False) -> ()");
 
+  // Upper bounds of the L2 norms of the rows of x (..., W) (CPU float32, float16 or bfloat16):
+  // (...) float32, each at least the exact norm (summed in float64, rounded up).
+  m.def("row_norm_bounds(Tensor x) -> Tensor");
+  // Per channel of x (B, H, L, W) (CPU float32, float16 or bfloat16): the float64 sum over
+  // L and the sum of squares, each (B, H, W).
+  m.def("token_moments(Tensor x) -> (Tensor, Tensor)");
+
   // The vector tier the CPU kernels run with: "sse", "avx" or "avx512" (the CPU's widest,
   // capped by the environment variable HSR_SIMD when the library loaded).
   m.def("cpu_simd_tier() -> str");

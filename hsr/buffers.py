@@ -62,11 +62,13 @@ class TokenBuffers:
                 raise ValueError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
         first, tokens = tensors[0], list(tensors)
         need = self._length + (first.shape[2] if first.dim() == 4 else 0)
-        if need > self._bufs[0].shape[2]:
+        checked = need > self._bufs[0].shape[2]
+        if checked:
             torch.ops.hsr.check_tokens(self._bufs, tokens, what, self._name_list, length, finite)
             self._grow(need)
-        # One call checks the tokens (the same checks) and copies them in as rows.
-        torch.ops.hsr.write_tokens(self._bufs, tokens, self._length, what, self._name_list, length, finite)
+        # One call checks the tokens (the same checks; values once) and copies them in as rows.
+        torch.ops.hsr.write_tokens(self._bufs, tokens, self._length, what, self._name_list, length,
+                                   finite and not checked)
         self._length = need
 
     def _grow(self, need: int) -> None:

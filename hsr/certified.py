@@ -25,17 +25,15 @@ import torch
 from .ops import sparse_attention
 from .sketch import KeySketch
 
-# Unit roundoff of float32.
-_U = 2.0 ** -24
-
 
 def value_norm_bounds(v: torch.Tensor) -> torch.Tensor:
-    """(..., n) float32 upper bounds of |v_i|_2 for values (..., n, D): the float norm,
-    widened by its own rounding bound and rounded up to float."""
-    d = v.shape[-1]
-    up = v.float().norm(dim=-1).double() * (1.0 + (d + 2) * _U * 1.01)
-    up_f = up.float()
-    return torch.where(up_f.double() < up, torch.nextafter(up_f, torch.tensor(float("inf"))), up_f)
+    """(..., n) float32 upper bounds of |v_i|_2 for values (..., n, D) on the CPU: each norm
+    summed in float64 from the stored elements (no float copy of v), widened by its rounding
+    bound and rounded up to float (torch.ops.hsr.row_norm_bounds)."""
+    if not isinstance(v, torch.Tensor) or v.device.type != "cpu":
+        got = v.device if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"hsr.value_norm_bounds: v must be a CPU tensor, got {got}")
+    return torch.ops.hsr.row_norm_bounds(v)
 
 
 def _decode_problem(what, q, k, v, scale, tail=0):

@@ -65,6 +65,14 @@ def _as_float32_tensor(x, name: str, what: str) -> tuple[torch.Tensor, bool]:
     return (x if x.is_contiguous() else x.contiguous()), was_numpy
 
 
+def _batch_keys(keys, what: str) -> torch.Tensor:
+    """Keys for HSRIndexBatch: float16 and bfloat16 CPU tensors as they are (contiguous),
+    anything else as _as_float32_tensor makes it."""
+    if isinstance(keys, torch.Tensor) and keys.dtype in (torch.float16, torch.bfloat16) and keys.device.type == "cpu":
+        return keys.contiguous()
+    return _as_float32_tensor(keys, "keys", what)[0]
+
+
 def _out(t: torch.Tensor, as_numpy: bool):
     return t.numpy() if as_numpy else t
 
@@ -211,8 +219,9 @@ class HSRIndexBatch(_QueryRouting):
             self.add(keys)
 
     def add(self, keys: torch.Tensor) -> None:
-        """Append keys (B, H, n, d) to every tree (ids continue per tree)."""
-        t, _ = _as_float32_tensor(keys, "keys", "HSRIndexBatch.add")
+        """Append keys (B, H, n, d) to every tree (ids continue per tree). float16 and bfloat16
+        keys are taken as they are (each tree converts its own keys while it builds)."""
+        t = _batch_keys(keys, "HSRIndexBatch.add")
         if t.dim() != 4 or tuple(t.shape[:2]) != (self.batch, self.heads) or t.shape[3] != self.d:
             raise ValueError(f"HSRIndexBatch.add: keys must be ({self.batch}, {self.heads}, n, {self.d}), "
                              f"got {tuple(t.shape)}")
@@ -221,9 +230,8 @@ class HSRIndexBatch(_QueryRouting):
     def add_leaves(self, keys: torch.Tensor) -> None:
         """Append keys (B, H, n, d) to every tree as new leaves of leaf_size keys (the last one
         may be shorter), each holding consecutive ids; no existing leaf changes (a KV cache
-        stored leaf-contiguous appends each new leaf's rows as one block)."""
-        t, _ = _as_float32_tensor(keys, "keys", "HSRIndexBatch.add_leaves")
-        self._impl.add_leaves(t)
+        stored leaf-contiguous appends each new leaf's rows as one block). Dtypes as in add."""
+        self._impl.add_leaves(_batch_keys(keys, "HSRIndexBatch.add_leaves"))
 
     def relabel_in_leaf_order(self) -> torch.Tensor:
         """Renumber every tree's keys 0..n-1 leaf after leaf (the trees must hold the same n),

@@ -364,7 +364,7 @@ class HSRKVCache:
         """A fresh index over the keys [0, end) (their ids are storage rows), then every one of
         those rows permuted into leaf order; the next step probes its paths again."""
         self._index = self._new_index()
-        self._index.add(self._kv.keys[:, :, :end].float())
+        self._index.add(self._kv.keys[:, :, :end])
         perm = self._index.relabel_in_leaf_order()
         self._kv.permute_tokens(perm)
         self._bufs.permute_tokens(perm)
@@ -391,14 +391,14 @@ class HSRKVCache:
         k_norms = value_norm_bounds(k_new).unsqueeze(-1)
         self._bufs.append_tokens(new.codes, new.lo, new.delta, new_norms.unsqueeze(-1), k_norms, arrival)
         # Summed before a build permutes the rows that k_new views.
-        k64 = k_new.double()
-        self._k_sum += k64.sum(2)
-        self._k_sumsq += (k64 * k64).sum(2)
+        k_sum, k_sumsq = torch.ops.hsr.token_moments(k_new)
+        self._k_sum += k_sum
+        self._k_sumsq += k_sumsq
         self._v_norm_max = torch.maximum(self._v_norm_max, new_norms.amax(-1))
         if end - start > start:
             self._build_trees(end)
         else:
-            self._index.add_leaves(k_new.float())
+            self._index.add_leaves(k_new)
             self._append_block_means(start, end)
         self._indexed = end
 

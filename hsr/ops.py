@@ -231,6 +231,17 @@ def _write_tokens_fake(buffers, tokens, start, what, names, length=-1, finite=Fa
     return None
 
 
+@torch.library.register_fake("hsr::row_norm_bounds")
+def _row_norm_bounds_fake(x):
+    return x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.register_fake("hsr::token_moments")
+def _token_moments_fake(x):
+    shape = (x.shape[0], x.shape[1], x.shape[3])
+    return x.new_empty(shape, dtype=torch.float64), x.new_empty(shape, dtype=torch.float64)
+
+
 def _check_gta_args(q, k, c, w_p, gate):
     _check_attention_tensors("hsr.gta_attention", q, k, c, "c")
     nq, nk, nc = q.shape[1], k.shape[1], c.shape[1]

@@ -571,6 +571,30 @@ def test_relabelled_leaves_are_runs_of_consecutive_ids():
     assert 0 < runs <= leaves
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batch_index_takes_half_keys_as_their_float32_values(dtype):
+    # Each tree converts its own keys: the same trees as from a float32 copy, bit for bit.
+    B, H, n, d, leaf = 2, 3, 1025, 97, 16
+    g = torch.Generator().manual_seed(4)
+    keys = (torch.randn(B, H, n, d, generator=g) * 3).to(dtype)
+    half, full = hsr.HSRIndexBatch(keys[:, :, :900], leaf_size=leaf), hsr.HSRIndexBatch(
+        keys[:, :, :900].float(), leaf_size=leaf)
+    half.add_leaves(keys[:, :, 900:])
+    full.add_leaves(keys[:, :, 900:].float())
+    q = torch.randn(B, 2 * H, d, generator=g)
+    for got, want in zip(half.range_search(q, 5.0) + half.search(q, 7),
+                         full.range_search(q, 5.0) + full.search(q, 7)):
+        assert torch.equal(got, want)
+    assert torch.equal(half.relabel_in_leaf_order(), full.relabel_in_leaf_order())
+    bad = keys[:, :, :4].clone()
+    bad[1, 2, 3, 96] = float("nan")
+    with pytest.raises(ValueError, match="HSRIndexBatch.add_leaves: keys contains NaN or Inf"):
+        half.add_leaves(bad)
+    assert torch.equal(half.ntotal, torch.full((B, H), n))
+    with pytest.raises(ValueError, match=r"keys has dimension 96 but the index has d=97"):
+        half.add_leaves(keys[..., :96])
+
+
 def test_relabel_needs_trees_of_one_size():
     batch = hsr.HSRIndexBatch(batch=1, heads=2, d=4, leaf_size=4)
     assert batch.relabel_in_leaf_order().shape == (1, 2, 0)

@@ -232,6 +232,68 @@ def test_write_tokens_copies_rows_and_rejects_what_does_not_fit(dtype):
         assert all(torch.equal(x, y) for x, y in zip(bufs, before))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_tokens_copies_rows_with_gaps_and_large_blocks(dtype):
+    # Rows with gaps between them on either side are copied one by one; rows without gaps as
+    # one block per (batch, head), in parallel threads when the blocks are large.
+    wide = torch.arange(2 * 3 * 4 * 9).view(2, 3, 4, 9).to(dtype)
+    bufs = [torch.zeros(2, 3, 10, 5, dtype=dtype), torch.zeros(2, 3, 10, 8, dtype=dtype)[..., :6]]
+    torch.ops.hsr.write_tokens(bufs, [wide[..., 2:7], wide[..., :6]], 3, "here", ["a", "b"])
+    assert torch.equal(bufs[0][:, :, 3:7], wide[..., 2:7]) and torch.equal(bufs[1][:, :, 3:7], wide[..., :6])
+    assert not bufs[0][:, :, 7:].any() and not bufs[1]._base[..., 6:].any()
+    big = torch.randn(2, 3, 70_000, 8).to(dtype)  # 2 MB per (batch, head)
+    buf = [torch.zeros(2, 3, 70_010, 8, dtype=dtype)]
+    torch.ops.hsr.write_tokens(buf, [big], 10, "here", ["k"])
+    assert torch.equal(buf[0][:, :, 10:], big) and not buf[0][:, :, :10].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_norm_bounds_are_upper_bounds_within_a_float_step(dtype):
+    from fractions import Fraction
+    g = torch.Generator().manual_seed(2)
+    cases = [torch.randn(1, 2, 97, 128, generator=g), torch.randn(3, 1025, 97, generator=g) * 1e-3,
+             torch.randn(5, 1, generator=g), torch.zeros(2, 3, 4, 7), torch.randn(7, generator=g)]
+    if dtype == torch.float32:
+        cases += [torch.randn(4, 33, generator=g) * 1e30, torch.full((2, 3), 3e38)]
+    for x in cases:
+        x = x.to(dtype)
+        up = hsr.certified.value_norm_bounds(x)
+        assert up.dtype == torch.float32 and up.shape == x.shape[:-1]
+        exact = x.double().norm(dim=-1)
+        assert (up.double() >= exact * (1 - 1e-15)).all()
+        finite = exact < 3.4e38
+        assert (up.double()[finite] <= exact[finite] * (1 + 2 ** -22)).all()
+        assert torch.isinf(up[~finite]).all()
+        for row, bound in list(zip(x.reshape(-1, x.shape[-1]), up.flatten()))[:40]:  # exactly
+            assert math.isinf(bound) or Fraction(float(bound)) ** 2 >= sum(Fraction(float(v)) ** 2 for v in row.tolist())
+    # A cache reads its buffers through narrowed views, and transposed rows are copied first.
+    buf = torch.randn(2, 3, 50, 16, generator=g).to(dtype)
+    assert torch.equal(hsr.certified.value_norm_bounds(buf[:, :, 10:30]), hsr.certified.value_norm_bounds(
+        buf[:, :, 10:30].contiguous()))
+    t = buf.transpose(2, 3)
+    assert torch.equal(hsr.certified.value_norm_bounds(t), hsr.certified.value_norm_bounds(t.contiguous()))
+    assert hsr.certified.value_norm_bounds(torch.zeros(2, 0, 5, dtype=dtype)).shape == (2, 0)
+    with pytest.raises(ValueError, match="hsr.row_norm_bounds: x must be float32, float16 or bfloat16"):
+        torch.ops.hsr.row_norm_bounds(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="v must be a CPU tensor"):
+        hsr.certified.value_norm_bounds("not a tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_token_moments_sum_each_channel_in_float64(dtype):
+    g = torch.Generator().manual_seed(3)
+    buf = (torch.randn(2, 3, 1025, 97, generator=g) * 4 + 1).to(dtype)
+    for x in (buf, buf[:, :, 100:1001], buf[:, :, :0], buf.transpose(2, 3)[..., :5].transpose(2, 3)):
+        s, sq = torch.ops.hsr.token_moments(x)
+        assert s.dtype == sq.dtype == torch.float64 and s.shape == (2, 3, 97)
+        torch.testing.assert_close(s, x.double().sum(2), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(sq, (x.double() ** 2).sum(2), rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="must be a 4-D CPU tensor"):
+        torch.ops.hsr.token_moments(buf[0])
+    with pytest.raises(ValueError, match="must be float32, float16 or bfloat16"):
+        torch.ops.hsr.token_moments(torch.ones(1, 1, 2, 3, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_check_tokens_checks_what_write_tokens_checks_and_finiteness(dtype):
     bufs = [torch.zeros(1, 2, 4, 3, dtype=dtype), torch.zeros(1, 2, 4, 5, dtype=dtype)]

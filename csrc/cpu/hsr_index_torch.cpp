@@ -8,6 +8,8 @@
 #include <functional>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
+#include <vector>
 
 #include "hsr/cpu/vec_math.h"
 #include "index_holders.h"
@@ -509,38 +511,66 @@ IndexBatchHolder::IndexBatchHolder(int64_t batch_, int64_t heads_, int64_t d, in
 }
 
 namespace {
-// Checks keys (B, H, n, d) for the batch's trees and returns them contiguous.
+// Checks keys (B, H, n, d) (float32, float16 or bfloat16) for the batch's trees and returns
+// them contiguous.
 at::Tensor checked_batch_keys(const IndexBatchHolder& h, const at::Tensor& keys_in, const char* what) {
-  check_points(keys_in, h.dim, what, "keys", 4);
+  TORCH_CHECK_VALUE(keys_in.dim() == 4, what, ": keys must be 4-D with last dimension d=", h.dim, ", got shape ",
+                    keys_in.sizes());
+  TORCH_CHECK_VALUE(keys_in.size(3) == h.dim, what, ": keys has dimension ", keys_in.size(3),
+                    " but the index has d=", h.dim);
+  TORCH_CHECK_VALUE(keys_in.device().is_cpu(), what, ": keys must be on the CPU, got ", keys_in.device());
   TORCH_CHECK_VALUE(keys_in.size(0) == h.batch && keys_in.size(1) == h.heads, what, ": keys must be (",
                     h.batch, ", ", h.heads, ", n, ", h.dim, "), got shape ", keys_in.sizes());
   at::Tensor keys = keys_in.contiguous();
-  check_finite(keys, what, "keys");
+  visit_float_type(keys, what, "keys",
+                   [&](auto type) { check_all_finite(float_data(keys, type), keys.numel(), what, "keys"); });
   return keys;
+}
+
+// Calls fn(i, rows) for every tree i, in parallel threads, with rows its n keys of checked
+// keys (B, H, n, d) as float32: the tensor's own data, or for float16/bfloat16 a per-thread
+// float32 copy of that tree's keys only (a cache that converted its bf16 keys whole made a
+// 1 GB float32 copy for one build of 256k keys of 8 heads at D=128).
+template <typename Fn>
+void for_each_tree_keys(const at::Tensor& keys, int64_t trees, const char* what, const Fn& fn) {
+  const int64_t per_tree = keys.size(2) * keys.size(3);
+  visit_float_type(keys, what, "keys", [&](auto type) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const T* base = float_data(keys, type);
+    at::parallel_for(0, trees, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> rows;
+      for (int64_t i = begin; i < end; ++i) {
+        const T* src = base + i * per_tree;
+        if constexpr (std::is_same_v<T, float>) {
+          fn(i, src);
+        } else {
+          rows.resize(size_t(per_tree));
+          for (int64_t j = 0; j < per_tree; ++j) rows[j] = to_float(src[j]);
+          fn(i, rows.data());
+        }
+      }
+    });
+  });
 }
 }  // namespace
 
 void IndexBatchHolder::add(const at::Tensor& keys_in) {
-  const at::Tensor keys = checked_batch_keys(*this, keys_in, "HSRIndexBatch.add");
+  const char* what = "HSRIndexBatch.add";
+  const at::Tensor keys = checked_batch_keys(*this, keys_in, what);
   if (!keeps_points())
     for (const HSRTree& t : trees)
       TORCH_CHECK_VALUE(t.size() == 0, "HSRIndexBatch.add: an index with keep_points=False is built once (on "
                         "empty trees) and then grows by add_leaves");
   const int64_t n = keys.size(2);
-  const float* kp = keys.data_ptr<float>();
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) trees[i].add(kp + i * n * dim, n);
-  });
+  for_each_tree_keys(keys, batch * heads, what, [&](int64_t i, const float* rows) { trees[i].add(rows, n); });
 }
 
 void IndexBatchHolder::add_leaves(const at::Tensor& keys_in) {
-  const at::Tensor keys = checked_batch_keys(*this, keys_in, "HSRIndexBatch.add_leaves");
+  const char* what = "HSRIndexBatch.add_leaves";
+  const at::Tensor keys = checked_batch_keys(*this, keys_in, what);
   const int64_t n = keys.size(2), leaf = trees[0].leaf_size();
-  const float* kp = keys.data_ptr<float>();
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t at = 0; at < n; at += leaf)
-        trees[i].add_leaf(kp + (i * n + at) * dim, std::min(leaf, n - at));
+  for_each_tree_keys(keys, batch * heads, what, [&](int64_t i, const float* rows) {
+    for (int64_t at = 0; at < n; at += leaf) trees[i].add_leaf(rows + at * dim, std::min(leaf, n - at));
   });
 }
 

@@ -1,5 +1,5 @@
 """Run by test_simd_paths.py in a child process with HSR_SIMD set: the kernels of one vector
-tier (sse, avx, avx512) give certified sketch intervals, exact index results, valid
+tier (sse, avx, avx512) give the sketch codes of the quantization rule, certified sketch intervals, exact index results, valid
 certificates, the ReLU selection's exact pass flags and attention (dense and sparse) as
 accurate as the reference rule asks. Exits 77 when the CPU does not run the tier asked for."""
 
@@ -24,6 +24,24 @@ def check_sketch_intervals():
         lower, upper = sk.score_bounds(q)
         exact = q.double() @ k.double().T
         assert bool((lower.double() <= exact).all() and (exact <= upper.double()).all()), (d, group, bits)
+
+
+def check_sketch_codes():
+    # Each channel's code is clamp(round-half-even((x - lo) / delta), 0, levels) in float64,
+    # whichever tier computed it.
+    g = torch.Generator().manual_seed(1)
+    for dtype in DTYPES:
+        for d, group, bits in [(128, 32, 8), (97, 32, 8), (33, 7, 8), (128, 32, 4), (97, 7, 4)]:
+            k = ((torch.randn(200, d, generator=g) * 3 + 1) * torch.rand(200, 1, generator=g)).to(dtype)
+            k[3] = 0.0
+            codes, lo, delta = torch.ops.hsr.sketch_keys(k, bits, group)
+            if bits == 4:
+                codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)[:, :d]
+            per_channel = torch.arange(d) // group
+            lo_c, delta_c = lo[:, per_channel].double(), delta[:, per_channel].double()
+            ratio = torch.where(delta_c > 0, (k.double() - lo_c) / delta_c.clamp(min=1e-300), 0.0)
+            want = ratio.round().clamp(0, 2 ** bits - 1).to(torch.uint8)
+            assert torch.equal(codes, want), (dtype, d, group, bits)
 
 
 def check_index():
@@ -80,6 +98,7 @@ def main(tier):
     if torch.ops.hsr.cpu_simd_tier() != tier:
         sys.exit(77)
     check_sketch_intervals()
+    check_sketch_codes()
     check_index()
     check_certified()
     check_relu_select()

@@ -39,7 +39,7 @@ void check_rows_finite(const at::Tensor& t, const T* p, const char* what, const 
                        const int64_t l = r % t.size(2), bh = r / t.size(2);
                        const T* row = p + (bh / t.size(1)) * t.stride(0) + (bh % t.size(1)) * t.stride(1) +
                                       l * t.stride(2);
-                       for (int64_t i = 0; i < w; ++i) ok &= std::isfinite(to_float(row[i]));
+                       ok &= all_finite(row, w);
                      }
                      if (!ok) finite = false;
                    });

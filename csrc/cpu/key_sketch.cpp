@@ -395,6 +395,40 @@ TileFn pick_tile_kernel() {
 
 const TileFn kIntervalsTile = pick_tile_kernel();
 
+// The codes of one group: clamp(nearbyint((x - a) / step), 0, levels) in double, as written;
+// compiled per tier, where AVX-512's rounding instruction lets the compiler vectorise what a
+// libm call per element kept scalar (a tenth of a long prefill). Same operations, same codes.
+__attribute__((always_inline)) inline void group_codes_as(const float* x, int n, double a, double step,
+                                                          double levels, int32_t* codes) {
+  for (int t = 0; t < n; ++t) {
+    const double r = (double(x[t]) - a) / step;
+    codes[t] = int32_t(std::clamp(__builtin_nearbyint(r), 0.0, levels));
+  }
+}
+
+void group_codes_base(const float* x, int n, double a, double step, double levels, int32_t* codes) {
+  group_codes_as(x, n, a, step, levels, codes);
+}
+
+#ifdef HSR_HAVE_AVX512_TILE
+__attribute__((target("avx512f,avx512dq,avx512vl"))) void group_codes_avx512(const float* x, int n, double a,
+                                                                             double step, double levels,
+                                                                             int32_t* codes) {
+  group_codes_as(x, n, a, step, levels, codes);
+}
+#endif
+
+using GroupCodesFn = void (*)(const float*, int, double, double, double, int32_t*);
+
+GroupCodesFn pick_group_codes() {
+#ifdef HSR_HAVE_AVX512_TILE
+  if (cpu::has_avx512()) return group_codes_avx512;
+#endif
+  return group_codes_base;
+}
+
+const GroupCodesFn kGroupCodes = pick_group_codes();
+
 }  // namespace
 
 template <typename T>
@@ -404,6 +438,7 @@ void quantize_keys(const SketchLayout& layout, const T* keys, int64_t n, uint8_t
   const int d = layout.dim, ng = layout.groups(), cb = layout.code_bytes();
   const double levels = layout.levels();
   std::vector<float> x(d);
+  std::vector<int32_t> c(d);
   for (int64_t j = 0; j < n; ++j) {
     for (int t = 0; t < d; ++t) x[t] = to_float(keys[j * d + t]);
     uint8_t* cj = codes + j * cb;
@@ -419,13 +454,12 @@ void quantize_keys(const SketchLayout& layout, const T* keys, int64_t n, uint8_t
       lo[j * ng + g] = float(a);
       delta[j * ng + g] = step;
       if (step == 0.0f) continue;
+      kGroupCodes(x.data() + s.first, s.size, a, double(step), levels, c.data() + s.first);
       for (int t = s.first; t < s.first + s.size; ++t) {
-        const double r = (double(x[t]) - a) / double(step);
-        const int c = int(std::clamp(std::nearbyint(r), 0.0, levels));
         if (layout.bits == 8)
-          cj[t] = uint8_t(c);
+          cj[t] = uint8_t(c[t]);
         else
-          cj[t >> 1] |= uint8_t(c << ((t & 1) * 4));
+          cj[t >> 1] |= uint8_t(c[t] << ((t & 1) * 4));
       }
     }
   }

@@ -66,10 +66,12 @@ def _as_float32_tensor(x, name: str, what: str) -> tuple[torch.Tensor, bool]:
 
 
 def _batch_keys(keys, what: str) -> torch.Tensor:
-    """Keys for HSRIndexBatch: float16 and bfloat16 CPU tensors as they are (contiguous),
-    anything else as _as_float32_tensor makes it."""
-    if isinstance(keys, torch.Tensor) and keys.dtype in (torch.float16, torch.bfloat16) and keys.device.type == "cpu":
-        return keys.contiguous()
+    """Keys for HSRIndexBatch: CPU float32, float16 and bfloat16 tensors as they are (the C++
+    side copies only a tensor whose trees' keys are not each one block), anything else as
+    _as_float32_tensor makes it."""
+    if isinstance(keys, torch.Tensor) and keys.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and keys.device.type == "cpu":
+        return keys
     return _as_float32_tensor(keys, "keys", what)[0]
 
 

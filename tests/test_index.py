@@ -571,12 +571,13 @@ def test_relabelled_leaves_are_runs_of_consecutive_ids():
     assert 0 < runs <= leaves
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_batch_index_takes_half_keys_as_their_float32_values(dtype):
-    # Each tree converts its own keys: the same trees as from a float32 copy, bit for bit.
+    # Each tree converts its own keys: the same trees as from a float32 copy, bit for bit. The
+    # keys are a narrowed view of a larger buffer (as a cache passes them), read in place.
     B, H, n, d, leaf = 2, 3, 1025, 97, 16
     g = torch.Generator().manual_seed(4)
-    keys = (torch.randn(B, H, n, d, generator=g) * 3).to(dtype)
+    keys = (torch.randn(B, H, n + 100, d, generator=g) * 3).to(dtype)[:, :, :n]
     half, full = hsr.HSRIndexBatch(keys[:, :, :900], leaf_size=leaf), hsr.HSRIndexBatch(
         keys[:, :, :900].float(), leaf_size=leaf)
     half.add_leaves(keys[:, :, 900:])
@@ -586,6 +587,9 @@ def test_batch_index_takes_half_keys_as_their_float32_values(dtype):
                          full.range_search(q, 5.0) + full.search(q, 7)):
         assert torch.equal(got, want)
     assert torch.equal(half.relabel_in_leaf_order(), full.relabel_in_leaf_order())
+    strided = hsr.HSRIndexBatch(keys[:, :, :900].transpose(2, 3).contiguous().transpose(2, 3), leaf_size=leaf)
+    assert torch.equal(strided.relabel_in_leaf_order(), hsr.HSRIndexBatch(
+        keys[:, :, :900].float(), leaf_size=leaf).relabel_in_leaf_order())
     bad = keys[:, :, :4].clone()
     bad[1, 2, 3, 96] = float("nan")
     with pytest.raises(ValueError, match="HSRIndexBatch.add_leaves: keys contains NaN or Inf"):

@@ -112,6 +112,9 @@ TORCH_LIBRARY(hsr, m) {
       "write_tokens(Tensor(a!)[] buffers, Tensor[] tokens, int start, str what, str[] names, "
       "int length=-1, bool finite=False) -> ()");
 
+  // Rows [0, n) of every buffer (B, H, capacity, W) reordered: row j of (b, h) becomes old
+  // row perm[b, h, j]; perm (B, H, n) int64, a permutation of 0..n-1 per (b, h) (CPU).
+  m.def("permute_rows(Tensor(a!)[] buffers, Tensor perm) -> ()");
   // Upper bounds of the L2 norms of the rows of x (..., W) (CPU float32, float16 or bfloat16):
   // (...) float32, each at least the exact norm (summed in float64, rounded up).
   m.def("row_norm_bounds(Tensor x) -> Tensor");

@@ -231,6 +231,11 @@ def _write_tokens_fake(buffers, tokens, start, what, names, length=-1, finite=Fa
     return None
 
 
+@torch.library.register_fake("hsr::permute_rows")
+def _permute_rows_fake(buffers, perm):
+    return None
+
+
 @torch.library.register_fake("hsr::row_norm_bounds")
 def _row_norm_bounds_fake(x):
     return x.new_empty(x.shape[:-1], dtype=torch.float32)

@@ -247,6 +247,30 @@ def test_write_tokens_copies_rows_with_gaps_and_large_blocks(dtype):
     assert torch.equal(buf[0][:, :, 10:], big) and not buf[0][:, :, :10].any()
 
 
+def test_permute_rows_reorders_every_buffer_per_batch_and_head():
+    g = torch.Generator().manual_seed(5)
+    B, H, n, cap = 2, 3, 97, 130
+    bufs = [torch.randn(B, H, cap, 5, generator=g).bfloat16(), torch.randint(0, 255, (B, H, cap, 64), generator=g,
+            dtype=torch.uint8), torch.randn(B, H, cap, 1, generator=g), torch.arange(B * H * cap).view(B, H, cap, 1)]
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(B * H)]).view(B, H, n)
+    want = [b.clone() for b in bufs]
+    for w in want:
+        for bi in range(B):
+            for h in range(H):
+                w[bi, h, :n] = w[bi, h, :n].index_select(0, perm[bi, h])
+    torch.ops.hsr.permute_rows(bufs, perm)
+    assert all(torch.equal(b, w) for b, w in zip(bufs, want))
+    before = [b.clone() for b in bufs]
+    repeated = perm.clone()
+    repeated[1, 2, 5] = repeated[1, 2, 6]
+    for bad, message in [(repeated, "perm must hold a permutation of 0..96"), (perm + 1, "permutation"),
+                         (perm.int(), "perm must be a CPU int64 tensor"), (perm[0], "perm must be a CPU int64"),
+                         (torch.zeros(B, H, cap + 1, dtype=torch.long), "buffers must be CPU")]:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.hsr.permute_rows(bufs, bad)
+        assert all(torch.equal(b, w) for b, w in zip(bufs, before))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_row_norm_bounds_are_upper_bounds_within_a_float_step(dtype):
     from fractions import Fraction

@@ -170,12 +170,64 @@ void write_tokens_op(const std::vector<at::Tensor>& buffers, const std::vector<a
   }
 }
 
+// Rows [0, n) of every buffer (B, H, capacity, W) reordered per (b, h): row j becomes old row
+// perm[b, h, j]; perm (B, H, n) int64 holds a permutation of 0..n-1 per (b, h) (checked
+// before any row moves). Each (buffer, b, h) gathers its rows into a per-thread block and
+// copies it back, in parallel: row index_selects per (b, h) from Python took 0.5 s of a 256k
+// prefill of 8 heads.
+void permute_rows_op(const std::vector<at::Tensor>& buffers, const at::Tensor& perm_in) {
+  const char* what = "hsr.permute_rows";
+  TORCH_CHECK_VALUE(perm_in.dim() == 3 && perm_in.scalar_type() == at::kLong && perm_in.device().is_cpu(), what,
+                    ": perm must be a CPU int64 tensor (B, H, n), got ", python_dtype(perm_in.scalar_type()), " ",
+                    python_shape(perm_in.sizes()));
+  const at::Tensor perm = perm_in.contiguous();
+  const int64_t B = perm.size(0), H = perm.size(1), n = perm.size(2);
+  for (const at::Tensor& buf : buffers) {
+    TORCH_CHECK_VALUE(buf.dim() == 4 && buf.device().is_cpu() && buf.size(0) == B && buf.size(1) == H &&
+                          buf.size(2) >= n && buf.stride(3) == 1,
+                      what, ": buffers must be CPU (", B, ", ", H, ", >= ", n,
+                      ", W) tensors with contiguous rows, got ", python_shape(buf.sizes()));
+  }
+  const int64_t* pp = perm.const_data_ptr<int64_t>();
+  std::atomic<bool> valid{true};
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> seen;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      seen.assign(size_t(n), 0);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t r = pp[bh * n + j];
+        if (r < 0 || r >= n || seen[r]) {
+          valid = false;
+          return;
+        }
+        seen[r] = 1;
+      }
+    }
+  });
+  TORCH_CHECK_VALUE(valid.load(), what, ": perm must hold a permutation of 0..", n - 1, " for every (b, h)");
+  const int64_t pairs = B * H, items = int64_t(buffers.size()) * pairs;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> block;
+    for (int64_t it = begin; it < end; ++it) {
+      const at::Tensor& buf = buffers[it / pairs];
+      const int64_t bh = it % pairs, b = bh / H, h = bh % H;
+      const int64_t item = buf.element_size(), row = buf.size(3) * item, stride = buf.stride(2) * item;
+      char* base = static_cast<char*>(buf.data_ptr()) + (b * buf.stride(0) + h * buf.stride(1)) * item;
+      block.resize(size_t(n * row));
+      const int64_t* p = pp + bh * n;
+      for (int64_t j = 0; j < n; ++j) std::memcpy(block.data() + j * row, base + p[j] * stride, size_t(row));
+      for (int64_t j = 0; j < n; ++j) std::memcpy(base + j * stride, block.data() + j * row, size_t(row));
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("check_finite", &check_finite_cpu);
   m.impl("check_tokens", &check_tokens_fit);
   m.impl("write_tokens", &write_tokens_op);
+  m.impl("permute_rows", &permute_rows_op);
 }
 
 // The token buffers of a cache on the GPU (hsr.gta's caches) append through the same checks.

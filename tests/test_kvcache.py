@@ -297,6 +297,8 @@ def test_row_norm_bounds_are_upper_bounds_within_a_float_step(dtype):
     t = buf.transpose(2, 3)
     assert torch.equal(hsr.certified.value_norm_bounds(t), hsr.certified.value_norm_bounds(t.contiguous()))
     assert hsr.certified.value_norm_bounds(torch.zeros(2, 0, 5, dtype=dtype)).shape == (2, 0)
+    assert torch.equal(hsr.certified.value_norm_bounds(torch.zeros(3, 0, dtype=dtype)), torch.zeros(3))
+    assert torch.equal(hsr.certified.value_norm_bounds(torch.zeros(0, dtype=dtype)), torch.tensor(0.0))
     with pytest.raises(ValueError, match="hsr.row_norm_bounds: x must be float32, float16 or bfloat16"):
         torch.ops.hsr.row_norm_bounds(torch.ones(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="v must be a CPU tensor"):

@@ -23,8 +23,9 @@ namespace {
 // buffers are read through narrowed views), anything else contiguous and viewed so.
 at::Tensor as_rows4(const at::Tensor& x) {
   if (x.dim() == 4 && (x.stride(3) == 1 || x.size(3) <= 1)) return x;
-  const at::Tensor c = x.contiguous();
-  return c.view({1, 1, x.dim() ? c.numel() / std::max<int64_t>(x.size(-1), 1) : 1, x.dim() ? x.size(-1) : 1});
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  return x.contiguous().view({1, 1, rows, x.size(-1)});
 }
 
 template <typename T>

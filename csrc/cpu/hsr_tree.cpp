@@ -538,8 +538,23 @@ void HSRTree::rebuild_with(const float* x, int64_t n) {
   pts.insert(pts.end(), x, x + n * dim_);
   for (int64_t i = 0; i < n; ++i) ids.push_back(next_id_ + i);
   next_id_ += n;
-  const int64_t total = int64_t(ids.size());
+  build_from(std::move(pts), std::move(ids));
+}
 
+void HSRTree::add(std::vector<float>&& x) {
+  const int64_t n = int64_t(x.size()) / dim_;
+  if (n <= 0 || live_ > 0) {
+    add(x.data(), n);
+    return;
+  }
+  std::vector<int64_t> ids(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ids[i] = next_id_ + i;
+  next_id_ += n;
+  build_from(std::move(x), std::move(ids));
+}
+
+void HSRTree::build_from(std::vector<float> pts, std::vector<int64_t> ids) {
+  const int64_t total = int64_t(ids.size());
   left_.clear(), right_.clear(), parent_.clear(), block_.clear(), count_.clear();
   centroid_.clear(), lo_.clear(), hi_.clear(), radius_.clear(), max_norm_.clear();
   chunks_.clear(), slot_id_.clear(), block_used_.clear(), block_leaf_.clear(), free_blocks_.clear();

@@ -63,6 +63,10 @@ class HSRTree {
   // tree, or a batch larger than what is stored, is (re)built by hierarchical PCA splits;
   // otherwise each point is inserted (nearest-child descent, leaf split, bounds widened).
   void add(const float* x, int64_t n);
+  // add() of the points held in `x` (row-major, a multiple of dim floats); an empty tree takes
+  // the buffer over for its build instead of copying it (a caller that converted its keys to
+  // float32 for this saves one copy of them).
+  void add(std::vector<float>&& x);
   // Bulk (re)build from the points given plus the live points already stored.
   void rebuild_with(const float* x, int64_t n);
   void insert_one(const float* x, int64_t id);
@@ -158,6 +162,8 @@ class HSRTree {
   void widen_bounds(int32_t node, const float* x, double x_norm);
   void split_leaf(int32_t leaf);
   void collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const;
+  // Builds the tree anew over pts (row-major) with the given ids, which become the live points.
+  void build_from(std::vector<float> pts, std::vector<int64_t> ids);
   float* point(int32_t block, int32_t slot) {
     return chunks_[block / kChunkBlocks].get() +
            (int64_t(block % kChunkBlocks) * leaf_size_ + slot) * dim_;

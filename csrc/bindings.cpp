@@ -115,9 +115,6 @@ TORCH_LIBRARY(hsr, m) {
   // Rows [0, n) of every buffer (B, H, capacity, W) reordered: row j of (b, h) becomes old
   // row perm[b, h, j]; perm (B, H, n) int64, a permutation of 0..n-1 per (b, h) (CPU).
   m.def("permute_rows(Tensor(a!)[] buffers, Tensor perm) -> ()");
-  // A hint (CPU, Linux): back the whole 2 MB pages of t's storage with transparent huge pages;
-  // call it before t is first written. Changes no value.
-  m.def("advise_huge_pages(Tensor(a!) t) -> ()");
   // Upper bounds of the L2 norms of the rows of x (..., W) (CPU float32, float16 or bfloat16):
   // (...) float32, each at least the exact norm (summed in float64, rounded up).
   m.def("row_norm_bounds(Tensor x) -> Tensor");

@@ -77,8 +77,6 @@ class TokenBuffers:
         grown = []
         for old, (h, w), dtype in zip(self._bufs, self._shapes, self._dtypes):
             new = torch.empty(self.batch, h, cap, w, dtype=dtype, device=self.device)
-            if new.device.type == "cpu":  # huge pages for the rows a sparse step gathers
-                torch.ops.hsr.advise_huge_pages(new)
             new[:, :, :self._length] = old[:, :, :self._length]
             grown.append(new)
         self._bufs = grown

@@ -236,11 +236,6 @@ def _permute_rows_fake(buffers, perm):
     return None
 
 
-@torch.library.register_fake("hsr::advise_huge_pages")
-def _advise_huge_pages_fake(t):
-    return None
-
-
 @torch.library.register_fake("hsr::row_norm_bounds")
 def _row_norm_bounds_fake(x):
     return x.new_empty(x.shape[:-1], dtype=torch.float32)

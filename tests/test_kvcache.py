@@ -247,19 +247,6 @@ def test_write_tokens_copies_rows_with_gaps_and_large_blocks(dtype):
     assert torch.equal(buf[0][:, :, 10:], big) and not buf[0][:, :, :10].any()
 
 
-def test_advise_huge_pages_is_a_hint_that_changes_no_value():
-    big = torch.empty(3, 8 << 20, dtype=torch.uint8)  # 24 MB: whole huge pages inside
-    torch.ops.hsr.advise_huge_pages(big)
-    big.copy_(torch.arange(big.numel(), dtype=torch.int64).remainder(251).view_as(big))
-    torch.ops.hsr.advise_huge_pages(big[1:])  # written already, and at an offset: still a hint
-    assert torch.equal(big.flatten()[:1000], torch.arange(1000).remainder(251).to(torch.uint8))
-    assert int(big.flatten()[-1]) == (big.numel() - 1) % 251
-    small = torch.ones(5)
-    torch.ops.hsr.advise_huge_pages(small)
-    torch.ops.hsr.advise_huge_pages(torch.empty(0))
-    assert torch.equal(small, torch.ones(5))
-
-
 def test_permute_rows_reorders_every_buffer_per_batch_and_head():
     g = torch.Generator().manual_seed(5)
     B, H, n, cap = 2, 3, 97, 130

@@ -19,7 +19,6 @@
 #include <string>
 #include <vector>
 
-#include "hsr/cpu/huge_pages.h"
 #include "value_checks.h"
 
 namespace hsr {
@@ -222,14 +221,6 @@ void permute_rows_op(const std::vector<at::Tensor>& buffers, const at::Tensor& p
   });
 }
 
-// The huge-page hint (hsr/cpu/huge_pages.h) for a tensor's storage, before it is written: a
-// cache's token buffers, whose rows a sparse step gathers from all over (4 KB pages made a
-// 64k-key ReLU step's gathers miss the TLB: 1.55-1.70 ms against 1.30-1.40 ms on huge pages).
-void advise_huge_pages_op(const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "hsr.advise_huge_pages: t must be a CPU tensor, got ", t.device());
-  if (t.numel() != 0) cpu::advise_huge_pages(t.data_ptr(), size_t(t.storage().nbytes() - t.storage_offset() * t.element_size()));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
@@ -237,7 +228,6 @@ TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("check_tokens", &check_tokens_fit);
   m.impl("write_tokens", &write_tokens_op);
   m.impl("permute_rows", &permute_rows_op);
-  m.impl("advise_huge_pages", &advise_huge_pages_op);
 }
 
 // The token buffers of a cache on the GPU (hsr.gta's caches) append through the same checks.

@@ -12,7 +12,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "hsr/cpu/huge_pages.h"
 #include "hsr/cpu/vec_math.h"
 #include "index_holders.h"
 #include "selection_pack.h"
@@ -557,10 +556,7 @@ void for_each_tree_keys(const at::Tensor& keys, int64_t trees, const char* what,
         if constexpr (std::is_same_v<T, float>) {
           fn(i, src, static_cast<std::vector<float>*>(nullptr));
         } else {
-          std::vector<float> rows;
-          rows.reserve(static_cast<size_t>(per_tree));
-          cpu::advise_huge_pages(rows.data(), static_cast<size_t>(per_tree) * sizeof(float));
-          rows.resize(static_cast<size_t>(per_tree));
+          std::vector<float> rows(static_cast<size_t>(per_tree));
           for (int64_t j = 0; j < per_tree; ++j) rows[j] = to_float(src[j]);
           fn(i, rows.data(), &rows);
         }

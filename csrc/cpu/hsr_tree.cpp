@@ -11,7 +11,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "hsr/cpu/huge_pages.h"
 #include "hsr/cpu/vec_math.h"
 #include "hsr/index/scan.h"
 
@@ -536,10 +535,6 @@ void HSRTree::rebuild_with(const float* x, int64_t n) {
   std::vector<float> pts;
   std::vector<int64_t> ids;
   collect_live(pts, ids);
-  if (pts.empty()) {  // a fresh build: its copy of the points in huge pages
-    pts.reserve(size_t(n) * dim_);
-    cpu::advise_huge_pages(pts.data(), size_t(n) * dim_ * sizeof(float));
-  }
   pts.insert(pts.end(), x, x + n * dim_);
   for (int64_t i = 0; i < n; ++i) ids.push_back(next_id_ + i);
   next_id_ += n;
@@ -572,7 +567,6 @@ void HSRTree::build_from(std::vector<float> pts, std::vector<int64_t> ids) {
   // Uninitialised: every row is written before it is read.
   std::unique_ptr<float[]> spare_rows(new float[pts.size()]);
   std::unique_ptr<int64_t[]> spare_ids(new int64_t[ids.size()]);
-  cpu::advise_huge_pages(spare_rows.get(), pts.size() * sizeof(float));
   new_node(-1);
   build_subtree(0, pts.data(), ids.data(), total, spare_rows.get(), spare_ids.get(), nullptr);
 }

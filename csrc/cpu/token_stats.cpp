@@ -34,9 +34,11 @@ const T* row_at(const at::Tensor& x, const T* base, int64_t b, int64_t h, int64_
 }
 
 // An upper bound of sqrt(sum_i x_i^2) as a float. Each square of a float is exact in double
-// (at most 48 significant bits); summing w nonnegative terms in any order rounds to within a
-// relative (w - 1) 2^-53 (1 + 2^-52)-ish of the true sum, the square root adds 2^-53 and the
-// widening product one more: a factor 1 + (w + 3) 2^-53 covers them all. The result is then
+// (at most 48 significant bits, no overflow or underflow); summing w nonnegative terms in any
+// order leaves the sum at least (1 - gamma_{w-1}) of the exact one (u = 2^-53, gamma_k =
+// k u / (1 - k u)), so its rounded square root is at least (1 - (w - 1) u / 2 - u) of the exact
+// norm, to first order. The widening factor 1 + (w + 3) u, itself rounded and multiplied with
+// rounding (two more u), leaves a margin of about (w + 3) u / 2 above it; the result is then
 // rounded up to float.
 template <typename T>
 float row_norm_upper(const T* row, int64_t w) {

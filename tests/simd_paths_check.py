@@ -42,6 +42,15 @@ def check_sketch_codes():
             ratio = torch.where(delta_c > 0, (k.double() - lo_c) / delta_c.clamp(min=1e-300), 0.0)
             want = ratio.round().clamp(0, 2 ** bits - 1).to(torch.uint8)
             assert torch.equal(codes, want), (dtype, d, group, bits)
+    # A group whose least value is zero keeps the sign of its first zero in lo, as the scalar
+    # search does (the vectorised one compares zeros of either sign as equal).
+    for zero in (-0.0, 0.0):
+        k = torch.linspace(0.25, 3.0, 64).repeat(3, 1)
+        k[:, 9], k[:, 20] = zero, -zero   # group 0: `zero` first
+        k[:, 40], k[:, 50] = -zero, zero  # group 1: the other sign first
+        _, lo, _ = torch.ops.hsr.sketch_keys(k, 8, 32)
+        first = torch.signbit(torch.tensor([zero, -zero]))
+        assert torch.equal(torch.signbit(lo), first.expand(3, 2)), zero
 
 
 def check_index():

@@ -65,6 +65,30 @@ def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps, select):
         assert info.bytes_read > 0 and info.seconds > 0
 
 
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.TopK(12),
+                                    hsr.ReLU(alpha=2, bias=0.3, select="tree+sketch")])
+def test_half_caches_select_as_a_float32_cache_of_the_same_values(policy):
+    # float16 and bfloat16 keys reach the sketch, the norm bounds and the trees as they are
+    # stored (no float32 copy): a cache of values exact in both dtypes selects the same keys
+    # as a float32 cache of them, through a prefill, leaf flushes and a rebuild.
+    B, Hkv, G, D, prompt, steps = 1, 2, 2, 97, 150, 60
+    k, v, g = stream("clustered", B, Hkv, prompt + steps, D, seed=3)
+    k, v = k.to(torch.bfloat16).to(torch.float16).float(), v.to(torch.bfloat16).float()
+    caches = {dt: hsr.HSRKVCache(B, Hkv, D, dtype=dt, leaf_size=16, policy=policy, dense_fallback=False)
+              for dt in (torch.float32, torch.float16, torch.bfloat16)}
+    for dt, cache in caches.items():
+        cache.prefill(k[:, :, :prompt].to(dt), v[:, :, :prompt].to(dt))
+    for t in range(prompt, prompt + steps):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g).to(torch.bfloat16).float()
+        got = {dt: cache.decode(q.to(dt), k[:, :, t:t + 1].to(dt), v[:, :, t:t + 1].to(dt))[1]
+               for dt, cache in caches.items()}
+        want = got[torch.float32]
+        for dt in (torch.float16, torch.bfloat16):
+            for a, b in zip(got[dt].selection, want.selection):
+                assert torch.equal(a, b), (dt, t)
+    assert {cache.tree_builds for cache in caches.values()} == {2}
+
+
 @pytest.mark.parametrize("policy", [hsr.TopK(20), hsr.Softmax(threshold="paper"), hsr.Softmax(threshold=1.0)])
 def test_fixed_rules_report_valid_certificates_over_many_steps(policy):
     B, Hkv, G, D, prompt, steps = 2, 2, 3, 64, 100, 40

@@ -9,7 +9,6 @@
 #include <functional>
 #include <limits>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 #include "hsr/cpu/vec_math.h"
@@ -539,27 +538,22 @@ at::Tensor checked_batch_keys(const IndexBatchHolder& h, const at::Tensor& keys_
   return keys;
 }
 
-// Calls fn(i, rows, converted) for every tree i, in parallel threads, with rows its n keys of
-// checked keys (B, H, n, d) as float32: the tensor's own data (converted null), or for
-// float16/bfloat16 a float32 copy of that tree's keys only, held in *converted, which fn may
-// take over (a cache that converted its bf16 keys whole made a 1 GB float32 copy for one
-// build of 256k keys of 8 heads at D=128).
+// Calls fn(i, scratch) for every tree i, in parallel threads, with scratch.points holding its
+// n keys of checked keys (B, H, n, d) as float32 (converted from float16/bfloat16 tree by
+// tree: a cache that converted its bf16 keys whole made a 1 GB float32 copy for one build of
+// 256k keys of 8 heads at D=128). Each thread keeps one BuildScratch for all its trees.
 template <typename Fn>
 void for_each_tree_keys(const at::Tensor& keys, int64_t trees, const char* what, const Fn& fn) {
   const int64_t per_tree = keys.size(2) * keys.size(3), H = keys.size(1);
   visit_float_type(keys, what, "keys", [&](auto type) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
-    const T* base = float_data(keys, type);
+    const auto* base = float_data(keys, type);
     at::parallel_for(0, trees, 1, [&](int64_t begin, int64_t end) {
+      index::BuildScratch scratch;
       for (int64_t i = begin; i < end; ++i) {
-        const T* src = base + (i / H) * keys.stride(0) + (i % H) * keys.stride(1);
-        if constexpr (std::is_same_v<T, float>) {
-          fn(i, src, static_cast<std::vector<float>*>(nullptr));
-        } else {
-          std::vector<float> rows(static_cast<size_t>(per_tree));
-          for (int64_t j = 0; j < per_tree; ++j) rows[j] = to_float(src[j]);
-          fn(i, rows.data(), &rows);
-        }
+        const auto* src = base + (i / H) * keys.stride(0) + (i % H) * keys.stride(1);
+        scratch.points.resize(static_cast<size_t>(per_tree));
+        for (int64_t j = 0; j < per_tree; ++j) scratch.points[j] = to_float(src[j]);
+        fn(i, scratch);
       }
     });
   });
@@ -573,12 +567,8 @@ void IndexBatchHolder::add(const at::Tensor& keys_in) {
     for (const HSRTree& t : trees)
       TORCH_CHECK_VALUE(t.size() == 0, "HSRIndexBatch.add: an index with keep_points=False is built once (on "
                         "empty trees) and then grows by add_leaves");
-  const int64_t n = keys.size(2);
-  for_each_tree_keys(keys, batch * heads, what, [&](int64_t i, const float* rows, std::vector<float>* converted) {
-    if (converted != nullptr)
-      trees[i].add(std::move(*converted));
-    else
-      trees[i].add(rows, n);
+  for_each_tree_keys(keys, batch * heads, what, [&](int64_t i, index::BuildScratch& scratch) {
+    trees[i].add(scratch);
   });
 }
 
@@ -586,7 +576,8 @@ void IndexBatchHolder::add_leaves(const at::Tensor& keys_in) {
   const char* what = "HSRIndexBatch.add_leaves";
   const at::Tensor keys = checked_batch_keys(*this, keys_in, what);
   const int64_t n = keys.size(2), leaf = trees[0].leaf_size();
-  for_each_tree_keys(keys, batch * heads, what, [&](int64_t i, const float* rows, std::vector<float>*) {
+  for_each_tree_keys(keys, batch * heads, what, [&](int64_t i, index::BuildScratch& scratch) {
+    const float* rows = scratch.points.data();
     for (int64_t at = 0; at < n; at += leaf) trees[i].add_leaf(rows + at * dim, std::min(leaf, n - at));
   });
 }

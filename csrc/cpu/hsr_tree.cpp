@@ -532,29 +532,28 @@ void HSRTree::collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) c
 }
 
 void HSRTree::rebuild_with(const float* x, int64_t n) {
-  std::vector<float> pts;
-  std::vector<int64_t> ids;
-  collect_live(pts, ids);
-  pts.insert(pts.end(), x, x + n * dim_);
-  for (int64_t i = 0; i < n; ++i) ids.push_back(next_id_ + i);
+  BuildScratch scratch;
+  collect_live(scratch.points, scratch.ids);
+  scratch.points.insert(scratch.points.end(), x, x + n * dim_);
+  for (int64_t i = 0; i < n; ++i) scratch.ids.push_back(next_id_ + i);
   next_id_ += n;
-  build_from(std::move(pts), std::move(ids));
+  build_from(scratch);
 }
 
-void HSRTree::add(std::vector<float>&& x) {
-  const int64_t n = int64_t(x.size()) / dim_;
+void HSRTree::add(BuildScratch& scratch) {
+  const int64_t n = int64_t(scratch.points.size()) / dim_;
   if (n <= 0 || live_ > 0) {
-    add(x.data(), n);
+    add(scratch.points.data(), n);
     return;
   }
-  std::vector<int64_t> ids(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) ids[i] = next_id_ + i;
+  scratch.ids.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) scratch.ids[i] = next_id_ + i;
   next_id_ += n;
-  build_from(std::move(x), std::move(ids));
+  build_from(scratch);
 }
 
-void HSRTree::build_from(std::vector<float> pts, std::vector<int64_t> ids) {
-  const int64_t total = int64_t(ids.size());
+void HSRTree::build_from(BuildScratch& scratch) {
+  const int64_t total = int64_t(scratch.ids.size());
   left_.clear(), right_.clear(), parent_.clear(), block_.clear(), count_.clear();
   centroid_.clear(), lo_.clear(), hi_.clear(), radius_.clear(), max_norm_.clear();
   chunks_.clear(), slot_id_.clear(), block_used_.clear(), block_leaf_.clear(), free_blocks_.clear();
@@ -564,11 +563,12 @@ void HSRTree::build_from(std::vector<float> pts, std::vector<int64_t> ids) {
   if (total == 0) return;
   if (total > std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("hsr index: at most 2^31-1 points per tree");
-  // Uninitialised: every row is written before it is read.
-  std::unique_ptr<float[]> spare_rows(new float[pts.size()]);
-  std::unique_ptr<int64_t[]> spare_ids(new int64_t[ids.size()]);
+  // Grown, never shrunk: every row is written before it is read.
+  if (scratch.spare_rows.size() < scratch.points.size()) scratch.spare_rows.resize(scratch.points.size());
+  if (scratch.spare_ids.size() < scratch.ids.size()) scratch.spare_ids.resize(scratch.ids.size());
   new_node(-1);
-  build_subtree(0, pts.data(), ids.data(), total, spare_rows.get(), spare_ids.get(), nullptr);
+  build_subtree(0, scratch.points.data(), scratch.ids.data(), total, scratch.spare_rows.data(),
+                scratch.spare_ids.data(), nullptr);
 }
 
 void HSRTree::add(const float* x, int64_t n) {

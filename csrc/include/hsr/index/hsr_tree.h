@@ -37,6 +37,15 @@ struct Hit {
   int64_t id;
 };
 
+// The buffers a bulk build works in. A caller that builds several trees in turn (a batch
+// index's worker thread) keeps one and passes it to every build: its pages are then faulted
+// in once, not for every tree (fresh scratch was a sixth of a build's time).
+struct BuildScratch {
+  std::vector<float> points;  // the points to build from, row-major
+  std::vector<float> spare_rows;
+  std::vector<int64_t> ids, spare_ids;
+};
+
 class HSRTree {
  public:
   static constexpr int kMaxDim = 256;
@@ -63,10 +72,10 @@ class HSRTree {
   // tree, or a batch larger than what is stored, is (re)built by hierarchical PCA splits;
   // otherwise each point is inserted (nearest-child descent, leaf split, bounds widened).
   void add(const float* x, int64_t n);
-  // add() of the points held in `x` (row-major, a multiple of dim floats); an empty tree takes
-  // the buffer over for its build instead of copying it (a caller that converted its keys to
-  // float32 for this saves one copy of them).
-  void add(std::vector<float>&& x);
+  // add() of the points in scratch.points (row-major, a multiple of dim floats): an empty tree
+  // is built in the scratch's buffers (no copy of the points; they are left permuted), a
+  // built one inserts them as add() does.
+  void add(BuildScratch& scratch);
   // Bulk (re)build from the points given plus the live points already stored.
   void rebuild_with(const float* x, int64_t n);
   void insert_one(const float* x, int64_t id);
@@ -162,8 +171,9 @@ class HSRTree {
   void widen_bounds(int32_t node, const float* x, double x_norm);
   void split_leaf(int32_t leaf);
   void collect_live(std::vector<float>& pts, std::vector<int64_t>& ids) const;
-  // Builds the tree anew over pts (row-major) with the given ids, which become the live points.
-  void build_from(std::vector<float> pts, std::vector<int64_t> ids);
+  // Builds the tree anew over scratch.points (row-major) with scratch.ids, which become the
+  // live points.
+  void build_from(BuildScratch& scratch);
   float* point(int32_t block, int32_t slot) {
     return chunks_[block / kChunkBlocks].get() +
            (int64_t(block % kChunkBlocks) * leaf_size_ + slot) * dim_;

@@ -461,27 +461,20 @@ __attribute__((target("avx512f"))) void group_min_max_avx512(const float* x, int
 #pragma GCC diagnostic pop
 #endif
 
-using GroupMinMaxFn = void (*)(const float*, int, float*, float*);
+// The quantization's per-group kernels of the CPU's tier, chosen once.
+struct GroupKernels {
+  void (*min_max)(const float*, int, float*, float*);
+  void (*codes)(const float*, int, double, double, double, int32_t*);
+};
 
-GroupMinMaxFn pick_group_min_max() {
+GroupKernels pick_group_kernels() {
 #ifdef HSR_HAVE_AVX512_TILE
-  if (cpu::has_avx512()) return group_min_max_avx512;
+  if (cpu::has_avx512()) return {group_min_max_avx512, group_codes_avx512};
 #endif
-  return group_min_max_base;
+  return {group_min_max_base, group_codes_base};
 }
 
-const GroupMinMaxFn kGroupMinMax = pick_group_min_max();
-
-using GroupCodesFn = void (*)(const float*, int, double, double, double, int32_t*);
-
-GroupCodesFn pick_group_codes() {
-#ifdef HSR_HAVE_AVX512_TILE
-  if (cpu::has_avx512()) return group_codes_avx512;
-#endif
-  return group_codes_base;
-}
-
-const GroupCodesFn kGroupCodes = pick_group_codes();
+const GroupKernels kGroupKernels = pick_group_kernels();
 
 }  // namespace
 
@@ -500,7 +493,7 @@ void quantize_keys(const SketchLayout& layout, const T* keys, int64_t n, uint8_t
     for (int g = 0; g < ng; ++g) {
       const GroupSpan s = group_span(layout, g);
       float mn, mx;
-      kGroupMinMax(x.data() + s.first, s.size, &mn, &mx);
+      kGroupKernels.min_max(x.data() + s.first, s.size, &mn, &mx);
       const double a = mn, range = double(mx) - a;
       // One ulp up: levels * step covers the range in exact arithmetic, so every code lies
       // in [0, levels] and |x - (lo + code * step)| <= step / 2.
@@ -509,7 +502,7 @@ void quantize_keys(const SketchLayout& layout, const T* keys, int64_t n, uint8_t
       lo[j * ng + g] = float(a);
       delta[j * ng + g] = step;
       if (step == 0.0f) continue;
-      kGroupCodes(x.data() + s.first, s.size, a, double(step), levels, c.data() + s.first);
+      kGroupKernels.codes(x.data() + s.first, s.size, a, double(step), levels, c.data() + s.first);
       for (int t = s.first; t < s.first + s.size; ++t) {
         if (layout.bits == 8)
           cj[t] = uint8_t(c[t]);

@@ -75,7 +75,41 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t relu_pass_flags_avx
 #pragma GCC diagnostic pop
 #endif
 
+void keys_within_cuts_scalar(const int32_t* grid, int64_t n, int G, const int32_t* cut, int64_t j,
+                             std::vector<int64_t>& order) {
+  for (; j < n; ++j)
+    for (int g = 0; g < G; ++g)
+      if (grid[g * n + j] <= cut[g]) {
+        order.push_back(j);
+        break;
+      }
+}
+
+#ifdef HSR_HAVE_AVX512_RELU_FLAGS
+__attribute__((target("avx512f"))) void keys_within_cuts_avx512(const int32_t* grid, int64_t n, int G,
+                                                                const int32_t* cut, std::vector<int64_t>& order) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __mmask16 any = 0;
+    for (int g = 0; g < G; ++g)
+      any |= _mm512_cmple_epi32_mask(_mm512_loadu_si512(grid + g * n + j), _mm512_set1_epi32(cut[g]));
+    for (unsigned bits = any; bits != 0; bits &= bits - 1) order.push_back(j + __builtin_ctz(bits));
+  }
+  keys_within_cuts_scalar(grid, n, G, cut, j, order);
+}
+#endif
+
 }  // namespace
+
+void keys_within_cuts(const int32_t* grid, int64_t n, int G, const int32_t* cut, std::vector<int64_t>& order) {
+#ifdef HSR_HAVE_AVX512_RELU_FLAGS
+  if (cpu::has_avx512()) {
+    keys_within_cuts_avx512(grid, n, G, cut, order);
+    return;
+  }
+#endif
+  keys_within_cuts_scalar(grid, n, G, cut, 0, order);
+}
 
 int64_t relu_pass_flags(const float* est, const float* rad, int64_t n, double scale, double bias, uint8_t* flags,
                         bool& finite) {
@@ -123,7 +157,9 @@ bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G
       }
     }
   }
-  collect_union(nullptr, n, n, G, [&](int g, int64_t j) { return grid[g * n + j] <= cut[g]; }, out);
+  std::vector<int64_t> order;
+  keys_within_cuts(grid, n, G, cut.data(), order);
+  append_union(order, nullptr, G, [&](int g, int64_t j) { return grid[g * n + j] <= cut[g]; }, out);
   return std::all_of(hist.begin(), hist.end(), [](const ScoreHistogram& h) { return h.finite(); });
 }
 

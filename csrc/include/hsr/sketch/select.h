@@ -125,6 +125,19 @@ struct GroupSelection {
   TreeSelectStats stats;
 };
 
+// Fills out.ids / out.mask from per-head choices for the keys `order` (indices j into `ids`,
+// ascending by id): key j has id ids[j] (null: id j) and head g uses it when chosen(g, j).
+template <typename Chosen>
+void append_union(const std::vector<int64_t>& order, const int64_t* ids, int G, const Chosen& chosen,
+                  GroupSelection& out) {
+  out.ids.reserve(order.size());
+  out.mask.reserve(order.size() * G);
+  for (const int64_t j : order) {
+    out.ids.push_back(ids == nullptr ? j : ids[j]);
+    for (int g = 0; g < G; ++g) out.mask.push_back(uint8_t(chosen(g, j)));
+  }
+}
+
 // Fills out.ids / out.mask from per-head choices: key j of `ids` (any order, no repeats, each
 // below id_limit; null: key j has id j) is used by head g when chosen(g, j) (a cheap, pure
 // test: it is asked again for the keys of the union instead of being stored for every key);
@@ -152,13 +165,13 @@ void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, c
   } else if (!sorted) {
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id_of(a) < id_of(b); });
   }
-  out.ids.reserve(order.size());
-  out.mask.reserve(order.size() * G);
-  for (const int64_t j : order) {
-    out.ids.push_back(id_of(j));
-    for (int g = 0; g < G; ++g) out.mask.push_back(uint8_t(chosen(g, j)));
-  }
+  append_union(order, ids, G, chosen, out);
 }
+
+// The keys j of [0, n) that some head g keeps, grid[g * n + j] <= cut[g], in ascending order
+// (the sketch selection's union: one vectorised pass over the heads' grid indices on
+// AVX-512, where the per-key, per-head test and branch was a tenth of the selection).
+void keys_within_cuts(const int32_t* grid, int64_t n, int G, const int32_t* cut, std::vector<int64_t>& order);
 
 // e^{-x} for x >= 0 from the histogram's table: the chord between grid points (an upper
 // bound within a factor 1 + 1.2e-4; e^{-kSelectDepth} beyond the table). For estimates that

@@ -85,7 +85,28 @@ void keys_within_cuts_scalar(const int32_t* grid, int64_t n, int G, const int32_
       }
 }
 
+void keys_with_flags_scalar(const uint8_t* flags, int64_t n, int G, int64_t j, std::vector<int64_t>& order) {
+  for (; j < n; ++j)
+    for (int g = 0; g < G; ++g)
+      if (flags[g * n + j] != 0) {
+        order.push_back(j);
+        break;
+      }
+}
+
 #ifdef HSR_HAVE_AVX512_RELU_FLAGS
+__attribute__((target("avx512f,avx512bw"))) void keys_with_flags_avx512(const uint8_t* flags, int64_t n, int G,
+                                                                       std::vector<int64_t>& order) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    __mmask64 any = 0;
+    for (int g = 0; g < G; ++g) any |= _mm512_test_epi8_mask(_mm512_loadu_si512(flags + g * n + j),
+                                                             _mm512_set1_epi8(char(0xFF)));
+    for (uint64_t bits = any; bits != 0; bits &= bits - 1) order.push_back(j + __builtin_ctzll(bits));
+  }
+  keys_with_flags_scalar(flags, n, G, j, order);
+}
+
 __attribute__((target("avx512f"))) void keys_within_cuts_avx512(const int32_t* grid, int64_t n, int G,
                                                                 const int32_t* cut, std::vector<int64_t>& order) {
   int64_t j = 0;
@@ -109,6 +130,16 @@ void keys_within_cuts(const int32_t* grid, int64_t n, int G, const int32_t* cut,
   }
 #endif
   keys_within_cuts_scalar(grid, n, G, cut, 0, order);
+}
+
+void keys_with_flags(const uint8_t* flags, int64_t n, int G, std::vector<int64_t>& order) {
+#ifdef HSR_HAVE_AVX512_RELU_FLAGS
+  if (cpu::has_avx512()) {
+    keys_with_flags_avx512(flags, n, G, order);
+    return;
+  }
+#endif
+  keys_with_flags_scalar(flags, n, G, 0, order);
 }
 
 int64_t relu_pass_flags(const float* est, const float* rad, int64_t n, double scale, double bias, uint8_t* flags,
@@ -177,7 +208,9 @@ bool select_relu_by_sketch(const SketchView& sketch, int64_t n, const float* q, 
       out.heads[g].kept +=
           relu_pass_flags(est + g * kBlock, rad + g * kBlock, count, scale, bias, pass + g * n + j0, finite);
   });
-  collect_union(nullptr, n, n, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
+  std::vector<int64_t> order;
+  keys_with_flags(pass, n, G, order);
+  append_union(order, nullptr, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
   return finite;
 }
 

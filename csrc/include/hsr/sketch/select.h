@@ -172,6 +172,9 @@ void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, c
 // (the sketch selection's union: one vectorised pass over the heads' grid indices on
 // AVX-512, where the per-key, per-head test and branch was a tenth of the selection).
 void keys_within_cuts(const int32_t* grid, int64_t n, int G, const int32_t* cut, std::vector<int64_t>& order);
+// The keys j of [0, n) some head g passes, flags[g * n + j] != 0, in ascending order (the
+// ReLU sketch selection's union; 64 keys at a time on AVX-512).
+void keys_with_flags(const uint8_t* flags, int64_t n, int G, std::vector<int64_t>& order);
 
 // e^{-x} for x >= 0 from the histogram's table: the chord between grid points (an upper
 // bound within a factor 1 + 1.2e-4; e^{-kSelectDepth} beyond the table). For estimates that

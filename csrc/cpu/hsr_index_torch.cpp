@@ -23,14 +23,16 @@ using index::Hit;
 using index::HSRTree;
 using index::QueryStats;
 
+// float32 points; with half_ok float16 and bfloat16 too (keys a batch index converts itself).
 void check_points(const at::Tensor& x, int64_t d, const char* what, const char* name,
-                  int64_t dims) {
+                  int64_t dims, bool half_ok = false) {
   TORCH_CHECK_VALUE(x.dim() == dims, what, ": ", name, " must be ", dims, "-D with last dimension d=", d,
                     ", got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.size(-1) == d, what, ": ", name, " has dimension ", x.size(-1),
                     " but the index has d=", d);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, what, ": ", name, " must be float32, got ",
-                    x.scalar_type());
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK_VALUE(t == at::kFloat || (half_ok && (t == at::kHalf || t == at::kBFloat16)), what, ": ", name,
+                    half_ok ? " must be float32, float16 or bfloat16, got " : " must be float32, got ", t);
   TORCH_CHECK_VALUE(x.device().is_cpu(), what, ": ", name, " must be on the CPU, got ", x.device());
 }
 
@@ -515,11 +517,7 @@ namespace {
 // them with each tree's keys one contiguous block (as they are when so: a cache passes a
 // narrowed view of its buffers, whose copy was half a gigabyte for 256k keys of 8 heads).
 at::Tensor checked_batch_keys(const IndexBatchHolder& h, const at::Tensor& keys_in, const char* what) {
-  TORCH_CHECK_VALUE(keys_in.dim() == 4, what, ": keys must be 4-D with last dimension d=", h.dim, ", got shape ",
-                    keys_in.sizes());
-  TORCH_CHECK_VALUE(keys_in.size(3) == h.dim, what, ": keys has dimension ", keys_in.size(3),
-                    " but the index has d=", h.dim);
-  TORCH_CHECK_VALUE(keys_in.device().is_cpu(), what, ": keys must be on the CPU, got ", keys_in.device());
+  check_points(keys_in, h.dim, what, "keys", 4, /*half_ok=*/true);
   TORCH_CHECK_VALUE(keys_in.size(0) == h.batch && keys_in.size(1) == h.heads, what, ": keys must be (",
                     h.batch, ", ", h.heads, ", n, ", h.dim, "), got shape ", keys_in.sizes());
   const bool blocks = (keys_in.stride(3) == 1 || keys_in.size(3) <= 1) &&

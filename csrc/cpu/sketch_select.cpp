@@ -75,24 +75,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t relu_pass_flags_avx
 #pragma GCC diagnostic pop
 #endif
 
-void keys_within_cuts_scalar(const int32_t* grid, int64_t n, int G, const int32_t* cut, int64_t j,
-                             std::vector<int64_t>& order) {
-  for (; j < n; ++j)
-    for (int g = 0; g < G; ++g)
-      if (grid[g * n + j] <= cut[g]) {
-        order.push_back(j);
-        break;
-      }
-}
-
-void keys_with_flags_scalar(const uint8_t* flags, int64_t n, int G, int64_t j, std::vector<int64_t>& order) {
-  for (; j < n; ++j)
-    for (int g = 0; g < G; ++g)
-      if (flags[g * n + j] != 0) {
-        order.push_back(j);
-        break;
-      }
-}
+// The keys some head keeps by its cut (grid index <= cut), and by its pass flag.
+struct WithinCut {
+  const int32_t *grid, *cut;
+  int64_t n;
+  bool operator()(int g, int64_t j) const { return grid[g * n + j] <= cut[g]; }
+};
+struct Flagged {
+  const uint8_t* flags;
+  int64_t n;
+  bool operator()(int g, int64_t j) const { return flags[g * n + j] != 0; }
+};
 
 #ifdef HSR_HAVE_AVX512_RELU_FLAGS
 __attribute__((target("avx512f,avx512bw"))) void keys_with_flags_avx512(const uint8_t* flags, int64_t n, int G,
@@ -104,7 +97,7 @@ __attribute__((target("avx512f,avx512bw"))) void keys_with_flags_avx512(const ui
                                                              _mm512_set1_epi8(char(0xFF)));
     for (uint64_t bits = any; bits != 0; bits &= bits - 1) order.push_back(j + __builtin_ctzll(bits));
   }
-  keys_with_flags_scalar(flags, n, G, j, order);
+  append_chosen_keys(j, n, G, Flagged{flags, n}, order);
 }
 
 __attribute__((target("avx512f"))) void keys_within_cuts_avx512(const int32_t* grid, int64_t n, int G,
@@ -116,7 +109,7 @@ __attribute__((target("avx512f"))) void keys_within_cuts_avx512(const int32_t* g
       any |= _mm512_cmple_epi32_mask(_mm512_loadu_si512(grid + g * n + j), _mm512_set1_epi32(cut[g]));
     for (unsigned bits = any; bits != 0; bits &= bits - 1) order.push_back(j + __builtin_ctz(bits));
   }
-  keys_within_cuts_scalar(grid, n, G, cut, j, order);
+  append_chosen_keys(j, n, G, WithinCut{grid, cut, n}, order);
 }
 #endif
 
@@ -129,7 +122,7 @@ void keys_within_cuts(const int32_t* grid, int64_t n, int G, const int32_t* cut,
     return;
   }
 #endif
-  keys_within_cuts_scalar(grid, n, G, cut, 0, order);
+  append_chosen_keys(0, n, G, WithinCut{grid, cut, n}, order);
 }
 
 void keys_with_flags(const uint8_t* flags, int64_t n, int G, std::vector<int64_t>& order) {
@@ -139,7 +132,7 @@ void keys_with_flags(const uint8_t* flags, int64_t n, int G, std::vector<int64_t
     return;
   }
 #endif
-  keys_with_flags_scalar(flags, n, G, 0, order);
+  append_chosen_keys(0, n, G, Flagged{flags, n}, order);
 }
 
 int64_t relu_pass_flags(const float* est, const float* rad, int64_t n, double scale, double bias, uint8_t* flags,
@@ -190,7 +183,7 @@ bool select_by_sketch(const SketchView& sketch, int64_t n, const float* q, int G
   }
   std::vector<int64_t> order;
   keys_within_cuts(grid, n, G, cut.data(), order);
-  append_union(order, nullptr, G, [&](int g, int64_t j) { return grid[g * n + j] <= cut[g]; }, out);
+  append_union(order, nullptr, G, WithinCut{grid, cut.data(), n}, out);
   return std::all_of(hist.begin(), hist.end(), [](const ScoreHistogram& h) { return h.finite(); });
 }
 
@@ -210,7 +203,7 @@ bool select_relu_by_sketch(const SketchView& sketch, int64_t n, const float* q, 
   });
   std::vector<int64_t> order;
   keys_with_flags(pass, n, G, order);
-  append_union(order, nullptr, G, [&](int g, int64_t j) { return pass[g * n + j] != 0; }, out);
+  append_union(order, nullptr, G, Flagged{pass, n}, out);
   return finite;
 }
 

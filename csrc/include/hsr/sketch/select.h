@@ -125,6 +125,18 @@ struct GroupSelection {
   TreeSelectStats stats;
 };
 
+// Appends the keys j of [begin, end) that some head g chooses (chosen(g, j)) to `order`, in
+// ascending order.
+template <typename Chosen>
+void append_chosen_keys(int64_t begin, int64_t end, int G, const Chosen& chosen, std::vector<int64_t>& order) {
+  for (int64_t j = begin; j < end; ++j)
+    for (int g = 0; g < G; ++g)
+      if (chosen(g, j)) {
+        order.push_back(j);
+        break;
+      }
+}
+
 // Fills out.ids / out.mask from per-head choices for the keys `order` (indices j into `ids`,
 // ascending by id): key j has id ids[j] (null: id j) and head g uses it when chosen(g, j).
 template <typename Chosen>
@@ -147,12 +159,7 @@ template <typename Chosen>
 void collect_union(const int64_t* ids, int64_t count, int64_t id_limit, int G, const Chosen& chosen,
                    GroupSelection& out) {
   std::vector<int64_t> order;
-  for (int64_t j = 0; j < count; ++j)
-    for (int g = 0; g < G; ++g)
-      if (chosen(g, j)) {
-        order.push_back(j);
-        break;
-      }
+  append_chosen_keys(0, count, G, chosen, order);
   const auto id_of = [ids](int64_t j) { return ids == nullptr ? j : ids[j]; };
   bool sorted = true;
   for (size_t i = 1; i < order.size() && sorted; ++i) sorted = id_of(order[i - 1]) < id_of(order[i]);

@@ -115,6 +115,15 @@ TORCH_LIBRARY(hsr, m) {
   // Rows [0, n) of every buffer (B, H, capacity, W) reordered: row j of (b, h) becomes old
   // row perm[b, h, j]; perm (B, H, n) int64, a permutation of 0..n-1 per (b, h) (CPU).
   m.def("permute_rows(Tensor(a!)[] buffers, Tensor perm) -> ()");
+  // A cache's decode step that reads every key (HSRKVCache's dense path): write_tokens of one
+  // token per buffer at row `start` of buffers (keys, values), then attention of q (B, Hq, 1,
+  // D) over their rows [0, start + 1). Returns (out, mass_bound, error_bound, keys_attended,
+  // keys_read): out as attention's; the bounds (B, Hq) float64 zeros, keys_attended (B, Hq)
+  // and keys_read (B, Hkv) int64, every row read. Bad input raises before a row is written.
+  m.def(
+      "decode_dense_step(Tensor(a!)[] buffers, Tensor[] tokens, int start, str what, str[] names, bool finite, "
+      "Tensor q, str kind=\"softmax\", float? scale=None, int alpha=1, float bias=0.0, bool normalize=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Upper bounds of the L2 norms of the rows of x (..., W) (CPU float32, float16 or bfloat16):
   // (...) float32, each at least the exact norm (summed in float64, rounded up).
   m.def("row_norm_bounds(Tensor x) -> Tensor");

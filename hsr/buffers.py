@@ -6,6 +6,10 @@ import torch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The overload itself: called through torch.ops.hsr.decode_dense_step, a cold decode step
+# spends microseconds more in the overload packet's Python.
+_DECODE_DENSE_STEP = torch.ops.hsr.decode_dense_step.default
+
 
 class TokenBuffers:
     """(B, heads, length, width) tensors that grow together along length (by doubling, so
@@ -31,7 +35,8 @@ class TokenBuffers:
         self._dtypes = tuple(dtypes) if dtypes is not None else (dtype,) * len(shapes)
         self._bufs = [torch.empty(batch, h, 0, w, dtype=t, device=self.device)
                       for (h, w), t in zip(shapes, self._dtypes)]
-        self._length = 0
+        # Tokens the buffers have room for (an int: a decode step reads it without a tensor call).
+        self._length, self._capacity = 0, 0
 
     @property
     def length(self) -> int:
@@ -57,29 +62,40 @@ class TokenBuffers:
         what = what or f"{type(self).__name__}.append"
         if len(tensors) != len(self._bufs):
             raise ValueError(f"{what}: one tensor per buffer {self._names}, got {len(tensors)}")
-        for name, t in zip(self._names, tensors):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
-        first, tokens = tensors[0], list(tensors)
+        tokens = list(tensors)
+        self._check_tensors(tokens, what)
+        first = tokens[0]
         need = self._length + (first.shape[2] if first.dim() == 4 else 0)
-        checked = need > self._bufs[0].shape[2]
-        if checked:
-            torch.ops.hsr.check_tokens(self._bufs, tokens, what, self._name_list, length, finite)
-            self._grow(need)
+        checked = self._make_room(tokens, need, what, length, finite)
         # One call checks the tokens (the same checks; values once) and copies them in as rows.
         torch.ops.hsr.write_tokens(self._bufs, tokens, self._length, what, self._name_list, length,
                                    finite and not checked)
         self._length = need
 
+    def _check_tensors(self, tokens: list, what: str) -> None:
+        for name, t in zip(self._names, tokens):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+
+    def _make_room(self, tokens: list, need: int, what: str, length: int, finite: bool) -> bool:
+        """Grows the buffers to hold `need` tokens when they cannot, after checking the tokens
+        (they are not checked otherwise: the write checks them); returns whether they were
+        checked."""
+        if need <= self._capacity:
+            return False
+        torch.ops.hsr.check_tokens(self._bufs, tokens, what, self._name_list, length, finite)
+        self._grow(need)
+        return True
+
     def _grow(self, need: int) -> None:
-        old_cap = self._bufs[0].shape[2]
+        old_cap = self._capacity
         cap = max(need + (need // 8 if old_cap == 0 else 0), 2 * old_cap, 64)
         grown = []
         for old, (h, w), dtype in zip(self._bufs, self._shapes, self._dtypes):
             new = torch.empty(self.batch, h, cap, w, dtype=dtype, device=self.device)
             new[:, :, :self._length] = old[:, :, :self._length]
             grown.append(new)
-        self._bufs = grown
+        self._bufs, self._capacity = grown, cap
 
     def permute_tokens(self, perm: torch.Tensor) -> None:
         """Reorders the first perm.shape[2] tokens of every buffer: token j becomes old token
@@ -114,6 +130,26 @@ class KVCache(TokenBuffers):
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.append_tokens(k, v)
+
+    def append_and_attend(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, what: str, kind: str,
+                          scale: float | None, alpha: int = 1, bias: float = 0.0, normalize: bool = True):
+        """Appends one token (k, v: (B, Hkv, 1, width), checked finite) and attends q (B, Hq, 1,
+        D) to every token held, in one call (hsr::decode_dense_step; attention's kind, scale,
+        alpha, bias, normalize): (out, mass_bound, error_bound, keys_attended, keys_read) as a
+        dense decode step reports them. Bad input raises ValueError naming `what` and leaves
+        the buffers unchanged."""
+        tokens, checked = [k, v], self._length == self._capacity
+        if checked:
+            self._check_tensors(tokens, what)
+            self._make_room(tokens, self._length + 1, what, 1, True)
+        try:
+            result = _DECODE_DENSE_STEP(self._bufs, tokens, self._length, what, self._name_list, not checked, q, kind,
+                                        scale, alpha, bias, normalize)
+        except RuntimeError:  # the dispatcher's message for an argument that is not a tensor
+            self._check_tensors(tokens, what)
+            raise
+        self._length += 1
+        return result
 
     @property
     def keys(self) -> torch.Tensor:

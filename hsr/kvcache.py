@@ -159,7 +159,8 @@ class DecodeInfo:
     left out; 0 for a dense step); attend_seconds: in the attention kernel over the selection
     and the tail (one call). The rest of seconds goes to the checks, the append, indexing a
     full tail, a rebuild of the trees when one is due (rebuild_after), the certificate and, at
-    a probe step, the paths not kept."""
+    a probe step, the paths not kept. A dense step with nothing else due appends and reads in
+    one call, whose time is its attend_seconds."""
 
     mass_bound: torch.Tensor
     error_bound: torch.Tensor
@@ -222,6 +223,8 @@ class HSRKVCache:
         self.sketch_bits = 8 if sketch == "int8" else 4
         self.dense_fallback, self.probe_every = bool(dense_fallback), probe_every
         self.rebuild_after = None if rebuild_after is None else float(rebuild_after)
+        # Bytes of one token's keys and values, every (batch, kv head).
+        self._kv_bytes_per_token = batch * num_kv_heads * self._token_bytes()
         self.reset()
 
     def reset(self) -> None:
@@ -453,6 +456,18 @@ class HSRKVCache:
     def decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append one key and value per kv head, then attend q (B, Hq, 1, D) to every key.
         Returns (out (B, Hq, 1, D) in the cache dtype, DecodeInfo)."""
+        start = time.perf_counter()
+        if self._dense_step_kept() and isinstance(q, torch.Tensor):
+            # Nothing but a dense read is due: the checks (the same as below), the append and
+            # the read in one call, in as few Python frames as can be (each costs a cold step
+            # microseconds: bench/bench_decode_overhead.py).
+            called = time.perf_counter()
+            out, mass, err, attended, read = self._kv.append_and_attend(k_new, v_new, q, "HSRKVCache.decode",
+                                                                        *self._dense_args())
+            self._until_probe -= 1
+            end = time.perf_counter()
+            return out, DecodeInfo(mass, err, attended, read, self._dense_bytes(), seconds=end - start, path="dense",
+                                   attend_seconds=end - called)
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[0] != self.batch or q.shape[2] != 1 \
                 or q.shape[3] != self.head_dim or q.shape[1] % self.num_kv_heads:
             got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
@@ -460,7 +475,6 @@ class HSRKVCache:
                              f"multiple of {self.num_kv_heads}, got {got}")
         if q.dtype != self.dtype or q.device.type != "cpu":
             raise ValueError(f"HSRKVCache.decode: q must be a CPU {self.dtype} tensor, got {q.dtype} on {q.device}")
-        start = time.perf_counter()
         self._append(k_new, v_new, "decode", length=1)
         if self.length - self._indexed >= self.leaf_size:
             self._index_up_to(self.length)
@@ -477,6 +491,13 @@ class HSRKVCache:
         return out, DecodeInfo(*counts, seconds=time.perf_counter() - start, selection=selection, path=path,
                                select=None if path == "dense" else select, select_seconds=select_seconds,
                                attend_seconds=attend_seconds)
+
+    def _dense_step_kept(self) -> bool:
+        """Whether this step reads densely with nothing else to do: the last probe kept the
+        dense path, no probe is due and the new key does not fill the tail (so nothing is
+        indexed and no rebuild can be due: the trees are not in use)."""
+        return self._path == "dense" and self._until_probe > 0 and self.dense_fallback and \
+            self._kv.length + 1 - self._indexed < self.leaf_size
 
     def _candidates(self):
         """The (path, selection) pairs decode chooses among: the policy's selection ("auto"
@@ -512,21 +533,30 @@ class HSRKVCache:
         return path, select, results[best]
 
     def _dense_kwargs(self):
-        if isinstance(self.policy, (Softmax, TopK)):
-            return dict(kind="softmax")
-        return dict(kind="relu", alpha=self.policy.alpha, bias=self.policy.bias, normalize=self.policy.normalize)
+        return dict(zip(("kind", "scale", "alpha", "bias", "normalize"), self._dense_args()))
+
+    def _dense_args(self) -> tuple:
+        """The attention kernels' score arguments for the policy: (kind, scale, alpha, bias,
+        normalize)."""
+        p = self.policy
+        if isinstance(p, ReLU):
+            return "relu", self.scale, p.alpha, float(p.bias), p.normalize
+        return "softmax", self.scale, 1, 0.0, True
 
     def _attend_dense(self, q):
         """Every key, read in full: exact (bounds 0)."""
         B, Hq, Hkv = self.batch, q.shape[1], self.num_kv_heads
         started = time.perf_counter()
-        out = attention(q, self._kv.keys, self._kv.values, scale=self.scale, **self._dense_kwargs())
+        out = attention(q, self._kv.keys, self._kv.values, **self._dense_kwargs())
         attend_seconds = time.perf_counter() - started
         zeros = torch.zeros(B, Hq, dtype=torch.float64)
         info = (zeros, zeros.clone(), torch.full((B, Hq), self.length, dtype=torch.int64),
-                torch.full((B, Hkv), self.length, dtype=torch.int64), B * Hkv * self.length * self._token_bytes(),
-                0.0, attend_seconds)
+                torch.full((B, Hkv), self.length, dtype=torch.int64), self._dense_bytes(), 0.0, attend_seconds)
         return out, info, None
+
+    def _dense_bytes(self) -> int:
+        """Bytes a dense step reads: every key and value in full precision."""
+        return self._kv.length * self._kv_bytes_per_token
 
     def _token_bytes(self) -> int:
         """Bytes of one key and its value in full precision (one kv head)."""
@@ -613,7 +643,7 @@ class HSRKVCache:
         selected = time.perf_counter()
         every = torch.ops.hsr.selection_with_tail(offsets, ids, mask, n_idx, self.length) if tail else \
             (offsets, ids, mask)
-        out = sparse_attention(q, self._kv.keys, self._kv.values, *every, scale=self.scale, **self._dense_kwargs())
+        out = sparse_attention(q, self._kv.keys, self._kv.values, *every, **self._dense_kwargs())
         attended = time.perf_counter()
         read = every[0].diff().view(B, Hkv)
         bytes_read += int(every[0][-1]) * self._token_bytes()

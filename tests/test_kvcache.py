@@ -455,6 +455,111 @@ def test_a_dense_step_spends_no_time_selecting(monkeypatch):
     assert info.path == "dense" and info.select_seconds == 0.0 and 0 < info.attend_seconds <= info.seconds
 
 
+def keep_dense(cache, monkeypatch):
+    """Makes the next probe keep the dense path (the sparse one is slowed down)."""
+    monkeypatch.setattr(cache, "_attend", delayed(cache._attend))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-3), hsr.ReLU(alpha=2, bias=0.05, normalize=False)], ids=repr)
+def test_kept_dense_steps_append_and_read_every_key(policy, dtype, monkeypatch):
+    # After a probe keeps the dense path, a step appends and reads in one call: through tails
+    # that fill (and are indexed), buffers that grow and later probes, every step equals
+    # hsr.attention over the stored keys bit for bit, reports every key read and stores the
+    # key in arrival order.
+    B, Hkv, G, D, leaf = 2, 3, 3, 97, 8
+    k, v, g = stream("random", B, Hkv, 300, D, seed=11)
+    k, v = k.to(dtype), v.to(dtype)
+    cache = hsr.HSRKVCache(B, Hkv, D, dtype=dtype, leaf_size=leaf, policy=policy, probe_every=50)
+    cache.prefill(k[:, :, :100], v[:, :, :100])
+    keep_dense(cache, monkeypatch)
+    kind = dict(kind="softmax") if isinstance(policy, hsr.Softmax) else \
+        dict(kind="relu", alpha=policy.alpha, bias=policy.bias, normalize=policy.normalize)
+    for t in range(100, 300):
+        q = torch.randn(B, Hkv * G, 1, D, generator=g).to(dtype)
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert info.path == "dense" and info.selection is None and info.select is None
+        assert torch.equal(out, hsr.attention(q, cache.stored_keys, cache.stored_values, **kind))
+        assert (info.mass_bound == 0).all() and (info.error_bound == 0).all()
+        assert info.mass_bound.dtype == torch.float64 and tuple(info.mass_bound.shape) == (B, Hkv * G)
+        assert (info.keys_attended == t + 1).all() and tuple(info.keys_attended.shape) == (B, Hkv * G)
+        assert (info.keys_read == t + 1).all() and tuple(info.keys_read.shape) == (B, Hkv)
+        assert info.bytes_read == B * Hkv * (t + 1) * 2 * D * k.element_size()
+        assert info.select_seconds == 0.0 and 0 < info.attend_seconds <= info.seconds
+        assert cache.length == t + 1 and cache.indexed_length == (t + 1) // leaf * leaf
+    assert torch.equal(cache.keys, k) and torch.equal(cache.values, v)
+    ref, _ = attention_ref(q, k, v, **kind)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_a_kept_dense_step_rejects_bad_input_and_changes_nothing(monkeypatch):
+    # The same checks and messages as any step, also when the buffers are full (a step that
+    # grows them checks before it grows).
+    k, v, g = stream("random", 1, 2, 140, 32, seed=12)
+    cache = hsr.HSRKVCache(1, 2, 32, leaf_size=64)
+    cache.prefill(k[:, :, :100], v[:, :, :100])
+    keep_dense(cache, monkeypatch)
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    cache.decode(q, k[:, :, 100:101], v[:, :, 100:101])
+    bad = [
+        (q[:, :3], k[:, :, 0:1], v[:, :, 0:1], r"q must be \(1, Hq, 1, 32\) with Hq a multiple of 2, got \(1, 3, 1, 32\)"),
+        (q.double(), k[:, :, 0:1], v[:, :, 0:1], "q must be a CPU torch.float32 tensor, got torch.float64 on cpu"),
+        (q[:, :, :, :16], k[:, :, 0:1], v[:, :, 0:1], "q must be"),
+        (q.expand(1, 4, 2, 32), k[:, :, 0:1], v[:, :, 0:1], "q must be"),
+        ("q", k[:, :, 0:1], v[:, :, 0:1], "q must be"),
+        (q, k[:, :, 0:2], v[:, :, 0:2], "k must be"),
+        (q, k[:, :1, 0:1], v[:, :1, 0:1], "k must be"),
+        (q, k[:, :, 0:1].to(torch.float16), v[:, :, 0:1], "k must be a CPU"),
+        (q, k[:, :, 0:1] * float("nan"), v[:, :, 0:1], "NaN"),
+        (q, k[:, :, 0:1], v[:, :, 0:1].index_fill(3, torch.tensor([31]), float("-inf")), "k or v contains NaN"),
+        (q, None, v[:, :, 0:1], "k must be a tensor, got NoneType"),
+        (q, k[:, :, 0:1], [1.0], "v must be a tensor, got list"),
+    ]
+    for t in range(101, 140):
+        if t in (105, 112):  # 112: the buffers (room for 112 keys after the prefill) are full
+            for qq, kk, vv, message in bad:
+                assert cache._dense_step_kept()
+                with pytest.raises(ValueError, match=message):
+                    cache.decode(qq, kk, vv)
+                assert cache.length == t and torch.equal(cache.keys, k[:, :, :t])
+        out, info = cache.decode(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert info.path == "dense"
+    ref, _ = attention_ref(q, k, v)
+    assert (out.double() - ref).abs().max() <= 1e-5
+
+
+def test_decode_dense_step_op_checks_before_it_writes():
+    # The op under HSRKVCache's dense steps: one token per buffer at row `start`, then every
+    # row up to it read; bad input raises and writes nothing.
+    g = torch.Generator().manual_seed(13)
+    bufs = [torch.randn(2, 3, 16, 24, generator=g), torch.randn(2, 3, 16, 40, generator=g)]
+    k_new, v_new = torch.randn(2, 3, 1, 24, generator=g), torch.randn(2, 3, 1, 40, generator=g)
+    q = torch.randn(2, 6, 1, 24, generator=g)
+    step = torch.ops.hsr.decode_dense_step
+    before = [b.clone() for b in bufs]
+    for args, message in [
+        ((bufs, [k_new, v_new], 16), r"rows \[16, 17\) are outside"),
+        ((bufs, [k_new, v_new], -1), "at least one row"),
+        ((bufs[:1], [k_new], 3), "a key and a value buffer"),
+        ((bufs, [k_new[:, :, :0], v_new[:, :, :0]], 0), "at least one row"),
+        ((bufs, [k_new.expand(2, 3, 2, 24), v_new], 3), "k must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            step(*args, "W", ["k", "v"], True, q)
+    with pytest.raises(ValueError, match=r"W: q must be \(2, Hq, 1, 24\)"):
+        step(bufs, [k_new, v_new], 3, "W", ["k", "v"], True, q.expand(2, 6, 2, 24))
+    assert all(torch.equal(a, b) for a, b in zip(bufs, before))
+    out, mass, err, attended, read = step(bufs, [k_new, v_new], 3, "W", ["k", "v"], True, q, "relu", 0.5, 2, 0.1,
+                                          False)
+    assert torch.equal(bufs[0][:, :, 3:4], k_new) and torch.equal(bufs[1][:, :, 3:4], v_new)
+    assert torch.equal(bufs[0][:, :, 4:], before[0][:, :, 4:])
+    assert torch.equal(out, hsr.attention(q, bufs[0][:, :, :4], bufs[1][:, :, :4], kind="relu", scale=0.5, alpha=2,
+                                          bias=0.1, normalize=False))
+    assert torch.equal(mass, torch.zeros(2, 6, dtype=torch.float64)) and torch.equal(err, mass)
+    assert torch.equal(attended, torch.full((2, 6), 4)) and torch.equal(read, torch.full((2, 3), 4))
+
+
 @pytest.mark.parametrize("slow", ["select", "attend"])
 @pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-2, select="sketch"), hsr.TopK(8),
                                     hsr.ReLU(bias=0.1, select="sketch")], ids=repr)

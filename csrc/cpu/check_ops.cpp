@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "python_names.h"
+#include "token_writes.h"
 #include "value_checks.h"
 
 namespace hsr {
@@ -72,32 +74,6 @@ void check_finite_cpu(const std::vector<at::Tensor>& tensors, const std::string&
   }
 }
 
-// A shape as Python prints a tuple: "(1, 3, 1, 64)", "(5,)".
-std::string python_shape(at::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << '(';
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << (sizes.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-// A dtype as Python prints it ("torch.bfloat16"), so that messages read like the Python layer's.
-std::string python_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
 // tokens[i] must be (B, H_i, L, W_i) with buffers[i]'s B, H_i and W_i, its dtype and device,
 // one L for all (equal to `length` when length >= 0); with `finite`, every element finite.
 // Messages name "<what>: <names[i]>" ("tokens[i]" when names is empty).
@@ -128,46 +104,6 @@ void check_tokens_fit(const std::vector<at::Tensor>& buffers, const std::vector<
   std::string all = name[0];
   for (size_t i = 1; i < name.size(); ++i) all += " or " + name[i];
   for (const at::Tensor& t : tokens) check_tensor_finite(t, what.c_str(), all.c_str());
-}
-
-void write_tokens_op(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens, int64_t start,
-                     const std::string& what, const std::vector<std::string>& names, int64_t length, bool finite) {
-  check_tokens_fit(buffers, tokens, what, names, length, finite);
-  for (const at::Tensor& buf : buffers) {
-    const int64_t n = tokens.empty() ? 0 : tokens[0].size(2);
-    TORCH_CHECK_VALUE(start >= 0 && start + n <= buf.size(2), what, ": rows [", start, ", ", start + n,
-                      ") are outside the buffer's ", buf.size(2));
-    TORCH_CHECK_VALUE(buf.stride(3) == 1, what, ": buffer rows must be contiguous");
-  }
-  for (size_t i = 0; i < buffers.size(); ++i) {
-    const at::Tensor& buf = buffers[i];
-    if (!buf.device().is_cpu()) {
-      buf.narrow(2, start, tokens[i].size(2)).copy_(tokens[i]);
-      continue;
-    }
-    const at::Tensor t = tokens[i].stride(3) == 1 ? tokens[i] : tokens[i].contiguous();
-    const int64_t item = t.element_size(), W = t.size(3), L = t.size(2), H = t.size(1);
-    char* dst = static_cast<char*>(buf.data_ptr());
-    const char* src = static_cast<const char*>(t.const_data_ptr());
-    // A (b, h)'s rows are one block on both sides when neither has gaps between its rows (a
-    // prefill): one copy each, in parallel threads when there is much to copy.
-    const bool blocks = (t.stride(2) == W && buf.stride(2) == W) || L <= 1;
-    const int64_t pairs = t.size(0) * H, bytes = L * W * item;
-    at::parallel_for(0, pairs, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(bytes, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t bh = begin; bh < end; ++bh) {
-                         const int64_t b = bh / H, h = bh % H;
-                         char* d = dst + (b * buf.stride(0) + h * buf.stride(1) + start * buf.stride(2)) * item;
-                         const char* s = src + (b * t.stride(0) + h * t.stride(1)) * item;
-                         if (blocks) {
-                           std::memcpy(d, s, size_t(bytes));
-                           continue;
-                         }
-                         for (int64_t l = 0; l < L; ++l)
-                           std::memcpy(d + l * buf.stride(2) * item, s + l * t.stride(2) * item, size_t(W * item));
-                       }
-                     });
-  }
 }
 
 // Rows [0, n) of every buffer (B, H, capacity, W) reordered per (b, h): row j becomes old row
@@ -223,17 +159,57 @@ void permute_rows_op(const std::vector<at::Tensor>& buffers, const at::Tensor& p
 
 }  // namespace
 
+void write_tokens(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& tokens, int64_t start,
+                  const std::string& what, const std::vector<std::string>& names, int64_t length, bool finite) {
+  check_tokens_fit(buffers, tokens, what, names, length, finite);
+  for (const at::Tensor& buf : buffers) {
+    const int64_t n = tokens.empty() ? 0 : tokens[0].size(2);
+    TORCH_CHECK_VALUE(start >= 0 && start + n <= buf.size(2), what, ": rows [", start, ", ", start + n,
+                      ") are outside the buffer's ", buf.size(2));
+    TORCH_CHECK_VALUE(buf.stride(3) == 1, what, ": buffer rows must be contiguous");
+  }
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const at::Tensor& buf = buffers[i];
+    if (!buf.device().is_cpu()) {
+      buf.narrow(2, start, tokens[i].size(2)).copy_(tokens[i]);
+      continue;
+    }
+    const at::Tensor t = tokens[i].stride(3) == 1 ? tokens[i] : tokens[i].contiguous();
+    const int64_t item = t.element_size(), W = t.size(3), L = t.size(2), H = t.size(1);
+    char* dst = static_cast<char*>(buf.data_ptr());
+    const char* src = static_cast<const char*>(t.const_data_ptr());
+    // A (b, h)'s rows are one block on both sides when neither has gaps between its rows (a
+    // prefill): one copy each, in parallel threads when there is much to copy.
+    const bool blocks = (t.stride(2) == W && buf.stride(2) == W) || L <= 1;
+    const int64_t pairs = t.size(0) * H, bytes = L * W * item;
+    at::parallel_for(0, pairs, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(bytes, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t bh = begin; bh < end; ++bh) {
+                         const int64_t b = bh / H, h = bh % H;
+                         char* d = dst + (b * buf.stride(0) + h * buf.stride(1) + start * buf.stride(2)) * item;
+                         const char* s = src + (b * t.stride(0) + h * t.stride(1)) * item;
+                         if (blocks) {
+                           std::memcpy(d, s, size_t(bytes));
+                           continue;
+                         }
+                         for (int64_t l = 0; l < L; ++l)
+                           std::memcpy(d + l * buf.stride(2) * item, s + l * t.stride(2) * item, size_t(W * item));
+                       }
+                     });
+  }
+}
+
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("check_finite", &check_finite_cpu);
   m.impl("check_tokens", &check_tokens_fit);
-  m.impl("write_tokens", &write_tokens_op);
+  m.impl("write_tokens", &write_tokens);
   m.impl("permute_rows", &permute_rows_op);
 }
 
 // The token buffers of a cache on the GPU (hsr.gta's caches) append through the same checks.
 TORCH_LIBRARY_IMPL(hsr, CUDA, m) {
   m.impl("check_tokens", &check_tokens_fit);
-  m.impl("write_tokens", &write_tokens_op);
+  m.impl("write_tokens", &write_tokens);
 }
 
 }  // namespace hsr

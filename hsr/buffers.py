@@ -35,7 +35,8 @@ class TokenBuffers:
         self._dtypes = tuple(dtypes) if dtypes is not None else (dtype,) * len(shapes)
         self._bufs = [torch.empty(batch, h, 0, w, dtype=t, device=self.device)
                       for (h, w), t in zip(shapes, self._dtypes)]
-        # Tokens the buffers have room for (an int: a decode step reads it without a tensor call).
+        # _capacity: the tokens the buffers have room for, kept as an int so that a decode step
+        # reads it without a tensor call.
         self._length, self._capacity = 0, 0
 
     @property

@@ -55,8 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_de
   const at::Tensor k = buffers[0].narrow(2, 0, rows), v = buffers[1].narrow(2, 0, rows);
   const DenseAttentionProblem p = make_dense_problem(q, k, v, std::string_view(kind.data(), kind.size()), scale,
                                                      alpha, bias, normalize, /*causal=*/false, what.c_str());
-  write_tokens(buffers, tokens, start, what, names, /*length=*/1, finite);
-  TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1, what, ": buffer rows must be contiguous");
+  write_tokens(buffers, tokens, start, what, names, /*length=*/1, finite);  // checks the rows are contiguous
   auto [out, lse] = empty_attention_outputs(p, q);
   if (out.numel() > 0) run_attention_cpu(p, q, k, v, out, lse);
   const auto f64 = q.options().dtype(at::kDouble), i64 = q.options().dtype(at::kLong);

@@ -236,6 +236,16 @@ def _permute_rows_fake(buffers, perm):
     return None
 
 
+@torch.library.register_fake("hsr::decode_dense_step")
+def _decode_dense_step_fake(buffers, tokens, start, what, names, finite, q, kind="softmax", scale=None, alpha=1,
+                            bias=0.0, normalize=True):
+    out, _ = _empty_attention_outputs(q, buffers[1])
+    B, Hq, Hkv = q.shape[0], q.shape[1], buffers[0].shape[1]
+    bounds = q.new_empty((B, Hq), dtype=torch.float64)
+    return out, bounds, bounds.clone(), q.new_empty((B, Hq), dtype=torch.int64), \
+        q.new_empty((B, Hkv), dtype=torch.int64)
+
+
 @torch.library.register_fake("hsr::row_norm_bounds")
 def _row_norm_bounds_fake(x):
     return x.new_empty(x.shape[:-1], dtype=torch.float32)

@@ -558,6 +558,7 @@ def test_decode_dense_step_op_checks_before_it_writes():
                                           bias=0.1, normalize=False))
     assert torch.equal(mass, torch.zeros(2, 6, dtype=torch.float64)) and torch.equal(err, mass)
     assert torch.equal(attended, torch.full((2, 6), 4)) and torch.equal(read, torch.full((2, 3), 4))
+    torch.library.opcheck(step.default, (bufs, [k_new, v_new], 3, "W", ["k", "v"], True, q))
 
 
 @pytest.mark.parametrize("slow", ["select", "attend"])

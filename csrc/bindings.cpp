@@ -74,6 +74,20 @@ TORCH_LIBRARY(hsr, m) {
       "sketch_relu_select(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, float scale, "
       "float bias) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // A cache's certified decode step by the sketch alone, in one call: sketch_select for q
+  // (B, Hq, 1, D) in k's dtype over the n keys the sketch holds (codes, lo, delta, v_norms as
+  // there), softmax attention over the selection plus the tail, the rows [n, Lk) of k
+  // (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv), and the certificate (softmax_certificate's;
+  // k_norms as there). Returns out (B, Hq, 1, Dv); lse (B, Hq) float32; mass_bound,
+  // error_bound (B, Hq) float64; the selection without the tail (offsets, ids, mask), ids
+  // mapped through positions (B, Hkv, >= n) int64 where given; keys kept per (B, Hq) and read
+  // per (B, Hkv), the tail's counted; v_left_max and v_kept_max (B, Hq) float64; stats (4,)
+  // int64 ([0, 0, keys sketched, 0]); the seconds spent choosing the keys.
+  m.def(
+      "sketch_certified_attend(Tensor q, Tensor codes, Tensor lo, Tensor delta, int bits, int group, "
+      "Tensor v_norms, Tensor? k_norms, Tensor k, Tensor v, Tensor? positions, float scale, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float)");
+
   // The certificate of a softmax selection after attention (csrc/include/hsr/sketch/
   // certificate.h): q (B, Hq, D) float32, lse (B, Hq) float32 of the kept keys, the selection
   // (offsets, ids, mask) over k (B, Hkv, n, D) and v (B, Hkv, n, Dv), k_norms (B, Hkv, m)
@@ -169,6 +183,7 @@ TORCH_LIBRARY(hsr, m) {
       .def("certified_select", &hsr::IndexBatchHolder::certified_select)
       .def("relu_select", &hsr::IndexBatchHolder::relu_select)
       .def("relu_attend", &hsr::IndexBatchHolder::relu_attend)
+      .def("certified_attend", &hsr::IndexBatchHolder::certified_attend)
       .def("ntotal", &hsr::IndexBatchHolder::ntotal)
       .def("last_stats", &hsr::IndexBatchHolder::last_stats)
       .def("scan_fraction", &hsr::IndexBatchHolder::scan_fraction)

@@ -130,6 +130,22 @@ struct IndexBatchHolder : torch::CustomClassHolder {
               int64_t bits, int64_t group, const at::Tensor& k, const at::Tensor& v,
               const std::optional<at::Tensor>& positions, int64_t tail_begin, double scale, int64_t alpha,
               double bias, bool normalize);
+  // The certified softmax decode step of a cache whose first keys this index holds:
+  // certified_select for q (B, Hq, 1, D) in k's dtype (codes, lo, delta, v_norms, v_norm_max
+  // as there), then softmax attention over the selection plus the tail [tail_begin, Lk) of
+  // k (B, H, Lk, D) and v (B, H, Lk, Dv), and the certificate (hsr::softmax_certificate's,
+  // k_norms as there), in one call. Returns out (B, Hq, 1, Dv); lse (B, Hq) float32;
+  // mass_bound and error_bound (B, Hq) float64; the selection without the tail (offsets, ids,
+  // mask), ids mapped through positions (B, H, n) int64 where given; keys kept per (B, Hq)
+  // and read per (B, H), the tail's counted; v_left_max and v_kept_max (B, Hq) float64; the
+  // walk's stats as certified_select; and the seconds spent choosing the keys.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+             at::Tensor, at::Tensor, at::Tensor, at::Tensor, double>
+  certified_attend(const at::Tensor& q, const std::optional<at::Tensor>& codes, const std::optional<at::Tensor>& lo,
+                   const std::optional<at::Tensor>& delta, int64_t bits, int64_t group, const at::Tensor& v_norms,
+                   const at::Tensor& v_norm_max, const std::optional<at::Tensor>& k_norms, const at::Tensor& k,
+                   const at::Tensor& v, const std::optional<at::Tensor>& positions, int64_t tail_begin,
+                   double scale, double eps);
 
   int64_t batch, heads, dim;
   std::vector<index::HSRTree> trees;

@@ -180,34 +180,43 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
                                 or tuple(k_norms.shape) != (B, Hkv, n)):
         raise ValueError(f"{what}: k_norms must be float32 ({B}, {Hkv}, {n}) (value_norm_bounds(k))")
     started = time.perf_counter()
-    qf = q[:, :, 0].float()
-    # A hair stricter than eps: the certificate computed afterwards uses the kernel's
-    # normaliser, deflated for its float rounding.
-    eps_select = eps * (1.0 - 1e-3)
-    estimate, index_stats = None, None
-    sketch_args = None if sketch is None else (qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group,
-                                               v_up_f, scale, eps_select)
+    eps_select = selection_eps(eps)
     if value_blocks is not None:
         if index is not None or sketch is None:
             raise ValueError(f"{what}: value_blocks (the estimate mode) needs the sketch selection (no index)")
         _check_value_blocks(what, value_blocks, block, B, Hkv, n, v.shape[3])
+        qf = q[:, :, 0].float()
         offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, weights, log_ref = \
-            torch.ops.hsr.sketch_select_estimate(*sketch_args, block)
-        estimate = (weights, log_ref, value_blocks)
-    elif index is None:
-        # Every key's sketch interval, in one streaming pass per (batch, kv head).
-        offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected = torch.ops.hsr.sketch_select(*sketch_args)
+            torch.ops.hsr.sketch_select_estimate(qf, sketch.codes, sketch.lo, sketch.delta, sketch.bits, sketch.group,
+                                                 v_up_f, scale, eps_select, block)
+        out, info = _attend_and_certify(q, qf, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept,
+                                        selected, None, k_norms, time.perf_counter() - started, tail)
+        return _add_estimate(out, info, weights, log_ref, value_blocks)
+    if index is None:
+        # Every key's sketch interval, in one streaming pass per (batch, kv head); then the
+        # kernel and the certificate, in the same call.
+        step = torch.ops.hsr.sketch_certified_attend(q, sketch.codes, sketch.lo, sketch.delta, sketch.bits,
+                                                     sketch.group, v_up_f, k_norms, k, v, None, scale, eps_select)
     else:
         _check_index(what, index, B, Hkv, n, D)
         codes = (None, None, None) if sketch is None else (sketch.codes, sketch.lo, sketch.delta)
         bits, group = (8, 32) if sketch is None else (sketch.bits, sketch.group)
         v_max = v_up_f.amax(-1) if v_norm_max is None else v_norm_max
-        offsets_t, ids_t, mask_t, log_left, v_left, v_kept, selected, index_stats = \
-            index._impl.certified_select(qf, *codes, bits, group, v_up_f, v_max.contiguous(), scale,
-                                         eps_select)
-    out, info = _attend_and_certify(q, qf, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept,
-                                    selected, index_stats, k_norms, time.perf_counter() - started, tail)
-    return (out, info) if estimate is None else _add_estimate(out, info, *estimate)
+        step = index._impl.certified_attend(q, *codes, bits, group, v_up_f, v_max.contiguous(), k_norms, k, v, None, n,
+                                            scale, eps_select)
+    seconds = time.perf_counter() - started
+    out, lse, mass, error, offsets_t, ids_t, mask_t, kept, read, v_left, v_kept, stats, select_seconds = step
+    if tail:  # info describes the n keys before the tail
+        kept, read = kept - tail, read - tail
+    return out, CertifiedInfo(mass, error, kept, read, offsets_t, ids_t, mask_t, v_left, v_kept, lse,
+                              None if index is None else stats, select_seconds=select_seconds,
+                              attend_seconds=seconds - select_seconds)
+
+
+def selection_eps(eps: float) -> float:
+    """The eps a certified selection aims at, a hair stricter than the policy's: the certificate
+    computed afterwards uses the kernel's normaliser, deflated for its float rounding."""
+    return eps * (1.0 - 1e-3)
 
 
 def _check_value_blocks(what, value_blocks, block, B, Hkv, n, Dv):

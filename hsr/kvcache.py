@@ -22,9 +22,10 @@ is built), so an opened leaf is one block of K/V and sketch rows. Policies:
   half-space query (hsr.relu_reported_attention): the result equals dense ReLU attention up
   to rounding.
 
-The selection and the certificate run in C++, orchestrated from Python; every sparse step
-attends to its selection and the tail in one sparse_attention call (hsr's
-selection_with_tail appends the tail's rows to every pair).
+The selection and the certificate run in C++; a certified or ReLU tree+sketch step (and a
+certified sketch step) is one call from Python: the selection, the kernel over it and the tail,
+and the certificate. The other policies attend to their selection and the tail in one
+sparse_attention call (hsr's selection_with_tail appends the tail's rows to every pair).
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ from dataclasses import dataclass
 import torch
 
 from .buffers import KVCache, TokenBuffers
-from .certified import certified_attention, relu_sketch_select, threshold_attention, topk_attention, value_norm_bounds
+from .certified import (certified_attention, relu_sketch_select, selection_eps, threshold_attention, topk_attention,
+                        value_norm_bounds)
 from .index import HSRIndexBatch, KeyStats
 from .ops import attention, sparse_attention
 from .sketch import KeySketch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The overload itself (as buffers.py's dense step): through the packet, a cold step spends
+# microseconds more in Python.
+_SKETCH_CERTIFIED_ATTEND = torch.ops.hsr.sketch_certified_attend.default
 
 
 _SOFTMAX_SELECT = ("auto", "tree+sketch", "sketch", "tree")
@@ -157,9 +162,11 @@ class DecodeInfo:
     policies). select_seconds: wall time spent choosing the keys to read (tree walk, sketch
     bounds, the cut; TopK and threshold: the index's search and the sketch bounds of the keys
     left out; 0 for a dense step); attend_seconds: in the attention kernel over the selection
-    and the tail (one call). The rest of seconds goes to the checks, the append, indexing a
-    full tail, a rebuild of the trees when one is due (rebuild_after), the certificate and, at
-    a probe step, the paths not kept. A dense step with nothing else due appends and reads in
+    and the tail (one call; a certified step's selection, kernel and certificate are one call,
+    whose time after its selection is attend_seconds). The rest of seconds goes to the checks,
+    the append, indexing a full tail, a rebuild of the trees when one is due (rebuild_after),
+    the certificate of the TopK and threshold policies and, at a probe step, the paths not
+    kept. A dense step with nothing else due appends and reads in
     one call, whose time is its attend_seconds."""
 
     mass_bound: torch.Tensor
@@ -562,18 +569,19 @@ class HSRKVCache:
         """Bytes of one key and its value in full precision (one kv head)."""
         return (self.head_dim + self.value_dim) * self.dtype.itemsize
 
-    def _selection_bytes(self, info, select) -> int:
+    def _selection_bytes(self, index_stats, select, indexed_read) -> int:
         """Bytes the certified selection read: every key's sketch and value norm without the
-        tree; with it, the node summaries it visited (centroid and box, float32), the sketch
-        of the keys in the leaves it opened and their value norms."""
+        tree; with it (index_stats from the walk), the node summaries it visited (centroid and
+        box, float32), the sketch of the keys in the leaves it opened and their value norms
+        (select="tree": the indexed keys it read, indexed_read)."""
+        every_key = self._indexed * self.batch * self.num_kv_heads
         if not isinstance(self.policy, Softmax) or self.policy.threshold is not None:
             # Every key's sketch (for the certificate) and what the index's query read.
-            return self._sketch.nbytes + self._v_norms.numel() * 4 + self._index_query_bytes()
-        if info.index_stats is None:
-            return self._sketch.nbytes + self._v_norms.numel() * 4
-        sketched = int(info.index_stats[2])
-        opened = sketched if select != "tree" else int(info.keys_read.sum())
-        return self._walk_bytes(info.index_stats) + opened * 4
+            return every_key * (self._sketch_key_bytes + 4) + self._index_query_bytes()
+        if index_stats is None:
+            return every_key * (self._sketch_key_bytes + 4)
+        opened = int(index_stats[2]) if select != "tree" else indexed_read
+        return self._walk_bytes(index_stats) + opened * 4
 
     def _node_bytes(self, nodes: int) -> int:
         """Bytes of the node summaries a walk read (centroid and box, float32)."""
@@ -620,13 +628,42 @@ class HSRKVCache:
         n_idx, tail = self._indexed, self.length - self._indexed
         if not n_idx:  # only the tail: every key, read densely
             return self._attend_dense(q)
+        policy = self.policy
+        if isinstance(policy, Softmax) and policy.threshold is None and not policy.estimate:
+            return self._certified_step(q, select)
         out, info = self._select_and_attend(q, select, tail)
         # The tail adds to what is kept: the bounds stay valid, and the certificate counted it.
         bytes_read = (int(info.keys_read.sum()) + self.batch * self.num_kv_heads * tail) * self._token_bytes()
-        bytes_read += self._selection_bytes(info, select)
+        bytes_read += self._selection_bytes(info.index_stats, select, int(info.keys_read.sum()))
         selection = (info.offsets, self._arrival_positions(info.offsets, info.ids), info.mask)
         return out, (info.mass_bound, info.error_bound, info.keys_selected + tail, info.keys_read + tail,
                      int(bytes_read), info.select_seconds, info.attend_seconds), selection
+
+    def _certified_step(self, q, select):
+        """The certified selection ("tree+sketch", "tree" or "sketch"), the kernel over it and
+        the tail, and the certificate, in one call (HSRIndexBatch.certified_attend,
+        hsr::sketch_certified_attend); the call times its selection, the rest is the kernel's
+        and the certificate's."""
+        bufs, k, v = self._bufs, self._kv.keys, self._kv.values
+        v_norms, k_norms = bufs.view("v_norms")[..., 0], bufs.view("k_norms")[..., 0]
+        positions = bufs.view("positions")[..., 0] if self._reordered else None
+        codes = (None, None, None) if select == "tree" else tuple(bufs.view(name) for name in ("codes", "lo", "delta"))
+        eps = selection_eps(self.policy.eps)
+        started = time.perf_counter()
+        if select == "sketch":
+            step = _SKETCH_CERTIFIED_ATTEND(q, *codes, self.sketch_bits, self._sketch_group, v_norms, k_norms, k, v,
+                                            positions, self.scale, eps)
+        else:
+            step = self._index._impl.certified_attend(q, *codes, self.sketch_bits, self._sketch_group, v_norms,
+                                                      self._v_norm_max, k_norms, k, v, positions, self._indexed,
+                                                      self.scale, eps)
+        seconds = time.perf_counter() - started
+        out, _, mass, error, offsets, ids, mask, kept, read, _, _, stats, select_seconds = step
+        tail_rows = self.batch * self.num_kv_heads * (self.length - self._indexed)
+        read_rows = int(read.sum())
+        bytes_read = read_rows * self._token_bytes() + self._selection_bytes(
+            None if select == "sketch" else stats, select, read_rows - tail_rows)
+        return out, (mass, error, kept, read, bytes_read, select_seconds, seconds - select_seconds), (offsets, ids, mask)
 
     def _attend_relu(self, q, select):
         """ReLU over the indexed keys the selection passes and the tail, in one sparse_attention

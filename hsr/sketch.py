@@ -97,6 +97,20 @@ def _sketch_relu_select_fake(q, codes, lo, delta, bits, group, scale, bias):
     return (*_selection_fake(q, B, Hkv, G), q.new_empty((B, Hq), dtype=torch.int64))
 
 
+@torch.library.register_fake("hsr::sketch_certified_attend")
+def _sketch_certified_attend_fake(q, codes, lo, delta, bits, group, v_norms, k_norms, k, v, positions, scale, eps):
+    what = "hsr.sketch_certified_attend"
+    if q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{what}: q must be (B, Hq, 1, D) and k, v (B, Hkv, Lk, D)")
+    B, Hq, Hkv, G = _check_sketch_select_shapes(what, q[:, :, 0], codes, lo, delta, bits, group)
+    per_head = [q.new_empty((B, Hq), dtype=t) for t in (torch.float32, torch.float64, torch.float64)]
+    counts = (q.new_empty((B, Hq), dtype=torch.int64), q.new_empty((B, Hkv), dtype=torch.int64))
+    norms = [q.new_empty((B, Hq), dtype=torch.float64) for _ in range(2)]
+    # The time the selection took is known only after running.
+    return (q.new_empty((B, Hq, 1, v.shape[3])), *per_head, *_selection_fake(q, B, Hkv, G), *counts, *norms,
+            q.new_empty(4, dtype=torch.int64), 0.0)
+
+
 @dataclass(frozen=True)
 class KeySketch:
     """Sketch of keys (..., D): codes (..., code_bytes) uint8, lo and delta (..., groups)."""

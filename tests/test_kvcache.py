@@ -65,6 +65,37 @@ def test_softmax_bounds_hold_over_many_steps_with_flushes(kind, eps, select):
         assert info.bytes_read > 0 and info.seconds > 0
 
 
+@pytest.mark.parametrize("select", ["tree+sketch", "sketch", "tree"])
+def test_a_certified_step_counts_the_bytes_it_read(select):
+    # K and V of every key read (the tail's included), then: the sketch (codes, lo, delta) and
+    # value-norm bound of every indexed key (sketch); the node summaries the walk read and the
+    # sketch and value-norm bound of the keys in the leaves it opened (tree+sketch), or the
+    # value-norm bounds of the indexed keys it kept (tree, no sketch).
+    B, Hkv, G, D, prompt = 2, 2, 2, 40, 150
+    k, v, g = stream("clustered", B, Hkv, prompt + 1, D, seed=4)
+    cache = hsr.HSRKVCache(B, Hkv, D, leaf_size=16, policy=hsr.Softmax(eps=1e-2, select=select),
+                           dense_fallback=False)
+    cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    q = torch.randn(B, Hkv * G, 1, D, generator=g) * 2
+    out, info = cache.decode(q, k[:, :, prompt:], v[:, :, prompt:])
+    n, tail = cache.indexed_length, cache.length - cache.indexed_length
+    key_bytes = 2 * D * 4
+    sketch_bytes = D + 2 * 4 * 2  # int8 codes, then lo and delta for two groups of 32 channels
+    want = int(info.keys_read.sum()) * key_bytes
+    if select == "sketch":
+        want += B * Hkv * n * (sketch_bytes + 4)
+    else:  # the same walk again, for its counts
+        sk = None if select == "tree" else cache._sketch
+        codes = (None, None, None) if sk is None else (sk.codes, sk.lo, sk.delta)
+        *_, stats = cache._index._impl.certified_select(q[:, :, 0], *codes, 8, 32, cache._v_norms, cache._v_norm_max,
+                                                        D ** -0.5, 1e-2 * (1 - 1e-3))
+        nodes, _, sketched, boxes = stats.tolist()
+        opened = sketched * (sketch_bytes + 4) if select == "tree+sketch" else \
+            (int(info.keys_read.sum()) - B * Hkv * tail) * 4
+        want += (nodes + 2 * boxes) * D * 4 + opened
+    assert info.bytes_read == want
+
+
 @pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.TopK(12),
                                     hsr.ReLU(alpha=2, bias=0.3, select="tree+sketch")])
 def test_half_caches_select_as_a_float32_cache_of_the_same_values(policy):
@@ -562,9 +593,11 @@ def test_decode_dense_step_op_checks_before_it_writes():
 
 
 @pytest.mark.parametrize("slow", ["select", "attend"])
-@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-2, select="sketch"), hsr.TopK(8),
+@pytest.mark.parametrize("policy", [hsr.Softmax(eps=1e-2, estimate=True), hsr.TopK(8),
                                     hsr.ReLU(bias=0.1, select="sketch")], ids=repr)
 def test_a_slow_selection_or_kernel_shows_in_its_own_time(policy, slow, monkeypatch):
+    # The paths whose selection and kernel are separate calls from Python (the certified
+    # steps time their selection inside one call: test_certified_steps_time_their_parts).
     import hsr.certified
     import hsr.kvcache
 
@@ -580,7 +613,7 @@ def test_a_slow_selection_or_kernel_shows_in_its_own_time(policy, slow, monkeypa
         elif isinstance(policy, hsr.TopK):
             monkeypatch.setattr(cache._index, "search", delayed(cache._index.search))
         else:
-            monkeypatch.setattr(torch.ops.hsr, "sketch_select", delayed(torch.ops.hsr.sketch_select))
+            monkeypatch.setattr(torch.ops.hsr, "sketch_select_estimate", delayed(torch.ops.hsr.sketch_select_estimate))
     out, info = cache.decode(torch.randn(1, 4, 1, 32, generator=g), k[:, :, 200:201], v[:, :, 200:201])
     slow_part, fast_part = (info.select_seconds, info.attend_seconds) if slow == "select" else \
         (info.attend_seconds, info.select_seconds)

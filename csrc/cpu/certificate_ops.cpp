@@ -15,6 +15,7 @@
 #include "hsr/sketch/certificate.h"
 #include "hsr/types.h"
 #include "selection_checks.h"
+#include "softmax_certificate.h"
 #include "value_checks.h"
 
 namespace hsr {
@@ -69,6 +70,8 @@ void check_per_head(const char* what, const at::Tensor& t, at::ScalarType type, 
                     what, ": ", name, " must be a CPU ", type, " tensor (", B, ", ", Hq, "), got ", t.scalar_type(),
                     " of shape ", t.sizes());
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_certificate_cpu(
     const at::Tensor& q_in, const at::Tensor& lse_in, const at::Tensor& offsets_in, const at::Tensor& ids_in,
@@ -154,8 +157,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_certificate_cpu(
   }
   return {mass, error, v_kept_out};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) { m.impl("softmax_certificate", &softmax_certificate_cpu); }
 

@@ -1,15 +1,20 @@
 // CPU entry points of hsr::sketch_select and hsr::sketch_relu_select: the per-key selection
 // from the key sketch for every (batch, kv head), one streaming pass each, pairs in parallel
-// threads. Validation and packing only; the passes are in csrc/cpu/sketch_select.cpp.
+// threads; hsr::sketch_certified_attend, that selection and the rest of a certified decode
+// step (csrc/certified_step.h) in one call. Validation and packing only; the passes are in csrc/cpu/sketch_select.cpp.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cmath>
+#include <optional>
 #include <vector>
 
+#include "attention_checks.h"
+#include "certified_step.h"
 #include "hsr/sketch/sketch_select.h"
 #include "selection_pack.h"
 #include "sketch_checks.h"
@@ -142,12 +147,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_relu_select_cp
   return {offsets, ids, mask, kept};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, double>
+sketch_certified_attend_cpu(const at::Tensor& q_in, const at::Tensor& codes, const at::Tensor& lo,
+                            const at::Tensor& delta, int64_t bits, int64_t group, const at::Tensor& v_norms,
+                            const std::optional<at::Tensor>& k_norms, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const std::optional<at::Tensor>& positions, double scale, double eps) {
+  const char* what = "hsr.sketch_certified_attend";
+  const auto started = std::chrono::steady_clock::now();
+  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) == 1, what, ": q must be (B, Hq, 1, D), got ", q_in.sizes());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), what,
+                    ": q, k and v must be CPU tensors");
+  const DenseAttentionProblem problem = make_dense_problem(q, k, v, "softmax", scale, 1, 0.0, true, false, what);
+  const at::Tensor qf = q.select(2, 0).to(at::kFloat).contiguous();
+  auto [selection, weights, log_ref] =
+      run_sketch_select(what, qf, codes, lo, delta, bits, group, v_norms, scale, eps, 0);
+  // The sketch covers the keys before the tail: its n rows are k's first.
+  const int64_t n = codes.size(2);
+  TORCH_CHECK_VALUE(k.size(1) == codes.size(1) && k.size(2) >= n, what, ": k must be (", codes.size(0), ", ",
+                    codes.size(1), ", Lk >= ", n, ", ", q.size(3), ") as the sketch, got ", k.sizes());
+  if (positions.has_value()) check_positions(*positions, problem.batch, problem.heads_kv, n, what);
+  const double select_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const CertifiedStepArgs step{q, qf, k, v, problem, k_norms, positions, n, scale};
+  return std::tuple_cat(attend_and_certify(selection, step, what), std::make_tuple(select_seconds));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hsr, CPU, m) {
   m.impl("sketch_select", &sketch_select_cpu);
   m.impl("sketch_select_estimate", &sketch_select_estimate_cpu);
   m.impl("sketch_relu_select", &sketch_relu_select_cpu);
+  m.impl("sketch_certified_attend", &sketch_certified_attend_cpu);
 }
 
 }  // namespace hsr

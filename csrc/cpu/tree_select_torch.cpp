@@ -11,6 +11,7 @@
 
 #include "attention_checks.h"
 #include "attention_launch.h"
+#include "certified_step.h"
 #include "hsr/sketch/tree_select.h"
 #include "index_holders.h"
 #include "parallel_items.h"
@@ -102,6 +103,64 @@ std::vector<sketch::GroupSelection> relu_walks(const std::vector<index::HSRTree>
   return sel;
 }
 
+// The certified walk (sketch::select_two_level) of every tree for its G queries, in parallel,
+// after checking the value-norm bounds: v_norms (B, H, n >= the ids) and v_norm_max (B, H).
+std::vector<sketch::GroupSelection> certified_walks(const std::vector<index::HSRTree>& trees, const TreeSketchArgs& a,
+                                                    const at::Tensor& v_norms_in, const at::Tensor& v_norm_max_in,
+                                                    double scale, double eps, const char* what) {
+  const int64_t pairs = int64_t(trees.size()), batch = a.q.size(0), heads = pairs / batch, dim = a.q.size(2);
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps < 1.0, what, ": eps must be in [0, 1), got ", eps);
+  check_per_key(v_norms_in, at::kFloat, batch, heads, largest_next_id(trees), -1, what, "v_norms");
+  TORCH_CHECK_VALUE(v_norm_max_in.dim() == 2 && v_norm_max_in.scalar_type() == at::kFloat &&
+                        v_norm_max_in.device().is_cpu() && v_norm_max_in.size(0) == batch &&
+                        v_norm_max_in.size(1) == heads,
+                    what, ": v_norm_max must be a CPU float32 tensor (", batch, ", ", heads, "), got ",
+                    v_norm_max_in.scalar_type(), " of shape ", v_norm_max_in.sizes());
+  const at::Tensor v_norm_max = v_norm_max_in.contiguous(), v_norms = rows_contiguous(v_norms_in);
+  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
+  std::vector<char> finite(static_cast<size_t>(pairs), 1);
+  parallel_for_each_item(pairs, [&](int64_t p) {
+    const sketch::SketchView view = a.use_sketch ? a.view(p, heads) : sketch::SketchView{};
+    finite[p] = sketch::select_two_level(trees[p], a.q.const_data_ptr<float>() + p * a.G * dim, int(a.G),
+                                         a.use_sketch ? &view : nullptr, pair_rows<float>(v_norms, p, heads),
+                                         v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
+  });
+  check_finite_sketch_bounds(finite, what);
+  return sel;
+}
+
+// A decode step's q (B, Hq, 1, D), k (B, H, Lk, D) and v checked against each other (the
+// kernel's problem) and the trees, with tail_begin in [rows the trees index, Lk].
+struct StepInputs {
+  at::Tensor q, k, v;
+  DenseAttentionProblem problem;
+  int64_t rows = 0;  // the largest id the trees hold, plus one
+};
+
+StepInputs checked_step_inputs(const std::vector<index::HSRTree>& trees, int64_t batch, int64_t heads, int64_t dim,
+                               const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                               std::string_view kind, double scale, int64_t alpha, double bias, bool normalize,
+                               const std::optional<at::Tensor>& positions, int64_t tail_begin, const char* what) {
+  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) == 1, what, ": q must be (B, Hq, 1, D), got ", q_in.sizes());
+  StepInputs in;
+  in.q = last_dim_contiguous(q_in), in.k = last_dim_contiguous(k_in), in.v = last_dim_contiguous(v_in);
+  TORCH_CHECK_VALUE(in.q.device().is_cpu() && in.k.device().is_cpu() && in.v.device().is_cpu(), what,
+                    ": q, k and v must be CPU tensors");
+  in.problem = make_dense_problem(in.q, in.k, in.v, kind, scale, alpha, bias, normalize, false, what);
+  TORCH_CHECK_VALUE(in.k.size(0) == batch && in.k.size(1) == heads && in.k.size(3) == dim, what, ": k must be (",
+                    batch, ", ", heads, ", Lk, ", dim, ") as the index, got ", in.k.sizes());
+  in.rows = largest_next_id(trees);
+  const int64_t len = in.k.size(2);
+  TORCH_CHECK_VALUE(tail_begin >= in.rows && tail_begin <= len, what, ": tail_begin must lie in [", in.rows,
+                    " (past every indexed key), Lk = ", len, "], got ", tail_begin);
+  if (positions.has_value()) check_positions(*positions, batch, heads, in.rows, what);
+  return in;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point started) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -111,29 +170,9 @@ IndexBatchHolder::certified_select(const at::Tensor& q_in, const std::optional<a
                                    const at::Tensor& v_norms_in, const at::Tensor& v_norm_max_in,
                                    double scale, double eps) {
   const char* what = "HSRIndexBatch.certified_select";
-  const int64_t rows = largest_next_id(trees);
-  const TreeSketchArgs a =
-      checked_tree_sketch_args(what, q_in, batch, heads, dim, rows, codes_in, lo_in, delta_in, bits, group, scale);
-  TORCH_CHECK_VALUE(eps >= 0.0 && eps < 1.0, what, ": eps must be in [0, 1), got ", eps);
-  check_per_key(v_norms_in, at::kFloat, batch, heads, rows, -1, what, "v_norms");
-  TORCH_CHECK_VALUE(v_norm_max_in.dim() == 2 && v_norm_max_in.scalar_type() == at::kFloat &&
-                        v_norm_max_in.device().is_cpu() && v_norm_max_in.size(0) == batch &&
-                        v_norm_max_in.size(1) == heads,
-                    what, ": v_norm_max must be a CPU float32 tensor (", batch, ", ", heads, "), got ",
-                    v_norm_max_in.scalar_type(), " of shape ", v_norm_max_in.sizes());
-  const at::Tensor v_norm_max = v_norm_max_in.contiguous(), v_norms = rows_contiguous(v_norms_in);
-  const int64_t pairs = batch * heads, G = a.G;
-
-  std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
-  std::vector<char> finite(static_cast<size_t>(pairs), 1);
-  parallel_for_each_item(pairs, [&](int64_t p) {
-    const sketch::SketchView view = a.use_sketch ? a.view(p, heads) : sketch::SketchView{};
-    finite[p] = sketch::select_two_level(trees[p], a.q.const_data_ptr<float>() + p * G * dim, int(G),
-                                         a.use_sketch ? &view : nullptr, pair_rows<float>(v_norms, p, heads),
-                                         v_norm_max.const_data_ptr<float>()[p], scale, eps, sel[p]);
-  });
-  check_finite_sketch_bounds(finite, what);
-  return pack_selections(sel, batch, heads, G);
+  const TreeSketchArgs a = checked_tree_sketch_args(what, q_in, batch, heads, dim, largest_next_id(trees), codes_in,
+                                                    lo_in, delta_in, bits, group, scale);
+  return pack_selections(certified_walks(trees, a, v_norms_in, v_norm_max_in, scale, eps, what), batch, heads, a.G);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatchHolder::relu_select(
@@ -155,23 +194,15 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
                               int64_t tail_begin, double scale, int64_t alpha, double bias, bool normalize) {
   const char* what = "HSRIndexBatch.relu_attend";
   const auto started = std::chrono::steady_clock::now();
-  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) == 1, what, ": q must be (B, Hq, 1, D), got ", q_in.sizes());
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), what,
-                    ": q, k and v must be CPU tensors");
-  const DenseAttentionProblem p = make_dense_problem(q, k, v, "relu", scale, alpha, bias, normalize, false, what);
-  TORCH_CHECK_VALUE(k.size(0) == batch && k.size(1) == heads && k.size(3) == dim, what, ": k must be (", batch,
-                    ", ", heads, ", Lk, ", dim, ") as the index, got ", k.sizes());
-  const int64_t rows = largest_next_id(trees), len = k.size(2);
-  TORCH_CHECK_VALUE(tail_begin >= rows && tail_begin <= len, what, ": tail_begin must lie in [", rows,
-                    " (past every indexed key), Lk = ", len, "], got ", tail_begin);
-  if (positions_in.has_value()) check_per_key(*positions_in, at::kLong, batch, heads, 0, -1, what, "positions");
-  const TreeSketchArgs a = checked_tree_sketch_args(what, q.select(2, 0).to(at::kFloat), batch, heads, dim, rows,
-                                                    codes, lo, delta, bits, group, scale);
+  const StepInputs in = checked_step_inputs(trees, batch, heads, dim, q_in, k_in, v_in, "relu", scale, alpha, bias, normalize, positions_in,
+                                            tail_begin, what);
+  const TreeSketchArgs a = checked_tree_sketch_args(what, in.q.select(2, 0).to(at::kFloat), batch, heads, dim,
+                                                    in.rows, codes, lo, delta, bits, group, scale);
   const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
   // The selection as the step reports it (ids as arrival positions), and with the tail for
   // every head as the kernel reads it.
   auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, a.G);
+  const int64_t len = in.k.size(2);
   const auto [all_offsets, all_ids, all_mask] = append_tail_rows(offsets, ids, mask, tail_begin, len);
   const at::Tensor reported = positions_in.has_value() ? map_to_positions(offsets, ids, *positions_in, what) : ids;
   kept.add_(len - tail_begin);
@@ -182,14 +213,36 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
     read.data_ptr<int64_t>()[i] = all_off[i + 1] - all_off[i];
     most = std::max(most, all_off[i + 1] - all_off[i]);
   }
-  const double select_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  auto [out, lse] = empty_attention_outputs(p, q);
+  const double select_seconds = seconds_since(started);
+  auto [out, lse] = empty_attention_outputs(in.problem, in.q);
   if (out.numel() != 0)
-    run_attention_cpu(p, q, k, v, out, lse,
+    run_attention_cpu(in.problem, in.q, in.k, in.v, out, lse,
                       cpu::KeySelection{all_off, all_ids.const_data_ptr<int64_t>(),
                                         reinterpret_cast<const uint8_t*>(all_mask.const_data_ptr<bool>())},
                       most);
   return {out, offsets, reported, mask, kept, read, stats, select_seconds};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, double>
+IndexBatchHolder::certified_attend(const at::Tensor& q_in, const std::optional<at::Tensor>& codes,
+                                   const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& delta,
+                                   int64_t bits, int64_t group, const at::Tensor& v_norms,
+                                   const at::Tensor& v_norm_max, const std::optional<at::Tensor>& k_norms,
+                                   const at::Tensor& k_in, const at::Tensor& v_in,
+                                   const std::optional<at::Tensor>& positions, int64_t tail_begin, double scale,
+                                   double eps) {
+  const char* what = "HSRIndexBatch.certified_attend";
+  const auto started = std::chrono::steady_clock::now();
+  const StepInputs in = checked_step_inputs(trees, batch, heads, dim, q_in, k_in, v_in, "softmax", scale, 1, 0.0, true, positions, tail_begin,
+                                            what);
+  const TreeSketchArgs a = checked_tree_sketch_args(what, in.q.select(2, 0).to(at::kFloat), batch, heads, dim,
+                                                    in.rows, codes, lo, delta, bits, group, scale);
+  const PackedSelection selection =
+      pack_selections(certified_walks(trees, a, v_norms, v_norm_max, scale, eps, what), batch, heads, a.G);
+  const double select_seconds = seconds_since(started);
+  const CertifiedStepArgs step{in.q, a.q, in.k, in.v, in.problem, k_norms, positions, tail_begin, scale};
+  return std::tuple_cat(attend_and_certify(selection, step, what), std::make_tuple(select_seconds));
 }
 
 }  // namespace hsr

@@ -441,6 +441,11 @@ def test_sketch_select_bad_inputs_and_opcheck():
         sel(q, sk.codes, sk.lo * float("inf"), sk.delta, 8, 32, vn, 0.1, 0.1)
     with pytest.raises(ValueError, match="not finite"):
         sel(q, *args, vn * float("nan"), 0.1, 0.1)
+    for bad in (-1.0, float("inf"), float("nan")):  # one bad bound among the keys of one pair
+        one = vn.clone()
+        one[0, 1, 37] = bad
+        with pytest.raises(ValueError, match="not finite"):
+            sel(q, *args, one, 0.1, 0.1)
     with pytest.raises(ValueError, match="bias"):
         relu(q, *args, 0.1, float("inf"))
     with pytest.raises(ValueError, match="not finite"):

@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -67,6 +68,14 @@ void check_finite_result(const char* what, bool finite) {
                     "hsr.sketch_keys over finite keys, and v_norms must be finite and non-negative");
 }
 
+// Whether all n norm bounds are finite and non-negative: one compare each, no early exit, so
+// that the loop vectorises (it reads every key's bound on every certified step).
+bool valid_norm_bounds(const float* vn, int64_t n) {
+  bool ok = true;
+  for (int64_t j = 0; j < n; ++j) ok &= vn[j] >= 0.0f && vn[j] <= std::numeric_limits<float>::max();
+  return ok;
+}
+
 // The certified sketch selection of every pair; with block > 0 also the left-out keys'
 // estimated weights per block of keys (weights (B, Hq, blocks) and log_ref (B, Hq), float64).
 std::tuple<PackedSelection, at::Tensor, at::Tensor> run_sketch_select(
@@ -89,8 +98,7 @@ std::tuple<PackedSelection, at::Tensor, at::Tensor> run_sketch_select(
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float* vn = pair_rows<float>(v_norms, p, a.heads);
-      for (int64_t j = 0; j < a.n && finite[p]; ++j) finite[p] = std::isfinite(vn[j]) && vn[j] >= 0.0f;
-      if (!finite[p]) continue;
+      if (!(finite[p] = valid_norm_bounds(vn, a.n))) continue;
       finite[p] = sketch::select_by_sketch(pair_view(a, p), a.n, pair_query(a, p), int(a.G), vn, scale, eps, sel[p],
                                            block > 0 ? &est[p] : nullptr);
     }

@@ -1,6 +1,6 @@
-// The rest of a certified softmax decode step once its keys are chosen (csrc/cpu/
-// certified_step.cpp): the attention kernel over the selection and a cache's tail, and the
-// certificate, without leaving C++. Behind HSRIndexBatch.certified_attend (tree + sketch) and
+// The rest of a decode step once its keys are chosen (csrc/cpu/certified_step.cpp): the
+// attention kernel over the selection and a cache's tail, and for softmax the certificate,
+// without leaving C++. Behind HSRIndexBatch.certified_attend (tree + sketch) and
 // hsr::sketch_certified_attend (sketch only). As a chain of operator calls from Python
 // (selection_with_tail, sparse_attention, softmax_certificate, positions, counts) a cold step
 // spent 0.2-0.4 ms around them, a quarter of an 8k-key step with 9/3 heads.
@@ -34,6 +34,17 @@ struct CertifiedStepArgs {
 // (B, Hq) float64 (v_kept with the tail's values); the walk's stats as selected.
 using CertifiedStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The attention kernel (problem's kind) over a selection (offsets, ids, mask, as
+// sparse_attention's) and the tail rows [tail_begin, Lk) of k and v, read by every head: out
+// (B, Hq, 1, Dv) in q's dtype, lse (B, Hq, 1) float32, keys read per (B, H) (the tail's
+// counted) and the selection with the tail, as the kernel read it.
+struct TailAttention {
+  at::Tensor out, lse, read, offsets, ids, mask;
+};
+TailAttention attend_with_tail(const DenseAttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& offsets, const at::Tensor& ids,
+                               const at::Tensor& mask, int64_t tail_begin);
 
 // selection: pack_selections of a certified selection over the keys [0, tail_begin).
 CertifiedStep attend_and_certify(const PackedSelection& selection, const CertifiedStepArgs& args, const char* what);

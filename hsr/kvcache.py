@@ -663,7 +663,8 @@ class HSRKVCache:
         read_rows = int(read.sum())
         bytes_read = read_rows * self._token_bytes() + self._selection_bytes(
             None if select == "sketch" else stats, select, read_rows - tail_rows)
-        return out, (mass, error, kept, read, bytes_read, select_seconds, seconds - select_seconds), (offsets, ids, mask)
+        info = (mass, error, kept, read, bytes_read, select_seconds, seconds - select_seconds)
+        return out, info, (offsets, ids, mask)
 
     def _attend_relu(self, q, select):
         """ReLU over the indexed keys the selection passes and the tail, in one sparse_attention

@@ -167,4 +167,5 @@ def test_sketch_certified_attend_opcheck():
     # Not test_aot_dispatch_*: they compare two runs' outputs, and the last one is a timing.
     torch.library.opcheck(torch.ops.hsr.sketch_certified_attend.default,
                           (q, sketch.codes, sketch.lo, sketch.delta, 8, 32, v_norms, k_norms, k, v, positions,
-                           40 ** -0.5, 1e-2), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                           40 ** -0.5, 1e-2),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -1,6 +1,7 @@
 // IndexBatch.certified_select / relu_select: the two-level selections (tree, then key sketch)
-// for every (batch, kv head) of an HSRIndexBatch, in parallel threads, and relu_attend, the
-// ReLU decode step (that selection, a cache's tail and the attention kernel in one call).
+// for every (batch, kv head) of an HSRIndexBatch, in parallel threads, and certified_attend /
+// relu_attend, the decode steps (a selection, a cache's tail, the attention kernel and, for
+// softmax, the certificate in one call).
 // Validation and packing only; the walk is in csrc/cpu/tree_select.cpp, the kernel in
 // csrc/cpu/dense_attention_cpu.cpp.
 #include <ATen/Functions.h>
@@ -10,7 +11,6 @@
 #include <cmath>
 
 #include "attention_checks.h"
-#include "attention_launch.h"
 #include "certified_step.h"
 #include "hsr/sketch/tree_select.h"
 #include "index_holders.h"
@@ -194,33 +194,18 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
                               int64_t tail_begin, double scale, int64_t alpha, double bias, bool normalize) {
   const char* what = "HSRIndexBatch.relu_attend";
   const auto started = std::chrono::steady_clock::now();
-  const StepInputs in = checked_step_inputs(trees, batch, heads, dim, q_in, k_in, v_in, "relu", scale, alpha, bias, normalize, positions_in,
-                                            tail_begin, what);
+  const StepInputs in = checked_step_inputs(trees, batch, heads, dim, q_in, k_in, v_in, "relu", scale, alpha, bias,
+                                            normalize, positions_in, tail_begin, what);
   const TreeSketchArgs a = checked_tree_sketch_args(what, in.q.select(2, 0).to(at::kFloat), batch, heads, dim,
                                                     in.rows, codes, lo, delta, bits, group, scale);
   const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
-  // The selection as the step reports it (ids as arrival positions), and with the tail for
-  // every head as the kernel reads it.
+  // The selection as the step reports it (ids as arrival positions, keys kept with the tail's).
   auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, a.G);
-  const int64_t len = in.k.size(2);
-  const auto [all_offsets, all_ids, all_mask] = append_tail_rows(offsets, ids, mask, tail_begin, len);
   const at::Tensor reported = positions_in.has_value() ? map_to_positions(offsets, ids, *positions_in, what) : ids;
-  kept.add_(len - tail_begin);
-  at::Tensor read = at::empty({batch, heads}, at::kLong);
-  const int64_t* all_off = all_offsets.const_data_ptr<int64_t>();
-  int64_t most = 0;
-  for (int64_t i = 0; i < batch * heads; ++i) {
-    read.data_ptr<int64_t>()[i] = all_off[i + 1] - all_off[i];
-    most = std::max(most, all_off[i + 1] - all_off[i]);
-  }
+  kept.add_(in.k.size(2) - tail_begin);
   const double select_seconds = seconds_since(started);
-  auto [out, lse] = empty_attention_outputs(in.problem, in.q);
-  if (out.numel() != 0)
-    run_attention_cpu(in.problem, in.q, in.k, in.v, out, lse,
-                      cpu::KeySelection{all_off, all_ids.const_data_ptr<int64_t>(),
-                                        reinterpret_cast<const uint8_t*>(all_mask.const_data_ptr<bool>())},
-                      most);
-  return {out, offsets, reported, mask, kept, read, stats, select_seconds};
+  const TailAttention att = attend_with_tail(in.problem, in.q, in.k, in.v, offsets, ids, mask, tail_begin);
+  return {att.out, offsets, reported, mask, kept, att.read, stats, select_seconds};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -234,8 +219,8 @@ IndexBatchHolder::certified_attend(const at::Tensor& q_in, const std::optional<a
                                    double eps) {
   const char* what = "HSRIndexBatch.certified_attend";
   const auto started = std::chrono::steady_clock::now();
-  const StepInputs in = checked_step_inputs(trees, batch, heads, dim, q_in, k_in, v_in, "softmax", scale, 1, 0.0, true, positions, tail_begin,
-                                            what);
+  const StepInputs in = checked_step_inputs(trees, batch, heads, dim, q_in, k_in, v_in, "softmax", scale, 1, 0.0,
+                                            true, positions, tail_begin, what);
   const TreeSketchArgs a = checked_tree_sketch_args(what, in.q.select(2, 0).to(at::kFloat), batch, heads, dim,
                                                     in.rows, codes, lo, delta, bits, group, scale);
   const PackedSelection selection =

@@ -129,7 +129,9 @@ class CertifiedInfo:
     estimate_share: torch.Tensor | None = None
     estimate_norm: torch.Tensor | None = None
     # Wall seconds spent choosing the keys (tree walk, sketch bounds, the cut; for a fixed set
-    # also the sketch bounds of the keys left out) and in the attention kernel over them.
+    # also the sketch bounds of the keys left out) and in the attention kernel over them (with
+    # the certificate where one call computes both: the certified selections without
+    # value_blocks).
     select_seconds: float = 0.0
     attend_seconds: float = 0.0
 

@@ -1,7 +1,8 @@
 // CPU entry points of hsr::sketch_select and hsr::sketch_relu_select: the per-key selection
 // from the key sketch for every (batch, kv head), one streaming pass each, pairs in parallel
 // threads; hsr::sketch_certified_attend, that selection and the rest of a certified decode
-// step (csrc/certified_step.h) in one call. Validation and packing only; the passes are in csrc/cpu/sketch_select.cpp.
+// step (csrc/certified_step.h) in one call. Validation and packing only; the passes are in
+// csrc/cpu/sketch_select.cpp.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -5,7 +5,9 @@
 Brute force is what a user would otherwise write: a torch matmul of the query batch against
 all points, then a threshold (range) or torch.topk, on the same threads. Both produce the
 same outputs (ids and scores). Queries come in batches of --queries; times are medians per
-batch. Datasets:
+batch. With --one-at-a-time the range rows also time both sides answering the batch's queries
+one call each (index ms 1q, brute ms 1q: the batch's total), the comparison for a caller with
+one query at a time. Datasets:
   clustered  Gaussian mixture, one cluster per 1000 points, centres N(0, 4^2 I), spread 0.5;
              queries are stored points plus small noise (as attention queries align with keys)
   gaussian   isotropic N(0, I) points and queries: nothing can be pruned
@@ -64,7 +66,13 @@ def brute_topk(x, q, k):
     return torch.topk(q @ x.T, k, dim=1)
 
 
-def bench_one(kind, n, d, selectivities, k, queries, iters):
+def one_at_a_time(search, x, q, th):
+    """Calls search(x, q_i, th_i) for each query of the batch in turn."""
+    for i in range(q.shape[0]):
+        search(x, q[i:i + 1], th[i:i + 1])
+
+
+def bench_one(kind, n, d, selectivities, k, queries, iters, single=False):
     x, q = make_data(kind, n, d, queries)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the build target is for one core
@@ -88,6 +96,11 @@ def bench_one(kind, n, d, selectivities, k, queries, iters):
                          points_scored_per_query=stats.points_scored / queries,
                          scanned_fraction=stats.points_scored / (queries * n),
                          fell_back=stats.queries_scanned, build_s=build_s))
+        if single:
+            t_tree_1 = median_ms_cpu(lambda: one_at_a_time(lambda _, qi, ti: index.range_search(qi, ti), x, q, th),
+                                     iters=iters)
+            t_brute_1 = median_ms_cpu(lambda: one_at_a_time(brute_range, x, q, th), iters=iters)
+            rows[-1].update(tree_single_ms=t_tree_1, brute_single_ms=t_brute_1, speedup_single=t_brute_1 / t_tree_1)
     t_tree = median_ms_cpu(lambda: index.search(q, k), iters=iters)
     stats = index.last_stats
     t_brute = median_ms_cpu(lambda: brute_topk(x, q, k), iters=iters)
@@ -164,6 +177,8 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="also time range queries one call per query, on both sides")
     ap.add_argument("--capture", help="real keys for the smollm2 dataset: a file written by `hsr capture`")
     ap.add_argument("--capture-layer", type=int, default=15)
     ap.add_argument("--json")
@@ -184,14 +199,16 @@ def main():
             for n in args.n:
                 if ds == "smollm2" and (d != _CAPTURE["k"].shape[-1] or n > _CAPTURE["k"].shape[0]):
                     continue
-                new = bench_one(ds, n, d, args.selectivities, args.k, args.queries, args.iters)
+                new = bench_one(ds, n, d, args.selectivities, args.k, args.queries, args.iters, args.one_at_a_time)
                 for r in new:
                     print_row(r)
                 rows += new
     print(format_table(rows, [("dataset", "data", ""), ("n", "n", "d"), ("d", "d", "d"), ("query", "query", ""),
                               ("tree_ms", "index ms", ".2f"), ("brute_ms", "brute ms", ".2f"),
                               ("speedup", "speedup", ".1f"), ("scanned_fraction", "scored", ".3f"),
-                              ("fell_back", "scans", "d"), ("build_s", "build s", ".2f")]))
+                              ("fell_back", "scans", "d"), ("build_s", "build s", ".2f")]
+                       + ([("tree_single_ms", "index ms 1q", ".2f"), ("brute_single_ms", "brute ms 1q", ".2f"),
+                           ("speedup_single", "speedup 1q", ".1f")] if args.one_at_a_time else [])))
     slope_rows = slopes(rows)
     print()
     print(format_table(slope_rows, [("dataset", "data", ""), ("d", "d", "d"), ("query", "query", ""),

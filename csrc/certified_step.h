@@ -8,7 +8,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <chrono>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "hsr/types.h"
@@ -16,16 +18,31 @@
 
 namespace hsr {
 
+// A decode step's q (B, Hq, 1, D), k (B, H, Lk, D) and v (B, H, Lk, Dv), CPU tensors with
+// their last dims made contiguous, checked against each other as the kernel's problem (kind,
+// scale, alpha, bias, normalize as hsr::attention's; no causal mask).
+struct DecodeInputs {
+  at::Tensor q, k, v;
+  DenseAttentionProblem problem;
+};
+DecodeInputs checked_decode_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   std::string_view kind, double scale, int64_t alpha, double bias, bool normalize,
+                                   const char* what);
+
+// A certified step after its selection: its inputs and what the certificate and the report need.
 struct CertifiedStepArgs {
-  at::Tensor q;   // (B, Hq, 1, D) in k's dtype, last dim contiguous (checked by problem)
-  at::Tensor qf;  // (B, Hq, D) float32 contiguous: the query the selection used
-  at::Tensor k, v;  // (B, H, Lk, D) and (B, H, Lk, Dv), last dim contiguous
-  DenseAttentionProblem problem;  // make_dense_problem(q, k, v, "softmax", scale, ...)
+  DecodeInputs in;  // q in k's dtype, k, v and the softmax problem
+  at::Tensor qf;    // (B, Hq, D) float32 contiguous: the query the selection used
   std::optional<at::Tensor> k_norms;    // (B, H, >= tail_begin) float32, or none
   std::optional<at::Tensor> positions;  // (B, H, >= tail_begin) int64, or none
   int64_t tail_begin = 0;  // rows [tail_begin, Lk) are the tail, read by every head
   double scale = 1.0;
 };
+
+// Wall seconds since `started` (a step's selection time).
+inline double seconds_since(std::chrono::steady_clock::time_point started) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+}
 
 // out (B, Hq, 1, Dv) in q's dtype; lse (B, Hq) float32 (kept keys and tail); mass_bound and
 // error_bound (B, Hq) float64; the selection without the tail (offsets (B*H + 1,), ids, mask),
@@ -35,21 +52,17 @@ struct CertifiedStepArgs {
 using CertifiedStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The attention kernel (problem's kind) over a selection (offsets, ids, mask, as
+// The attention kernel (in's problem) over a selection (offsets, ids, mask, as
 // sparse_attention's) and the tail rows [tail_begin, Lk) of k and v, read by every head: out
 // (B, Hq, 1, Dv) in q's dtype, lse (B, Hq, 1) float32, keys read per (B, H) (the tail's
 // counted) and the selection with the tail, as the kernel read it.
 struct TailAttention {
   at::Tensor out, lse, read, offsets, ids, mask;
 };
-TailAttention attend_with_tail(const DenseAttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& offsets, const at::Tensor& ids,
+TailAttention attend_with_tail(const DecodeInputs& in, const at::Tensor& offsets, const at::Tensor& ids,
                                const at::Tensor& mask, int64_t tail_begin);
 
 // selection: pack_selections of a certified selection over the keys [0, tail_begin).
 CertifiedStep attend_and_certify(const PackedSelection& selection, const CertifiedStepArgs& args, const char* what);
-
-// Checks positions (B, H, >= rows) int64 on the CPU, naming `what`.
-void check_positions(const at::Tensor& positions, int64_t batch, int64_t heads, int64_t rows, const char* what);
 
 }  // namespace hsr

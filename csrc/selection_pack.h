@@ -1,11 +1,14 @@
-// Shared by the selection entry points (sketch only, tree + sketch): per-(batch, kv head) views
-// of per-key tensors, and packing the selections into hsr.sparse_attention's tensors.
+// Shared by the selection entry points (sketch only, tree + sketch): checks and per-(batch, kv
+// head) views of per-key tensors, and packing the selections into hsr.sparse_attention's
+// tensors.
 #pragma once
 
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -20,6 +23,19 @@ inline at::Tensor rows_contiguous(const at::Tensor& t) {
   const bool inner = d == 3 ? t.stride(2) == 1 || t.size(2) <= 1
                             : (t.stride(3) == 1 || t.size(3) <= 1) && (t.stride(2) == t.size(3) || t.size(2) <= 1);
   return inner ? t : t.contiguous();
+}
+
+// Raises ValueError unless t is a CPU tensor of `type`, (batch, heads, n >= rows) or, with
+// last >= 0, (batch, heads, n >= rows, last): one row per key id of each (batch, head).
+inline void check_per_key(const at::Tensor& t, at::ScalarType type, int64_t batch, int64_t heads, int64_t rows,
+                          int64_t last, const char* what, const char* name) {
+  const bool has_last = last >= 0;
+  TORCH_CHECK_VALUE(t.dim() == (has_last ? 4 : 3) && t.scalar_type() == type && t.device().is_cpu() &&
+                        t.size(0) == batch && t.size(1) == heads && t.size(2) >= rows &&
+                        (!has_last || t.size(3) == last),
+                    what, ": ", name, " must be a CPU ", type, " tensor (", batch, ", ", heads,
+                    ", n >= ", rows, has_last ? ", " + std::to_string(last) : std::string(),
+                    ") indexed by key id, got ", t.scalar_type(), " of shape ", t.sizes());
 }
 
 template <typename T>

@@ -25,6 +25,10 @@ import torch
 from .ops import sparse_attention
 from .sketch import KeySketch
 
+# The overload itself: through the overload packet, a cold decode step spends microseconds more
+# in Python.
+_SKETCH_CERTIFIED_ATTEND = torch.ops.hsr.sketch_certified_attend.default
+
 
 def value_norm_bounds(v: torch.Tensor) -> torch.Tensor:
     """(..., n) float32 upper bounds of |v_i|_2 for values (..., n, D) on the CPU: each norm
@@ -194,18 +198,13 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
         out, info = _attend_and_certify(q, qf, k, v, scale, (offsets_t, ids_t, mask_t), log_left, v_left, v_kept,
                                         selected, None, k_norms, time.perf_counter() - started, tail)
         return _add_estimate(out, info, weights, log_ref, value_blocks)
-    if index is None:
-        # Every key's sketch interval, in one streaming pass per (batch, kv head); then the
-        # kernel and the certificate, in the same call.
-        step = torch.ops.hsr.sketch_certified_attend(q, sketch.codes, sketch.lo, sketch.delta, sketch.bits,
-                                                     sketch.group, v_up_f, k_norms, k, v, None, scale, eps_select)
-    else:
+    v_max = None
+    if index is not None:
         _check_index(what, index, B, Hkv, n, D)
-        codes = (None, None, None) if sketch is None else (sketch.codes, sketch.lo, sketch.delta)
-        bits, group = (8, 32) if sketch is None else (sketch.bits, sketch.group)
-        v_max = v_up_f.amax(-1) if v_norm_max is None else v_norm_max
-        step = index._impl.certified_attend(q, *codes, bits, group, v_up_f, v_max.contiguous(), k_norms, k, v, None, n,
-                                            scale, eps_select)
+        v_max = (v_up_f.amax(-1) if v_norm_max is None else v_norm_max).contiguous()
+    codes = (None, None, None) if sketch is None else (sketch.codes, sketch.lo, sketch.delta)
+    bits, group = (8, 32) if sketch is None else (sketch.bits, sketch.group)
+    step = certified_step(q, k, v, codes, bits, group, v_up_f, k_norms, None, n, scale, eps_select, index, v_max)
     seconds = time.perf_counter() - started
     out, lse, mass, error, offsets_t, ids_t, mask_t, kept, read, v_left, v_kept, stats, select_seconds = step
     if tail:  # info describes the n keys before the tail
@@ -213,6 +212,22 @@ def certified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sketc
     return out, CertifiedInfo(mass, error, kept, read, offsets_t, ids_t, mask_t, v_left, v_kept, lse,
                               None if index is None else stats, select_seconds=select_seconds,
                               attend_seconds=seconds - select_seconds)
+
+
+def certified_step(q, k, v, codes, bits, group, v_norms, k_norms, positions, n, scale, eps, index=None,
+                   v_norm_max=None):
+    """A certified decode step in one C++ call, unchecked (the caller owns consistent
+    arguments): the selection over the first n keys of k, v (every key's sketch when index is
+    None, hsr::sketch_certified_attend; else the index's walk, then the sketch of the leaves
+    it opens, or whole leaves when codes are (None, None, None)), the kernel over it and the
+    tail [n, Lk), and the certificate. codes: (codes, lo, delta) of the sketch; positions: the
+    stored rows' arrival positions or None; eps: selection_eps of the policy's. Returns (out,
+    lse, mass_bound, error_bound, offsets, ids, mask, keys kept, keys read, v_left_max,
+    v_kept_max, stats, select_seconds), the tail counted in keys kept and read."""
+    if index is None:
+        return _SKETCH_CERTIFIED_ATTEND(q, *codes, bits, group, v_norms, k_norms, k, v, positions, scale, eps)
+    return index._impl.certified_attend(q, *codes, bits, group, v_norms, v_norm_max, k_norms, k, v, positions, n,
+                                        scale, eps)
 
 
 def selection_eps(eps: float) -> float:

@@ -37,16 +37,13 @@ from dataclasses import dataclass
 import torch
 
 from .buffers import KVCache, TokenBuffers
-from .certified import (certified_attention, relu_sketch_select, selection_eps, threshold_attention, topk_attention,
-                        value_norm_bounds)
+from .certified import (certified_attention, certified_step, relu_sketch_select, selection_eps, threshold_attention,
+                        topk_attention, value_norm_bounds)
 from .index import HSRIndexBatch, KeyStats
 from .ops import attention, sparse_attention
 from .sketch import KeySketch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The overload itself (as buffers.py's dense step): through the packet, a cold step spends
-# microseconds more in Python.
-_SKETCH_CERTIFIED_ATTEND = torch.ops.hsr.sketch_certified_attend.default
 
 
 _SOFTMAX_SELECT = ("auto", "tree+sketch", "sketch", "tree")
@@ -633,8 +630,9 @@ class HSRKVCache:
             return self._certified_step(q, select)
         out, info = self._select_and_attend(q, select, tail)
         # The tail adds to what is kept: the bounds stay valid, and the certificate counted it.
-        bytes_read = (int(info.keys_read.sum()) + self.batch * self.num_kv_heads * tail) * self._token_bytes()
-        bytes_read += self._selection_bytes(info.index_stats, select, int(info.keys_read.sum()))
+        indexed_read = int(info.keys_read.sum())
+        bytes_read = (indexed_read + self.batch * self.num_kv_heads * tail) * self._token_bytes()
+        bytes_read += self._selection_bytes(info.index_stats, select, indexed_read)
         selection = (info.offsets, self._arrival_positions(info.offsets, info.ids), info.mask)
         return out, (info.mass_bound, info.error_bound, info.keys_selected + tail, info.keys_read + tail,
                      int(bytes_read), info.select_seconds, info.attend_seconds), selection
@@ -648,15 +646,11 @@ class HSRKVCache:
         v_norms, k_norms = bufs.view("v_norms")[..., 0], bufs.view("k_norms")[..., 0]
         positions = bufs.view("positions")[..., 0] if self._reordered else None
         codes = (None, None, None) if select == "tree" else tuple(bufs.view(name) for name in ("codes", "lo", "delta"))
+        index = None if select == "sketch" else self._index
         eps = selection_eps(self.policy.eps)
         started = time.perf_counter()
-        if select == "sketch":
-            step = _SKETCH_CERTIFIED_ATTEND(q, *codes, self.sketch_bits, self._sketch_group, v_norms, k_norms, k, v,
-                                            positions, self.scale, eps)
-        else:
-            step = self._index._impl.certified_attend(q, *codes, self.sketch_bits, self._sketch_group, v_norms,
-                                                      self._v_norm_max, k_norms, k, v, positions, self._indexed,
-                                                      self.scale, eps)
+        step = certified_step(q, k, v, codes, self.sketch_bits, self._sketch_group, v_norms, k_norms, positions,
+                              self._indexed, self.scale, eps, index, self._v_norm_max)
         seconds = time.perf_counter() - started
         out, _, mass, error, offsets, ids, mask, kept, read, _, _, stats, select_seconds = step
         tail_rows = self.batch * self.num_kv_heads * (self.length - self._indexed)

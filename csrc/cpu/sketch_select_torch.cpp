@@ -15,7 +15,6 @@
 #include <optional>
 #include <vector>
 
-#include "attention_checks.h"
 #include "certified_step.h"
 #include "hsr/sketch/sketch_select.h"
 #include "selection_pack.h"
@@ -164,21 +163,18 @@ sketch_certified_attend_cpu(const at::Tensor& q_in, const at::Tensor& codes, con
                             const std::optional<at::Tensor>& positions, double scale, double eps) {
   const char* what = "hsr.sketch_certified_attend";
   const auto started = std::chrono::steady_clock::now();
-  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) == 1, what, ": q must be (B, Hq, 1, D), got ", q_in.sizes());
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), what,
-                    ": q, k and v must be CPU tensors");
-  const DenseAttentionProblem problem = make_dense_problem(q, k, v, "softmax", scale, 1, 0.0, true, false, what);
-  const at::Tensor qf = q.select(2, 0).to(at::kFloat).contiguous();
+  const DecodeInputs in = checked_decode_inputs(q_in, k_in, v_in, "softmax", scale, 1, 0.0, true, what);
+  const at::Tensor qf = in.q.select(2, 0).to(at::kFloat).contiguous();
   auto [selection, weights, log_ref] =
       run_sketch_select(what, qf, codes, lo, delta, bits, group, v_norms, scale, eps, 0);
   // The sketch covers the keys before the tail: its n rows are k's first.
   const int64_t n = codes.size(2);
-  TORCH_CHECK_VALUE(k.size(1) == codes.size(1) && k.size(2) >= n, what, ": k must be (", codes.size(0), ", ",
-                    codes.size(1), ", Lk >= ", n, ", ", q.size(3), ") as the sketch, got ", k.sizes());
-  if (positions.has_value()) check_positions(*positions, problem.batch, problem.heads_kv, n, what);
-  const double select_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  const CertifiedStepArgs step{q, qf, k, v, problem, k_norms, positions, n, scale};
+  TORCH_CHECK_VALUE(in.k.size(1) == codes.size(1) && in.k.size(2) >= n, what, ": k must be (", codes.size(0), ", ",
+                    codes.size(1), ", Lk >= ", n, ", ", in.q.size(3), ") as the sketch, got ", in.k.sizes());
+  if (positions.has_value())
+    check_per_key(*positions, at::kLong, codes.size(0), codes.size(1), n, -1, what, "positions");
+  const double select_seconds = seconds_since(started);
+  const CertifiedStepArgs step{in, qf, k_norms, positions, n, scale};
   return std::tuple_cat(attend_and_certify(selection, step, what), std::make_tuple(select_seconds));
 }
 

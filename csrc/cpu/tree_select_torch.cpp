@@ -10,7 +10,6 @@
 #include <chrono>
 #include <cmath>
 
-#include "attention_checks.h"
 #include "certified_step.h"
 #include "hsr/sketch/tree_select.h"
 #include "index_holders.h"
@@ -27,17 +26,6 @@ int64_t largest_next_id(const std::vector<index::HSRTree>& trees) {
   int64_t n = 0;
   for (const auto& t : trees) n = std::max(n, t.next_id());
   return n;
-}
-
-void check_per_key(const at::Tensor& t, at::ScalarType type, int64_t batch, int64_t heads,
-                   int64_t rows, int64_t last, const char* what, const char* name) {
-  const bool has_last = last >= 0;
-  TORCH_CHECK_VALUE(t.dim() == (has_last ? 4 : 3) && t.scalar_type() == type && t.device().is_cpu() &&
-                        t.size(0) == batch && t.size(1) == heads && t.size(2) >= rows &&
-                        (!has_last || t.size(3) == last),
-                    what, ": ", name, " must be a CPU ", type, " tensor (", batch, ", ", heads,
-                    ", n >= ", rows, has_last ? ", " + std::to_string(last) : std::string(),
-                    ") indexed by key id, got ", t.scalar_type(), " of shape ", t.sizes());
 }
 
 
@@ -129,11 +117,9 @@ std::vector<sketch::GroupSelection> certified_walks(const std::vector<index::HSR
   return sel;
 }
 
-// A decode step's q (B, Hq, 1, D), k (B, H, Lk, D) and v checked against each other (the
-// kernel's problem) and the trees, with tail_begin in [rows the trees index, Lk].
-struct StepInputs {
-  at::Tensor q, k, v;
-  DenseAttentionProblem problem;
+// A decode step's inputs (checked_decode_inputs) checked against the trees too, with
+// tail_begin in [rows the trees index, Lk].
+struct StepInputs : DecodeInputs {
   int64_t rows = 0;  // the largest id the trees hold, plus one
 };
 
@@ -141,24 +127,16 @@ StepInputs checked_step_inputs(const std::vector<index::HSRTree>& trees, int64_t
                                const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                std::string_view kind, double scale, int64_t alpha, double bias, bool normalize,
                                const std::optional<at::Tensor>& positions, int64_t tail_begin, const char* what) {
-  TORCH_CHECK_VALUE(q_in.dim() == 4 && q_in.size(2) == 1, what, ": q must be (B, Hq, 1, D), got ", q_in.sizes());
   StepInputs in;
-  in.q = last_dim_contiguous(q_in), in.k = last_dim_contiguous(k_in), in.v = last_dim_contiguous(v_in);
-  TORCH_CHECK_VALUE(in.q.device().is_cpu() && in.k.device().is_cpu() && in.v.device().is_cpu(), what,
-                    ": q, k and v must be CPU tensors");
-  in.problem = make_dense_problem(in.q, in.k, in.v, kind, scale, alpha, bias, normalize, false, what);
+  static_cast<DecodeInputs&>(in) = checked_decode_inputs(q_in, k_in, v_in, kind, scale, alpha, bias, normalize, what);
   TORCH_CHECK_VALUE(in.k.size(0) == batch && in.k.size(1) == heads && in.k.size(3) == dim, what, ": k must be (",
                     batch, ", ", heads, ", Lk, ", dim, ") as the index, got ", in.k.sizes());
   in.rows = largest_next_id(trees);
   const int64_t len = in.k.size(2);
   TORCH_CHECK_VALUE(tail_begin >= in.rows && tail_begin <= len, what, ": tail_begin must lie in [", in.rows,
                     " (past every indexed key), Lk = ", len, "], got ", tail_begin);
-  if (positions.has_value()) check_positions(*positions, batch, heads, in.rows, what);
+  if (positions.has_value()) check_per_key(*positions, at::kLong, batch, heads, in.rows, -1, what, "positions");
   return in;
-}
-
-double seconds_since(std::chrono::steady_clock::time_point started) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 }
 
 }  // namespace
@@ -204,7 +182,7 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
   const at::Tensor reported = positions_in.has_value() ? map_to_positions(offsets, ids, *positions_in, what) : ids;
   kept.add_(in.k.size(2) - tail_begin);
   const double select_seconds = seconds_since(started);
-  const TailAttention att = attend_with_tail(in.problem, in.q, in.k, in.v, offsets, ids, mask, tail_begin);
+  const TailAttention att = attend_with_tail(in, offsets, ids, mask, tail_begin);
   return {att.out, offsets, reported, mask, kept, att.read, stats, select_seconds};
 }
 
@@ -226,7 +204,7 @@ IndexBatchHolder::certified_attend(const at::Tensor& q_in, const std::optional<a
   const PackedSelection selection =
       pack_selections(certified_walks(trees, a, v_norms, v_norm_max, scale, eps, what), batch, heads, a.G);
   const double select_seconds = seconds_since(started);
-  const CertifiedStepArgs step{in.q, a.q, in.k, in.v, in.problem, k_norms, positions, tail_begin, scale};
+  const CertifiedStepArgs step{in, a.q, k_norms, positions, tail_begin, scale};
   return std::tuple_cat(attend_and_certify(selection, step, what), std::make_tuple(select_seconds));
 }
 

@@ -94,6 +94,7 @@ def bench_one(kind, n, d, selectivities, k, queries, iters, single=False):
         rows.append(dict(dataset=kind, n=n, d=d, query=f"range {sel:.1%}", selectivity=sel,
                          tree_ms=t_tree, brute_ms=t_brute, speedup=t_brute / t_tree,
                          points_scored_per_query=stats.points_scored / queries,
+                         points_sketched_per_query=stats.points_sketched / queries,
                          scanned_fraction=stats.points_scored / (queries * n),
                          fell_back=stats.queries_scanned, build_s=build_s))
         if single:
@@ -107,6 +108,7 @@ def bench_one(kind, n, d, selectivities, k, queries, iters, single=False):
     rows.append(dict(dataset=kind, n=n, d=d, query=f"top-{k}", selectivity=None, tree_ms=t_tree,
                      brute_ms=t_brute, speedup=t_brute / t_tree,
                      points_scored_per_query=stats.points_scored / queries,
+                     points_sketched_per_query=stats.points_sketched / queries,
                      scanned_fraction=stats.points_scored / (queries * n),
                      fell_back=stats.queries_scanned, build_s=build_s))
     insert = measure_inserts(index, x, d)

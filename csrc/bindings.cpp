@@ -151,7 +151,8 @@ TORCH_LIBRARY(hsr, m) {
 
   // The half-space reporting index over float32 points (CPU). Python wraps these as
   // hsr.HSRIndex / hsr.HSRIndexBatch (hsr/index.py). last_stats: [nodes_visited,
-  // points_scored, results, queries_that_scanned, queries] of the last query call.
+  // points_scored, points_sketched, results, queries_that_scanned, queries] of the last query
+  // call.
   m.class_<hsr::IndexHolder>("Index")
       .def(torch::init<int64_t, int64_t>())
       .def("add", &hsr::IndexHolder::add)

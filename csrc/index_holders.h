@@ -22,7 +22,7 @@ struct IndexCallStats {
   int64_t scans = 0;  // queries that fell back to a scan
 
   std::vector<int64_t> as_vector() const {
-    return {total.nodes_visited, total.points_scored, total.results, scans, queries};
+    return {total.nodes_visited, total.points_scored, total.points_sketched, total.results, scans, queries};
   }
 };
 

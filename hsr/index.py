@@ -33,7 +33,9 @@ class IndexStats:
     """What the last query call did, summed over its queries."""
 
     nodes_visited: int
-    points_scored: int
+    points_scored: int  # float scores computed from the points
+    points_sketched: int  # score bounds computed from the key sketch (points that then needed
+    # no float score are not in points_scored)
     results: int
     queries_scanned: int  # queries that fell back to a plain scan (pruning could not pay)
     queries: int
@@ -45,6 +47,12 @@ class IndexStats:
     @classmethod
     def _from(cls, values) -> "IndexStats":
         return cls(*[int(v) for v in values])
+
+
+def sketch_bytes_per_point(d: int) -> int:
+    """Bytes of the index's key sketch per point of dimension d: int8 codes plus, per group of
+    32 channels, a float offset and step (what a query reads for every point it sketches)."""
+    return d + 8 * ((d + 31) // 32)
 
 
 def _as_float32_tensor(x, name: str, what: str) -> tuple[torch.Tensor, bool]:
@@ -91,9 +99,9 @@ class _QueryRouting:
     def scan_fraction(self) -> float:
         """When a query is answered by an exact scan instead of the tree (same results, same
         scores): a range query when the tree's frontier estimate says it would score more than
-        this fraction of the points; a top-k search when it has scored a tenth of this
+        this fraction of the points; a top-k search when it has scored a sixteenth of this
         fraction without finishing, or at once below 32768 points. 0 scans every query, 1
-        never scans; default 0.3. A runtime setting: not saved by write_index."""
+        never scans; default 0.5. A runtime setting: not saved by write_index."""
         return self._impl.scan_fraction()
 
     @scan_fraction.setter

@@ -39,7 +39,7 @@ import torch
 from .buffers import KVCache, TokenBuffers
 from .certified import (certified_attention, certified_step, relu_sketch_select, selection_eps, threshold_attention,
                         topk_attention, value_norm_bounds)
-from .index import HSRIndexBatch, KeyStats
+from .index import HSRIndexBatch, KeyStats, sketch_bytes_per_point
 from .ops import attention, sparse_attention
 from .sketch import KeySketch
 
@@ -585,10 +585,11 @@ class HSRKVCache:
         return nodes * 3 * self.head_dim * 4
 
     def _index_query_bytes(self) -> int:
-        """Bytes the index's last query read: the node summaries it visited and the float32
-        points it scored."""
+        """Bytes the index's last query read: the node summaries it visited, the sketch of the
+        points it bounded and the float32 points it scored."""
         stats = self._index.last_stats
-        return self._node_bytes(stats.nodes_visited) + stats.points_scored * self.head_dim * 4
+        return (self._node_bytes(stats.nodes_visited) + stats.points_sketched * sketch_bytes_per_point(self.head_dim)
+                + stats.points_scored * self.head_dim * 4)
 
     def _walk_bytes(self, index_stats) -> int:
         """Bytes a two-level walk read, from its (nodes visited, leaves opened, keys sketched,

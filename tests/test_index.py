@@ -365,7 +365,7 @@ def test_bad_scan_fraction(value):
     for obj in (index, batch):
         with pytest.raises(ValueError, match="scan_fraction"):
             obj.scan_fraction = value
-        assert obj.scan_fraction == pytest.approx(0.3)
+        assert obj.scan_fraction == pytest.approx(0.5)
     with pytest.raises(ValueError, match="scan_fraction"):
         index._impl.set_scan_fraction(2.0)
 
@@ -660,3 +660,60 @@ def test_bounds_only_index_selects_like_the_full_one_and_refuses_point_queries()
     assert torch.equal(lean.ntotal, torch.full((B, H), n))
     with pytest.raises(ValueError, match="keep_points"):
         hsr.HSRIndexBatch(batch=1, heads=1, d=4, keep_points=1)
+
+
+@pytest.mark.parametrize("kind", ["clustered", "random", "huge", "lowrank", "duplicated"])
+@pytest.mark.parametrize("d", [7, 48, 128])
+@pytest.mark.parametrize("updated", [False, True])
+def test_range_threshold_at_a_reported_score(kind, d, updated):
+    """The key sketch only decides which points get a float score: at a threshold equal to a
+    point's reported score that point is still reported, one float step above it is not, and
+    the sets match the scores of a query that reports everything, bit for bit."""
+    x = make_points(kind, 3000, d, seed=d)
+    index = hsr.HSRIndex(d, leaf_size=32)
+    index.scan_fraction = 1.0
+    index.add(x)
+    if updated:  # points inserted into leaves whose centroids they are far from, slots moved by removals
+        index.add(make_points("random", 400, d, seed=d + 1) * 3 + 5)
+        index.remove_ids(torch.arange(0, 3400, 7))
+    q = make_queries(x, 4)
+    lims, D, I = index.range_search(q, float("-inf"))
+    sketched = 0
+    for i in range(q.shape[0]):
+        scores, ids = D[lims[i]:lims[i + 1]], I[lims[i]:lims[i + 1]]
+        order = torch.argsort(scores, descending=True)
+        for rank in [0, 1, len(order) // 100, len(order) // 2]:
+            s = scores[order[rank]]
+            for th, expect in [(s, ids[scores >= s]), (torch.nextafter(s, torch.tensor(math.inf)), ids[scores > s])]:
+                _, D2, I2 = index.range_search(q[i:i + 1], th.reshape(1))
+                assert torch.equal(I2, torch.sort(expect).values), (i, rank, float(th))
+                assert torch.equal(D2, D[lims[i]:lims[i + 1]][torch.argsort(ids)][torch.isin(torch.sort(ids).values, I2)])
+                sketched += index.last_stats.points_sketched
+    assert sketched > 0, "the sketch was never consulted"
+
+
+@pytest.mark.parametrize("d", [32, 40, 128])
+def test_range_sketch_bound_at_its_worst(d):
+    """Two points o and -o in one leaf (centroid 0, so the sketch quantizes o itself), every
+    coordinate of o nearly half a quantization step above its level in the direction of q:
+    the sketch under-estimates <q, o> by almost its full radius, and o must still be found at
+    a threshold equal to its score."""
+    g = torch.Generator().manual_seed(d)
+    step = 1.0 / 256
+    o = torch.empty(d)
+    q = torch.ones(d)
+    for first in range(0, d, 32):
+        size = min(32, d - first)
+        o[first] = 0.0  # the group's lowest value and, 255 steps up, its highest
+        o[first + 1] = 255 * step
+        levels = torch.randint(0, 254, (size - 2,), generator=g).double()
+        o[first + 2:first + size] = ((levels + 0.49) * step).float()
+        q[first:first + 2] = 0.0  # the two exact coordinates carry no error
+    index = hsr.HSRIndex(d, leaf_size=2)
+    index.scan_fraction = 1.0
+    index.add(torch.stack([o, -o]))
+    _, D, I = index.range_search(q[None], float("-inf"))
+    score = D[I == 0]
+    _, D2, I2 = index.range_search(q[None], score)
+    assert I2.tolist() == [0] and torch.equal(D2, score)
+    assert index.last_stats.points_sketched == 2 and index.last_stats.points_scored == 1

@@ -42,10 +42,11 @@ void check_finite(const at::Tensor& x, const char* what, const char* name) {
 }
 
 // Default of scan_fraction: a range query is answered by a scan when the frontier estimate
-// says the tree would score more than this fraction of the points. A scan scores a point
-// several times faster than a traversal (sequential reads, each point loaded once for
-// kScanRows queries), and the estimate over-states what the traversal scores.
-constexpr double kDefaultScanFraction = 0.3;
+// says the tree would score more than this fraction of the points. The estimate over-states
+// what the traversal opens (1e6 x 128 clustered, 1%: 0.3-0.45 estimated, 0.21 opened), and a
+// traversal that sketches a fifth of the points costs a third of a scan of them all (4.6 vs
+// 12.5 ms a query; 0.3 sent 15 of those 16 queries to the scan).
+constexpr double kDefaultScanFraction = 0.5;
 // When a tree is scanned for some queries of a call, its other range queries whose estimate
 // exceeds this share of scan_fraction join that scan: with the points read anyway, a joining
 // query pays only its scoring, about a fifth of what a traversal pays per point it scores
@@ -53,8 +54,9 @@ constexpr double kDefaultScanFraction = 0.3;
 constexpr double kJoinScanShare = 2.0 / 3.0;
 // A top-k search (whose k-th score is unknown beforehand, so nothing cheap predicts its
 // cost) gives up and scans once it has scored scan_fraction / kTopkBudgetDivisor of the
-// points: what a query that could not prune wastes stays a small part of its scan.
-constexpr double kTopkBudgetDivisor = 10.0;
+// points (3% by default): what a query that could not prune wastes stays a small part of its
+// scan.
+constexpr double kTopkBudgetDivisor = 16.0;
 // Below this many points a top-k query is scanned outright: the scan takes well under a
 // millisecond and a budgeted traversal that gives up would only add to it.
 constexpr int64_t kTopkTreeMinPoints = 32768;
@@ -279,7 +281,7 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
   // The visits of each tree grouped by leaf block (a counting sort over the block ids).
   std::vector<Visit> visits;
   std::vector<LeafTask> tasks;
-  int64_t scored = 0;
+  int64_t work = 0;
   for (int64_t t = 0; t < int64_t(by_tree.size()); ++t) {
     if (by_tree[t].empty()) continue;
     std::vector<int64_t> start(size_t(trees[t].num_blocks()) + 1, 0);
@@ -291,22 +293,33 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t i : by_tree[t]) {
       for (const auto& v : leaves[i]) visits[size_t(base + fill[size_t(v.block)]++)] = {i, v.inside};
-      scored += stats[i].points_scored;
+      work += stats[i].points_scored + stats[i].points_sketched;
     }
     for (int32_t b = 0; b < trees[t].num_blocks(); ++b)
       if (start[size_t(b) + 1] > start[size_t(b)])
         tasks.push_back({t, b, base + start[size_t(b)], base + start[size_t(b) + 1]});
   }
   if (tasks.empty()) return;
-  // Hits per thread and query, joined and sorted by id at the end.
+  // score_leaf's terms of every query that walked, computed once.
+  const int ng = trees[0].sketch_groups();
+  std::vector<double> qnorm(size_t(m), 0.0);
+  std::vector<float> qabs(size_t(m) * ng, 0.0f);
+  for (int64_t t = 0; t < int64_t(by_tree.size()); ++t)
+    for (int64_t i : by_tree[t]) trees[t].leaf_query_terms(qp + i * d, qnorm[size_t(i)], qabs.data() + i * ng);
+  // Hits and float scores per thread and query, joined and sorted by id at the end.
   const int threads = at::get_num_threads();
   std::vector<std::vector<std::vector<Hit>>> found(size_t(threads), std::vector<std::vector<Hit>>(static_cast<size_t>(m)));
-  at::parallel_for(0, int64_t(tasks.size()), grain_for(scored / int64_t(tasks.size())),
+  std::vector<std::vector<int64_t>> scored(size_t(threads), std::vector<int64_t>(size_t(m), 0));
+  at::parallel_for(0, int64_t(tasks.size()), grain_for(work / int64_t(tasks.size())),
                    [&](int64_t begin, int64_t end) {
-    std::vector<std::vector<Hit>>& mine = found[size_t(at::get_thread_num())];
-    float qbuf[index::kScanRows * HSRTree::kMaxDim], th[index::kScanRows];
+    const size_t me = size_t(at::get_thread_num());
+    HSRTree::LeafScratch scratch{int(d)};
+    float qbuf[index::kScanRows * HSRTree::kMaxDim], abuf[index::kScanRows * HSRTree::kMaxSketchGroups];
+    float th[index::kScanRows];
+    double qn[index::kScanRows];
     bool inside[index::kScanRows];
     std::vector<Hit>* out[index::kScanRows];
+    int64_t counts[index::kScanRows];
     for (int64_t ti = begin; ti < end; ++ti) {
       const LeafTask& task = tasks[ti];
       for (int64_t v0 = task.begin; v0 < task.end; v0 += index::kScanRows) {
@@ -314,19 +327,24 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
         for (int r = 0; r < rows; ++r) {
           const Visit& v = visits[size_t(v0 + r)];
           std::memcpy(qbuf + r * d, qp + v.query * d, sizeof(float) * d);
+          std::memcpy(abuf + r * ng, qabs.data() + v.query * ng, sizeof(float) * ng);
+          qn[r] = qnorm[size_t(v.query)];
           th[r] = thresh[v.query];
           inside[r] = v.inside;
-          out[r] = &mine[size_t(v.query)];
+          out[r] = &found[me][size_t(v.query)];
+          counts[r] = 0;
         }
-        trees[task.tree].score_leaf(task.block, qbuf, rows, th, inside, out);
+        trees[task.tree].score_leaf(task.block, {qbuf, abuf, qn, th, inside, rows}, scratch, out, counts);
+        for (int r = 0; r < rows; ++r) scored[me][size_t(visits[size_t(v0 + r)].query)] += counts[r];
       }
     }
   });
-  at::parallel_for(0, m, grain_for(scored / std::max<int64_t>(1, m)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, grain_for(work / std::max<int64_t>(1, m)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (leaves[i].empty()) continue;
       size_t total = 0;
       for (const auto& f : found) total += f[size_t(i)].size();
+      for (const auto& c : scored) stats[i].points_scored += c[size_t(i)];
       hits[i].reserve(total);
       for (const auto& f : found) hits[i].insert(hits[i].end(), f[size_t(i)].begin(), f[size_t(i)].end());
       std::sort(hits[i].begin(), hits[i].end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });

@@ -26,6 +26,8 @@ constexpr double kFloatEps = 1.0 / 16777216.0;
 double dot_gamma(int d) { return 1.01 * (d + 2) * kFloatEps; }
 // The scan-or-traverse estimate stops at nodes of at most this many leaves' worth of points.
 constexpr int kFrontierLeaves = 4;
+// A walk asks for the summaries of the node this many places ahead of the one it bounds.
+constexpr size_t kPrefetchNodes = 4;
 // Points of a leaf scored per kernel call (leaves may hold up to 65536): the score tile of
 // kScanRows rows stays on the stack.
 constexpr int32_t kMaxLeafScoreTile = 256;
@@ -350,18 +352,58 @@ uint64_t fnv1a(const uint8_t* p, size_t n) {
   return h;
 }
 
+sketch::SketchLayout sketch_layout_for(int dim) {
+  return {dim, std::min(dim, HSRTree::kSketchGroup), 8};
+}
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 constexpr char kMagic[8] = {'H', 'S', 'R', 'T', 'R', 'E', 'E', '\0'};
 
 }  // namespace
 
 HSRTree::HSRTree(int dim, int leaf_size, bool keep_points)
-    : dim_(dim), leaf_size_(leaf_size), keep_points_(keep_points) {
+    : dim_(dim), leaf_size_(leaf_size), keep_points_(keep_points), sketch_layout_(sketch_layout_for(dim)) {
   if (dim < 1 || dim > kMaxDim)
     throw std::invalid_argument("hsr index: d must be in [1, " + std::to_string(kMaxDim) +
                                 "], got " + std::to_string(dim));
   if (leaf_size < 1 || leaf_size > 65536)
     throw std::invalid_argument("hsr index: leaf_size must be in [1, 65536], got " +
                                 std::to_string(leaf_size));
+  // Offsets and steps start on a cache line after the block's codes.
+  const int64_t code_bytes = round_up(int64_t(leaf_size) * sketch_layout_.code_bytes(), 64);
+  if (keep_points)
+    sketch_block_bytes_ =
+        round_up(code_bytes + 2 * int64_t(leaf_size) * sketch_layout_.groups() * int64_t(sizeof(float)), 64);
+}
+
+HSRTree::LeafScratch::LeafScratch(int dim) : scanner(sketch_layout_for(dim)) {}
+
+uint8_t* HSRTree::sketch_codes(int32_t b) const {
+  return sketch_chunks_[b / kChunkBlocks].get() + int64_t(b % kChunkBlocks) * sketch_block_bytes_;
+}
+
+float* HSRTree::sketch_lo(int32_t b) const {
+  return reinterpret_cast<float*>(sketch_codes(b) +
+                                  round_up(int64_t(leaf_size_) * sketch_layout_.code_bytes(), 64));
+}
+
+float* HSRTree::sketch_delta(int32_t b) const {
+  return sketch_lo(b) + int64_t(leaf_size_) * sketch_layout_.groups();
+}
+
+void HSRTree::sketch_slots(int32_t b, int32_t first, int32_t n) {
+  if (!keep_points_ || n <= 0) return;
+  const int d = dim_, ng = sketch_layout_.groups();
+  const float* c = centroid_.data() + int64_t(block_leaf_[b]) * d;
+  std::vector<float> offsets(size_t(n) * d);
+  for (int32_t s = 0; s < n; ++s) {
+    const float* x = point(b, first + s);
+    for (int t = 0; t < d; ++t) offsets[size_t(s) * d + t] = x[t] - c[t];
+  }
+  sketch::quantize_keys<float>(sketch_layout_, offsets.data(), n,
+                               sketch_codes(b) + int64_t(first) * sketch_layout_.code_bytes(),
+                               sketch_lo(b) + int64_t(first) * ng, sketch_delta(b) + int64_t(first) * ng);
 }
 
 int64_t HSRTree::depth() const {
@@ -392,7 +434,8 @@ int64_t HSRTree::memory_bytes() const {
                   bytes(centroid_) + bytes(lo_) + bytes(hi_) + bytes(radius_) + bytes(max_norm_) +
                   bytes(slot_id_) + bytes(block_used_) + bytes(block_leaf_) + bytes(free_blocks_) +
                   bytes(location_);
-  return total + int64_t(chunks_.size()) * kChunkBlocks * leaf_size_ * dim_ * int64_t(sizeof(float));
+  return total + int64_t(chunks_.size()) * kChunkBlocks * leaf_size_ * dim_ * int64_t(sizeof(float)) +
+         int64_t(sketch_chunks_.size()) * kChunkBlocks * sketch_block_bytes_;
 }
 
 const float* HSRTree::find(int64_t id) const {
@@ -417,8 +460,11 @@ int32_t HSRTree::new_node(int32_t parent) {
 
 int32_t HSRTree::new_block() {
   const int32_t b = int32_t(block_used_.size());
-  if (keep_points_ && b % kChunkBlocks == 0)  // zeroed: serialized bytes never depend on old memory
+  if (keep_points_ && b % kChunkBlocks == 0) {  // zeroed: serialized bytes never depend on old memory
     chunks_.push_back(std::make_unique<float[]>(size_t(kChunkBlocks) * leaf_size_ * dim_));
+    // Not serialized, and every slot's sketch is written with its point: left uninitialised.
+    sketch_chunks_.emplace_back(new uint8_t[size_t(kChunkBlocks) * sketch_block_bytes_]);
+  }
   slot_id_.resize(slot_id_.size() + leaf_size_, -1);
   block_used_.push_back(0);
   block_leaf_.push_back(-1);
@@ -464,6 +510,7 @@ void HSRTree::make_leaf(int32_t node, const float* rows, const int64_t* ids, int
     location_[ids[s]] = int64_t(b) * leaf_size_ + s;
     widen_bounds(node, rows + s * dim_, upper_norm(rows + s * dim_, dim_));
   }
+  sketch_slots(b, 0, int32_t(count));
 }
 
 // Builds the subtree of `node` over `count` contiguous rows (and their ids). The children's
@@ -556,7 +603,8 @@ void HSRTree::build_from(BuildScratch& scratch) {
   const int64_t total = int64_t(scratch.ids.size());
   left_.clear(), right_.clear(), parent_.clear(), block_.clear(), count_.clear();
   centroid_.clear(), lo_.clear(), hi_.clear(), radius_.clear(), max_norm_.clear();
-  chunks_.clear(), slot_id_.clear(), block_used_.clear(), block_leaf_.clear(), free_blocks_.clear();
+  chunks_.clear(), sketch_chunks_.clear(), slot_id_.clear(), block_used_.clear(), block_leaf_.clear();
+  free_blocks_.clear();
   location_.assign(size_t(next_id_), -1);
   live_ = total;
   removed_since_build_ = 0;
@@ -603,6 +651,7 @@ void HSRTree::insert_one(const float* x, int64_t id) {
     std::memcpy(point(b, s), x, sizeof(float) * dim_);
     slot_id_[int64_t(b) * leaf_size_ + s] = id;
     location_[id] = int64_t(b) * leaf_size_ + s;
+    sketch_slots(b, s, 1);
     return;
   }
   // A full leaf: split its points and the new one into two new leaves below it.
@@ -711,6 +760,10 @@ int64_t HSRTree::remove(const int64_t* ids, int64_t n) {
     const int32_t last = block_used_[b] - 1;
     if (s != last) {  // keep the block compact: move the last point into the hole
       std::memcpy(point(b, s), point(b, last), sizeof(float) * dim_);
+      const int cb = sketch_layout_.code_bytes(), ng = sketch_layout_.groups();
+      std::memcpy(sketch_codes(b) + int64_t(s) * cb, sketch_codes(b) + int64_t(last) * cb, size_t(cb));
+      std::memcpy(sketch_lo(b) + int64_t(s) * ng, sketch_lo(b) + int64_t(last) * ng, sizeof(float) * ng);
+      std::memcpy(sketch_delta(b) + int64_t(s) * ng, sketch_delta(b) + int64_t(last) * ng, sizeof(float) * ng);
       const int64_t moved = slot_id_[int64_t(b) * leaf_size_ + last];
       slot_id_[loc] = moved;
       location_[moved] = loc;
@@ -783,30 +836,46 @@ void HSRTree::bounds(int32_t node, const float* q, double qnorm, double prune_be
 }
 
 double HSRTree::estimated_scored_fraction(const float* q, float thresh, double stop_above) const {
-  // Walk the tree as a range query would, but stop at nodes of at most kFrontierLeaves
-  // leaves' worth of points: the points in such nodes whose upper bound reaches the
-  // threshold over-estimate what the traversal scores, at a small fraction of its cost.
+  // Walk the tree as a range query would (level by level, prefetching, the box while it
+  // pays), but stop at nodes of at most kFrontierLeaves leaves' worth of points: the points in
+  // such nodes whose upper bound reaches the threshold over-estimate what the traversal
+  // scores, at a small fraction of its cost.
   if (live_ == 0) return 0.0;
   const double qnorm = norm_rounded_up(q, dim_);
   const int64_t frontier_size = int64_t(kFrontierLeaves) * leaf_size_;
-  std::vector<int32_t> stack = {0};
+  BoxGate box;
+  std::vector<int32_t> level = {0}, next;
   int64_t must_score = 0;
-  while (!stack.empty()) {
-    const int32_t node = stack.back();
-    stack.pop_back();
-    if (count_[node] == 0) continue;
-    double upper, lower, slack;
-    bounds(node, q, qnorm, thresh, upper, lower, slack);
-    if (upper + slack < thresh) continue;
-    if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
-      must_score += count_[node];
-      if (double(must_score) > stop_above * double(live_)) break;
-      continue;
+  while (!level.empty()) {
+    for (size_t i = 0; i < std::min(level.size(), kPrefetchNodes); ++i) prefetch_node(level[i], box.on());
+    next.clear();
+    for (size_t i = 0; i < level.size(); ++i) {
+      if (i + kPrefetchNodes < level.size()) prefetch_node(level[i + kPrefetchNodes], box.on());
+      const int32_t node = level[i];
+      if (count_[node] == 0) continue;
+      double upper, lower, slack;
+      gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
+      if (upper + slack < thresh) continue;
+      if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
+        must_score += count_[node];
+        if (double(must_score) > stop_above * double(live_)) return double(must_score) / double(live_);
+        continue;
+      }
+      next.push_back(left_[node]);
+      next.push_back(right_[node]);
     }
-    stack.push_back(left_[node]);
-    stack.push_back(right_[node]);
+    level.swap(next);
   }
   return double(must_score) / double(live_);
+}
+
+void HSRTree::gated_bounds(int32_t node, const float* q, double qnorm, float thresh, BoxGate& box, double& upper,
+                           double& lower, double& slack) const {
+  ball_bounds(node, q, qnorm, upper, lower, slack);
+  const auto settled = [&] { return upper + slack < thresh || lower - slack >= thresh; };
+  if (settled() || !box.on()) return;
+  tighten_with_box(node, q, upper, lower);
+  box.record(settled());
 }
 
 void HSRTree::range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
@@ -816,42 +885,106 @@ void HSRTree::range_leaves(const float* q, float thresh, std::vector<LeafVisit>&
   stats = QueryStats{};
   if (live_ == 0) return;
   const double qnorm = norm_rounded_up(q, dim_);
-  // (node, inside): inside = every point below is known to pass, no bounds needed.
-  std::vector<std::pair<int32_t, bool>> stack = {{0, false}};
-  while (!stack.empty()) {
-    auto [node, inside] = stack.back();
-    stack.pop_back();
-    if (count_[node] == 0) continue;
-    ++stats.nodes_visited;
-    if (!inside) {
-      double upper, lower, slack;
-      bounds(node, q, qnorm, thresh, upper, lower, slack);
-      if (upper + slack < thresh) continue;
-      inside = lower - slack >= thresh;
+  BoxGate box;
+  // Level by level, each node bounded while the summaries of the next kPrefetchNodes are on
+  // their way (depth first, every node waited for its own loads). (node, inside): inside =
+  // every point below is known to pass, no bounds needed.
+  std::vector<std::pair<int32_t, bool>> level = {{0, false}}, next;
+  while (!level.empty()) {
+    for (size_t i = 0; i < std::min(level.size(), kPrefetchNodes); ++i) prefetch_node(level[i].first, box.on());
+    next.clear();
+    for (size_t i = 0; i < level.size(); ++i) {
+      if (i + kPrefetchNodes < level.size()) prefetch_node(level[i + kPrefetchNodes].first, box.on());
+      auto [node, inside] = level[i];
+      if (count_[node] == 0) continue;
+      ++stats.nodes_visited;
+      if (!inside) {
+        double upper, lower, slack;
+        gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
+        if (upper + slack < thresh) continue;
+        inside = lower - slack >= thresh;
+      }
+      const int32_t b = block_[node];
+      if (b < 0) {
+        next.push_back({left_[node], inside});
+        next.push_back({right_[node], inside});
+        continue;
+      }
+      leaves.push_back({b, inside});
+      (inside ? stats.points_scored : stats.points_sketched) += block_used_[b];
     }
-    const int32_t b = block_[node];
-    if (b < 0) {
-      stack.push_back({right_[node], inside});
-      stack.push_back({left_[node], inside});
-      continue;
-    }
-    leaves.push_back({b, inside});
-    stats.points_scored += block_used_[b];
+    level.swap(next);
   }
 }
 
-void HSRTree::score_leaf(int32_t block, const float* q, int rows, const float* thresh,
-                         const bool* inside, std::vector<Hit>* const* out) const {
+void HSRTree::leaf_query_terms(const float* q, double& qnorm, float* qabs) const {
+  qnorm = norm_rounded_up(q, dim_);
+  sketch::IntervalScanner::query_terms(sketch_layout_, q, 1, qabs);
+}
+
+void HSRTree::score_leaf(int32_t block, const LeafQueries& lq, LeafScratch& scratch,
+                         std::vector<Hit>* const* out, int64_t* scored) const {
   const int32_t used = block_used_[block];
-  float buf[kScanRows * kMaxLeafScoreTile];
   const int64_t* ids = slot_id_.data() + int64_t(block) * leaf_size_;
+  const int d = dim_, ng = sketch_layout_.groups(), cb = sketch_layout_.code_bytes();
+  // A query inside the leaf reports every point with its score; the others score only the
+  // points their sketch bound cannot exclude. Each kind's rows are gathered contiguously.
+  int all[kScanRows], some[kScanRows], n_all = 0, n_some = 0;
+  for (int r = 0; r < lq.rows; ++r) (lq.inside[r] ? all[n_all++] : some[n_some++]) = r;
+  float qbuf[kScanRows * kMaxDim], abuf[kScanRows * kMaxSketchGroups];
+  auto gather = [&](const int* rows, int n) {
+    for (int i = 0; i < n; ++i) {
+      std::memcpy(qbuf + i * d, lq.q + int64_t(rows[i]) * d, sizeof(float) * d);
+      std::memcpy(abuf + i * ng, lq.qabs + int64_t(rows[i]) * ng, sizeof(float) * ng);
+    }
+  };
+  float buf[kScanRows * kMaxLeafScoreTile], rad[kScanRows * kMaxLeafScoreTile];
+  if (n_all > 0) {
+    gather(all, n_all);
+    for (int32_t s0 = 0; s0 < used; s0 += kMaxLeafScoreTile) {
+      const int32_t n = std::min(used - s0, kMaxLeafScoreTile);
+      score_points(qbuf, n_all, d, point(block, s0), n, buf, kMaxLeafScoreTile);
+      for (int i = 0; i < n_all; ++i)
+        for (int32_t s = 0; s < n; ++s) out[all[i]]->push_back({buf[i * kMaxLeafScoreTile + s], ids[s0 + s]});
+    }
+    for (int i = 0; i < n_all; ++i) scored[all[i]] += used;
+  }
+  if (n_some == 0) return;
+  gather(some, n_some);
+  // A point's float score s = fl(<q, x>) and x = c + o + e, where o is its sketched offset
+  // from the leaf's centroid c (the sketch bounds <q, o> within [est - rad, est + rad]) and e
+  // the rounding of o = fl(x - c) (|e_t| <= u |x_t - c_t|, so |<q, e>| <= u |q| radius).
+  // fl(<q, c>) and s each err by at most gamma_d |q| max_norm (the centroid lies in the hull
+  // of the leaf's points, up to float rounding), `slack` below. So s >= thresh implies
+  // est + rad >= cut; the last term covers the double sums (rounding of 1e-16 relative).
+  const int32_t leaf = block_leaf_[block];
+  double cut[kScanRows];
+  for (int i = 0; i < n_some; ++i) {
+    const double qnorm = lq.qnorm[some[i]];
+    const double slack = dot_gamma(d) * qnorm * max_norm_[leaf] + 1e-30;
+    const double qc = centroid_dot(qbuf + i * d, centroid_.data() + int64_t(leaf) * d, d);
+    const double offset_err = 2.0 * kFloatEps * qnorm * radius_[leaf];
+    const double sums_err = 1e-12 * (qnorm * (max_norm_[leaf] + radius_[leaf]) + std::fabs(lq.thresh[some[i]]));
+    cut[i] = double(lq.thresh[some[i]]) - qc - 2.0 * slack - offset_err - sums_err;
+  }
   for (int32_t s0 = 0; s0 < used; s0 += kMaxLeafScoreTile) {
     const int32_t n = std::min(used - s0, kMaxLeafScoreTile);
-    score_points(q, rows, dim_, point(block, s0), n, buf, kMaxLeafScoreTile);
-    for (int r = 0; r < rows; ++r) {
-      const float* sr = buf + r * kMaxLeafScoreTile;
-      for (int32_t s = 0; s < n; ++s)
-        if (inside[r] || sr[s] >= thresh[r]) out[r]->push_back({sr[s], ids[s0 + s]});
+    scratch.scanner.run_queries(qbuf, abuf, n_some, sketch_codes(block) + int64_t(s0) * cb,
+                                sketch_lo(block) + int64_t(s0) * ng, sketch_delta(block) + int64_t(s0) * ng,
+                                nullptr, n, buf, rad, kMaxLeafScoreTile);
+    for (int i = 0; i < n_some; ++i) {
+      const float* est_i = buf + i * kMaxLeafScoreTile;
+      const float* rad_i = rad + i * kMaxLeafScoreTile;
+      const float th = lq.thresh[some[i]];
+      int64_t candidates = 0;
+      for (int32_t s = 0; s < n; ++s) {
+        if (double(est_i[s]) + double(rad_i[s]) < cut[i]) continue;
+        float score;
+        score_points(qbuf + i * d, 1, d, point(block, s0 + s), 1, &score, 1);
+        ++candidates;
+        if (score >= th) out[some[i]]->push_back({score, ids[s0 + s]});
+      }
+      scored[some[i]] += candidates;
     }
   }
 }
@@ -861,8 +994,15 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
   std::vector<LeafVisit> leaves;
   range_leaves(q, thresh, leaves, stats);
   out.clear();
-  std::vector<Hit>* target = &out;
-  for (const LeafVisit& v : leaves) score_leaf(v.block, q, 1, &thresh, &v.inside, &target);
+  if (!leaves.empty()) {
+    double qnorm;
+    float qabs[kMaxSketchGroups];
+    leaf_query_terms(q, qnorm, qabs);
+    LeafScratch scratch(dim_);
+    std::vector<Hit>* target = &out;
+    for (const LeafVisit& v : leaves)
+      score_leaf(v.block, {q, qabs, &qnorm, &thresh, &v.inside, 1}, scratch, &target, &stats.points_scored);
+  }
   std::sort(out.begin(), out.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
   stats.results = int64_t(out.size());
 }
@@ -967,14 +1107,19 @@ HSRTree HSRTree::deserialize(const uint8_t* data, size_t size) {
   if (int64_t(points.size()) != blocks * block_floats)
     throw std::invalid_argument("hsr index: corrupted buffer (block arrays disagree in length)");
   for (int32_t b = 0; b < blocks; ++b) {
-    if (b % kChunkBlocks == 0)
+    if (b % kChunkBlocks == 0) {
       t.chunks_.push_back(std::make_unique<float[]>(size_t(kChunkBlocks) * block_floats));
+      t.sketch_chunks_.emplace_back(new uint8_t[size_t(kChunkBlocks) * t.sketch_block_bytes_]);
+    }
     std::memcpy(t.point(b, 0), points.data() + b * block_floats, sizeof(float) * block_floats);
   }
   t.free_blocks_ = r.get_vec<int32_t>(), t.location_ = r.get_vec<int64_t>();
   if (r.pos() != size - sizeof kMagic - sizeof stored)
     throw std::invalid_argument("hsr index: corrupted buffer (trailing bytes)");
   t.validate_structure();
+  // The sketch is not stored: it is made again from the points (and the leaves' centroids).
+  for (int32_t b = 0; b < blocks; ++b)
+    if (t.block_leaf_[b] >= 0) t.sketch_slots(b, 0, t.block_used_[b]);
   return t;
 }
 

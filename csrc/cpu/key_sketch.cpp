@@ -518,19 +518,9 @@ template void quantize_keys<half_t>(const SketchLayout&, const half_t*, int64_t,
 template void quantize_keys<bfloat16_t>(const SketchLayout&, const bfloat16_t*, int64_t, uint8_t*, float*,
                                         float*);
 
-IntervalScanner::IntervalScanner(const SketchLayout& layout, const float* q, int64_t m)
-    : layout_(layout), q_(q), m_(m) {
+IntervalScanner::IntervalScanner(const SketchLayout& layout) : layout_(layout) {
   layout.validate();
   const int d = layout.dim, ng = layout.groups();
-  // Per query and group: sum |q_t| rounded up to float.
-  qabs_.resize(size_t(m) * ng);
-  for (int64_t i = 0; i < m; ++i)
-    for (int g = 0; g < ng; ++g) {
-      const int first = g * layout.group, size = std::min(layout.group, d - first);
-      double abs_sum = 0.0;
-      for (int t = first; t < first + size; ++t) abs_sum += std::fabs(double(q[i * d + t]));
-      qabs_[i * ng + g] = std::nextafter(float(abs_sum * (1.0 + 1e-12)), std::numeric_limits<float>::infinity());
-    }
   // Rounding (see intervals_tile_as): the dequantization (2 roundings) and a dot product of d
   // terms (d + 1) make at most d + 3 roundings on each term's magnitude; 1.01 covers gamma_k =
   // k u / (1 - k u) and the float products that form `magnitude`. The radius itself is summed
@@ -538,15 +528,43 @@ IntervalScanner::IntervalScanner(const SketchLayout& layout, const float* q, int
   // non-negative terms) and the hair by which a code can miss the nearest level.
   rounding_ = float(1.01 * double(d + 6) * kFloatEps);
   inflate_ = float(1.0 + 4.0 * double(2 * ng + 8) * kFloatEps + 1.0 / 1048576.0);
-  tile_.resize(static_cast<size_t>(kTile * d));
+  // Written before read (only the non-AVX-512 kernels use it): left uninitialised, so that a
+  // scanner made per query costs no memset.
+  tile_.reset(new float[size_t(kTile) * d]);
+}
+
+IntervalScanner::IntervalScanner(const SketchLayout& layout, const float* q, int64_t m)
+    : IntervalScanner(layout) {
+  q_ = q;
+  m_ = m;
+  qabs_.resize(size_t(m) * layout.groups());
+  query_terms(layout, q, m, qabs_.data());
+}
+
+void IntervalScanner::query_terms(const SketchLayout& layout, const float* q, int64_t m, float* qabs) {
+  const int d = layout.dim, ng = layout.groups();
+  // Per query and group: sum |q_t| rounded up to float.
+  for (int64_t i = 0; i < m; ++i)
+    for (int g = 0; g < ng; ++g) {
+      const int first = g * layout.group, size = std::min(layout.group, d - first);
+      double abs_sum = 0.0;
+      for (int t = first; t < first + size; ++t) abs_sum += std::fabs(double(q[i * d + t]));
+      qabs[i * ng + g] = std::nextafter(float(abs_sum * (1.0 + 1e-12)), std::numeric_limits<float>::infinity());
+    }
 }
 
 void IntervalScanner::run(const uint8_t* codes, const float* lo, const float* delta, const int64_t* rows,
                           int64_t count, float* estimate, float* radius, int64_t ld) {
-  const QueryTerms qt{q_, qabs_.data()};
+  run_queries(q_, qabs_.data(), m_, codes, lo, delta, rows, count, estimate, radius, ld);
+}
+
+void IntervalScanner::run_queries(const float* q, const float* qabs, int64_t m, const uint8_t* codes,
+                                  const float* lo, const float* delta, const int64_t* rows, int64_t count,
+                                  float* estimate, float* radius, int64_t ld) {
+  const QueryTerms qt{q, qabs};
   for (int64_t j0 = 0; j0 < count; j0 += kTile)
-    kIntervalsTile(layout_, qt, m_, codes, lo, delta, rows, j0, std::min(kTile, count - j0), rounding_, inflate_,
-                   estimate, radius, ld, tile_.data());
+    kIntervalsTile(layout_, qt, m, codes, lo, delta, rows, j0, std::min(kTile, count - j0), rounding_, inflate_,
+                   estimate, radius, ld, tile_.get());
 }
 
 void score_intervals_of_rows(const SketchLayout& layout, const float* q, int64_t m,

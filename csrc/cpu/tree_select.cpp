@@ -1,6 +1,8 @@
 // Certified two-level softmax selection (see csrc/include/hsr/sketch/tree_select.h).
 #include "hsr/sketch/tree_select.h"
 
+#include "hsr/index/box_gate.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -279,30 +281,6 @@ namespace {
 // Per head, what a node's bounds decided for every key below it.
 enum class Verdict : uint8_t { kOut, kOpen, kIn };
 
-// Whether a walk still computes the box bound. The ball bound (the centroid's 4d bytes) comes
-// first; the box (8d more bytes) is read only for a node the ball leaves open, and pays when it
-// settles the node instead (rules it out or takes it whole), which saves bounding its children
-// or sketching its keys, about ten times the box's bytes. In high dimension it rarely does (the
-// clustered D=128 keys of bench_decode_cpu: 1 in 80 nodes), so a walk stops reading it once
-// fewer than one in kPayRatio of the last kWindow boxes settled a node; the bounds stay valid
-// either way (the box only tightens them).
-class BoxGate {
- public:
-  bool on() const { return on_; }
-  void record(bool settled) {
-    ++tries_;
-    settled_ += settled;
-    if (tries_ < kWindow) return;
-    on_ = settled_ * kPayRatio >= tries_;
-    tries_ = settled_ = 0;
-  }
-
- private:
-  static constexpr int kWindow = 32, kPayRatio = 16;
-  bool on_ = true;
-  int tries_ = 0, settled_ = 0;
-};
-
 // ReLU selection for one tree: a head drops out of a subtree once the node's upper bound
 // shows no key below can pass, and is in for every key below once its lower bound passes;
 // heads still open at a leaf test each key's sketch upper bound.
@@ -484,7 +462,7 @@ class ReluWalk {
   std::vector<double> qnorm_;
   std::vector<IntervalScanner> scanners_;  // one per head
   IntervalScanner group_scanner_;          // all G heads
-  BoxGate box_;
+  index::BoxGate box_;
   std::vector<Verdict> verdicts_, parent_;
   std::vector<int64_t> ids_;
   std::vector<uint8_t> pass_;  // G flags per entry of ids_

@@ -7,6 +7,12 @@
 // of the ball and box bounds, computed in double, plus a slack that covers the float rounding
 // of the scores we report. A node is skipped only when even that cannot reach the threshold,
 // so no point whose computed score passes is ever dropped.
+//
+// A tree that keeps its points also keeps a key sketch of them (DESIGN 4a): each point's
+// offset from its leaf's centroid, quantized to int8 per group of 32 channels. Scoring a leaf
+// for a range query first bounds every point's score from the sketch (a quarter of the bytes
+// of the points) and computes the float score only of the points whose bound reaches the
+// threshold; the bound is widened by every rounding involved, so the reported set is the same.
 #pragma once
 
 #include <cstdint>
@@ -15,17 +21,22 @@
 #include <utility>
 #include <vector>
 
+#include "hsr/index/box_gate.h"
+#include "hsr/sketch/key_sketch.h"
+
 namespace hsr::index {
 
 struct QueryStats {
   int64_t nodes_visited = 0;
-  int64_t points_scored = 0;
+  int64_t points_scored = 0;    // float scores computed from the points
+  int64_t points_sketched = 0;  // score bounds computed from the key sketch
   int64_t results = 0;
   bool fell_back_to_scan = false;
 
   void add(const QueryStats& o) {
     nodes_visited += o.nodes_visited;
     points_scored += o.points_scored;
+    points_sketched += o.points_sketched;
     results += o.results;
     fell_back_to_scan = fell_back_to_scan || o.fell_back_to_scan;
   }
@@ -50,6 +61,9 @@ class HSRTree {
  public:
   static constexpr int kMaxDim = 256;
   static constexpr uint32_t kFormatVersion = 1;
+  // Channels per quantization group of the key sketch, and the most groups a point has.
+  static constexpr int kSketchGroup = 32;
+  static constexpr int kMaxSketchGroups = (kMaxDim + kSketchGroup - 1) / kSketchGroup;
 
   // keep_points = false: a bounds-only tree (node summaries and ids, no copy of the points),
   // for callers that keep the points themselves and only walk the nodes (the certified
@@ -97,19 +111,38 @@ class HSRTree {
   void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
   // The first half of range_search, for callers that score many queries' leaves together
   // (each leaf read once for all the queries that open it): the leaves whose points may
-  // reach thresh, and whether every point of the leaf is known to (stats: nodes visited and
-  // the points of these leaves, which the caller scores).
+  // reach thresh, and whether every point of the leaf is known to (stats: nodes visited; the
+  // points of these leaves, as scored when inside or without a sketch, else as sketched: the
+  // caller adds the candidates score_leaf scores).
   struct LeafVisit {
     int32_t block;
     bool inside;
   };
   void range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
                     QueryStats& stats) const;
-  // The second half: appends the points of leaf block `block` that pass to out[r], for rows
-  // r < rows (1..kScanRows) of q with thresholds thresh[r] (inside[r]: report all); scores
-  // with score_points, so they equal the scan's bit for bit.
-  void score_leaf(int32_t block, const float* q, int rows, const float* thresh,
-                  const bool* inside, std::vector<Hit>* const* out) const;
+  // The second half: score_leaf's per-query terms, computed once per query: |q| rounded up
+  // and, with a sketch, its sketch_groups() sums of |q_t| per channel group.
+  int sketch_groups() const { return keep_points_ ? sketch_layout_.groups() : 0; }
+  void leaf_query_terms(const float* q, double& qnorm, float* qabs) const;
+  // 1..kScanRows queries scoring one leaf together, their rows contiguous.
+  struct LeafQueries {
+    const float* q;       // rows x dim
+    const float* qabs;    // rows x sketch_groups()
+    const double* qnorm;  // rows
+    const float* thresh;  // rows
+    const bool* inside;   // rows: every point is known to pass
+    int rows;
+  };
+  // Working memory of score_leaf, one per thread (any tree of this dim).
+  struct LeafScratch {
+    explicit LeafScratch(int dim);
+    sketch::IntervalScanner scanner;
+  };
+  // Appends the points of leaf block `block` that pass to out[r] and adds to scored[r] the
+  // float scores it computed, for each query r. Scores come from score_points, so they equal
+  // the scan's bit for bit; a sketched query scores only the points its bound cannot exclude.
+  void score_leaf(int32_t block, const LeafQueries& queries, LeafScratch& scratch,
+                  std::vector<Hit>* const* out, int64_t* scored) const;
   // Leaf blocks ever allocated (block ids are below this).
   int32_t num_blocks() const { return int32_t(block_used_.size()); }
   // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than
@@ -159,6 +192,10 @@ class HSRTree {
   void ball_bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
                    double& slack) const;
   void tighten_with_box(int32_t node, const float* q, double& upper, double& lower) const;
+  // bounds() for a range walk against thresh, the box computed only while `box` says it pays
+  // (it records whether the box settled a node the ball left open).
+  void gated_bounds(int32_t node, const float* q, double qnorm, float thresh, BoxGate& box, double& upper,
+                    double& lower, double& slack) const;
 
  private:
   int32_t new_node(int32_t parent);
@@ -166,6 +203,12 @@ class HSRTree {
   void build_subtree(int32_t node, float* rows, int64_t* ids, int64_t count, float* spare_rows,
                      int64_t* spare_ids, const float* row_sum);
   void set_centroid(int32_t node, const float* rows, int64_t count);
+  // Writes the sketch of slots [first, first + n) of block b: the points' offsets from the
+  // centroid of the block's leaf (which must be set and never changes afterwards).
+  void sketch_slots(int32_t b, int32_t first, int32_t n);
+  uint8_t* sketch_codes(int32_t b) const;
+  float* sketch_lo(int32_t b) const;
+  float* sketch_delta(int32_t b) const;
   void make_leaf(int32_t node, const float* rows, const int64_t* ids, int64_t count);
   // Grows node's box, radius and largest norm to cover x (x_norm: upper_norm of x).
   void widen_bounds(int32_t node, const float* x, double x_norm);
@@ -202,6 +245,11 @@ class HSRTree {
   // points (an insert costs the same at 10^6 points as at 10^3).
   static constexpr int32_t kChunkBlocks = 64;
   std::vector<std::unique_ptr<float[]>> chunks_;
+  // The sketch of the same blocks, chunked alike: per block, leaf_size code rows, then
+  // leaf_size x groups offsets and as many steps (sketch_block_bytes_ in all).
+  sketch::SketchLayout sketch_layout_;
+  int64_t sketch_block_bytes_ = 0;
+  std::vector<std::unique_ptr<uint8_t[]>> sketch_chunks_;
   std::vector<int64_t> slot_id_;
   std::vector<int32_t> block_used_, block_leaf_;  // block_leaf_ -1: on the free list
   std::vector<int32_t> free_blocks_;

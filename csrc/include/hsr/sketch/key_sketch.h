@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -60,11 +61,22 @@ class IntervalScanner {
   void run(const uint8_t* codes, const float* lo, const float* delta, const int64_t* rows, int64_t count,
            float* estimate, float* radius, int64_t ld);
 
+  // For callers whose queries change from call to call (an index scoring each leaf for the
+  // queries that opened it): the per-query terms are computed once per query with
+  // query_terms (qabs: m x groups floats) and passed to run_queries with the queries'
+  // contiguous rows. A scanner made from the layout alone has no queries of its own.
+  explicit IntervalScanner(const SketchLayout& layout);
+  static void query_terms(const SketchLayout& layout, const float* q, int64_t m, float* qabs);
+  void run_queries(const float* q, const float* qabs, int64_t m, const uint8_t* codes, const float* lo,
+                   const float* delta, const int64_t* rows, int64_t count, float* estimate, float* radius,
+                   int64_t ld);
+
  private:
   SketchLayout layout_;
-  const float* q_;
-  int64_t m_;
-  std::vector<float> qabs_, tile_;
+  const float* q_ = nullptr;
+  int64_t m_ = 0;
+  std::vector<float> qabs_;
+  std::unique_ptr<float[]> tile_;
   float rounding_ = 0.0f, inflate_ = 0.0f;
 };
 

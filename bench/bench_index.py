@@ -95,6 +95,7 @@ def bench_one(kind, n, d, selectivities, k, queries, iters, single=False):
                          tree_ms=t_tree, brute_ms=t_brute, speedup=t_brute / t_tree,
                          points_scored_per_query=stats.points_scored / queries,
                          points_sketched_per_query=stats.points_sketched / queries,
+                         sketched_fraction=stats.points_sketched / (queries * n),
                          scanned_fraction=stats.points_scored / (queries * n),
                          fell_back=stats.queries_scanned, build_s=build_s))
         if single:
@@ -109,6 +110,7 @@ def bench_one(kind, n, d, selectivities, k, queries, iters, single=False):
                      brute_ms=t_brute, speedup=t_brute / t_tree,
                      points_scored_per_query=stats.points_scored / queries,
                      points_sketched_per_query=stats.points_sketched / queries,
+                     sketched_fraction=stats.points_sketched / (queries * n),
                      scanned_fraction=stats.points_scored / (queries * n),
                      fell_back=stats.queries_scanned, build_s=build_s))
     insert = measure_inserts(index, x, d)
@@ -208,6 +210,7 @@ def main():
     print(format_table(rows, [("dataset", "data", ""), ("n", "n", "d"), ("d", "d", "d"), ("query", "query", ""),
                               ("tree_ms", "index ms", ".2f"), ("brute_ms", "brute ms", ".2f"),
                               ("speedup", "speedup", ".1f"), ("scanned_fraction", "scored", ".3f"),
+                              ("sketched_fraction", "sketched", ".3f"),
                               ("fell_back", "scans", "d"), ("build_s", "build s", ".2f")]
                        + ([("tree_single_ms", "index ms 1q", ".2f"), ("brute_single_ms", "brute ms 1q", ".2f"),
                            ("speedup_single", "speedup 1q", ".1f")] if args.one_at_a_time else [])))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["HSRIndex", "HSRIndexBatch", "write_index", "read_index", "paper_threshold", "KeyStats", "IndexStats",
+__all__ = ["HSRIndex", "HSRIndexBatch", "write_index", "read_index", "paper_threshold", "KeyStats", "IndexStats", "sketch_bytes_per_point",
            "expected_reported_fraction"]
 
 

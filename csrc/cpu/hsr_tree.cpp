@@ -360,6 +360,27 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 constexpr char kMagic[8] = {'H', 'S', 'R', 'T', 'R', 'E', 'E', '\0'};
 
+int32_t node_of(int32_t item) { return item; }
+int32_t node_of(const std::pair<int32_t, bool>& item) { return item.first; }
+
+// Calls visit(item, next) for the items of `level` (a node, alone or with what the walk carries
+// for it), then for those visit put in `next`, level after level, while the summaries of the
+// node kPrefetchNodes places ahead are on their way (depth first, every node waited for its
+// own loads); stops when visit returns false.
+template <typename Item, typename Visit>
+void walk_by_level(const HSRTree& tree, std::vector<Item> level, const BoxGate& box, const Visit& visit) {
+  std::vector<Item> next;
+  while (!level.empty()) {
+    for (size_t i = 0; i < std::min(level.size(), kPrefetchNodes); ++i) tree.prefetch_node(node_of(level[i]), box.on());
+    next.clear();
+    for (size_t i = 0; i < level.size(); ++i) {
+      if (i + kPrefetchNodes < level.size()) tree.prefetch_node(node_of(level[i + kPrefetchNodes]), box.on());
+      if (!visit(level[i], next)) return;
+    }
+    level.swap(next);
+  }
+}
+
 }  // namespace
 
 HSRTree::HSRTree(int dim, int leaf_size, bool keep_points)
@@ -836,36 +857,28 @@ void HSRTree::bounds(int32_t node, const float* q, double qnorm, double prune_be
 }
 
 double HSRTree::estimated_scored_fraction(const float* q, float thresh, double stop_above) const {
-  // Walk the tree as a range query would (level by level, prefetching, the box while it
-  // pays), but stop at nodes of at most kFrontierLeaves leaves' worth of points: the points in
-  // such nodes whose upper bound reaches the threshold over-estimate what the traversal
-  // scores, at a small fraction of its cost.
+  // Walk the tree as a range query would (walk_by_level, the box while it pays), but stop at
+  // nodes of at most kFrontierLeaves leaves' worth of points: the points in such nodes whose
+  // upper bound reaches the threshold over-estimate what the traversal scores, at a small
+  // fraction of its cost.
   if (live_ == 0) return 0.0;
   const double qnorm = norm_rounded_up(q, dim_);
   const int64_t frontier_size = int64_t(kFrontierLeaves) * leaf_size_;
   BoxGate box;
-  std::vector<int32_t> level = {0}, next;
   int64_t must_score = 0;
-  while (!level.empty()) {
-    for (size_t i = 0; i < std::min(level.size(), kPrefetchNodes); ++i) prefetch_node(level[i], box.on());
-    next.clear();
-    for (size_t i = 0; i < level.size(); ++i) {
-      if (i + kPrefetchNodes < level.size()) prefetch_node(level[i + kPrefetchNodes], box.on());
-      const int32_t node = level[i];
-      if (count_[node] == 0) continue;
-      double upper, lower, slack;
-      gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
-      if (upper + slack < thresh) continue;
-      if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
-        must_score += count_[node];
-        if (double(must_score) > stop_above * double(live_)) return double(must_score) / double(live_);
-        continue;
-      }
-      next.push_back(left_[node]);
-      next.push_back(right_[node]);
+  walk_by_level(*this, std::vector<int32_t>{0}, box, [&](int32_t node, std::vector<int32_t>& next) {
+    if (count_[node] == 0) return true;
+    double upper, lower, slack;
+    gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
+    if (upper + slack < thresh) return true;
+    if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
+      must_score += count_[node];
+      return double(must_score) <= stop_above * double(live_);
     }
-    level.swap(next);
-  }
+    next.push_back(left_[node]);
+    next.push_back(right_[node]);
+    return true;
+  });
   return double(must_score) / double(live_);
 }
 
@@ -886,35 +899,28 @@ void HSRTree::range_leaves(const float* q, float thresh, std::vector<LeafVisit>&
   if (live_ == 0) return;
   const double qnorm = norm_rounded_up(q, dim_);
   BoxGate box;
-  // Level by level, each node bounded while the summaries of the next kPrefetchNodes are on
-  // their way (depth first, every node waited for its own loads). (node, inside): inside =
-  // every point below is known to pass, no bounds needed.
-  std::vector<std::pair<int32_t, bool>> level = {{0, false}}, next;
-  while (!level.empty()) {
-    for (size_t i = 0; i < std::min(level.size(), kPrefetchNodes); ++i) prefetch_node(level[i].first, box.on());
-    next.clear();
-    for (size_t i = 0; i < level.size(); ++i) {
-      if (i + kPrefetchNodes < level.size()) prefetch_node(level[i + kPrefetchNodes].first, box.on());
-      auto [node, inside] = level[i];
-      if (count_[node] == 0) continue;
-      ++stats.nodes_visited;
-      if (!inside) {
-        double upper, lower, slack;
-        gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
-        if (upper + slack < thresh) continue;
-        inside = lower - slack >= thresh;
-      }
-      const int32_t b = block_[node];
-      if (b < 0) {
-        next.push_back({left_[node], inside});
-        next.push_back({right_[node], inside});
-        continue;
-      }
-      leaves.push_back({b, inside});
-      (inside ? stats.points_scored : stats.points_sketched) += block_used_[b];
+  // (node, inside): inside = every point below is known to pass, no bounds needed.
+  using Item = std::pair<int32_t, bool>;
+  walk_by_level(*this, std::vector<Item>{{0, false}}, box, [&](Item item, std::vector<Item>& next) {
+    auto [node, inside] = item;
+    if (count_[node] == 0) return true;
+    ++stats.nodes_visited;
+    if (!inside) {
+      double upper, lower, slack;
+      gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
+      if (upper + slack < thresh) return true;
+      inside = lower - slack >= thresh;
     }
-    level.swap(next);
-  }
+    const int32_t b = block_[node];
+    if (b < 0) {
+      next.push_back({left_[node], inside});
+      next.push_back({right_[node], inside});
+      return true;
+    }
+    leaves.push_back({b, inside});
+    (inside ? stats.points_scored : stats.points_sketched) += block_used_[b];
+    return true;
+  });
 }
 
 void HSRTree::leaf_query_terms(const float* q, double& qnorm, float* qabs) const {

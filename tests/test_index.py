@@ -330,6 +330,32 @@ def test_stats_report_pruning_and_scan_fallback():
     assert fine.last_stats.queries_scanned == 4 and fine.last_stats.points_scored == 4 * 20_000
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_one_query_walk_in_parts_finishes_or_gives_up(threads):
+    # With fewer queries than threads, a walk is split at a level of 16 nodes per thread and
+    # the threads walk those subtrees in turn. A part whose frontier count passes the cap
+    # (half the points) stops the walk: the query scans, and of the walk only its visited
+    # nodes stay counted. A selective query finishes in the tree with the same answers.
+    x = make_points("clustered", 30_000, 16)
+    q = x[5:6] * 1.0
+    index = hsr.HSRIndex(16, leaf_size=8)
+    index.add(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        s = inner_products_ref(x, q)
+        index.range_search(q, torch.quantile(s, 0.3, dim=1).float())
+        stats = index.last_stats
+        assert stats.queries_scanned == 1 and stats.points_scored == 30_000 and stats.points_sketched == 0
+        assert stats.nodes_visited > 0
+        index.range_search(q, torch.quantile(s, 0.999, dim=1).float())
+        stats = index.last_stats
+        assert stats.queries_scanned == 0 and 0 < stats.points_sketched < 0.5 * 30_000
+        assert_range_exact(index, x, q, [0.3, 0.9, 0.999])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", ["random", "clustered", "duplicated"])
 @pytest.mark.parametrize("m", [1, 9])
 @pytest.mark.parametrize("threads", [1, 2, 4])

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -62,6 +63,9 @@ constexpr double kTopkBudgetDivisor = 32.0;
 // Below this many points a top-k query is scanned outright: the scan takes well under a
 // millisecond and a budgeted traversal that gives up would only add to it.
 constexpr int64_t kTopkTreeMinPoints = 32768;
+// A range walk asked by fewer queries than threads is split into parts at a level of at
+// least this many nodes per thread (the parts' work differs: the threads take them in turn).
+constexpr size_t kSplitItemsPerThread = 16;
 // A scan is split across threads in pieces of at least this many points.
 constexpr int64_t kMinScanPiece = 4096;
 // Waking the other threads costs about as much as scoring this many points (or copying this
@@ -264,6 +268,8 @@ void run_scans(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
 // by_tree[t] for tree t) leaf by leaf: each leaf is read once and scored for every query that
 // opened it, kScanRows at a time, so queries of one batch that open the same leaves share
 // the memory traffic (a leaf per query per walk is what bounded a batch of traversals).
+bool by_id(const Hit& a, const Hit& b) { return a.id < b.id; }
+
 void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
                          const std::vector<std::vector<int64_t>>& by_tree,
                          const std::vector<std::vector<HSRTree::LeafVisit>>& leaves,
@@ -274,6 +280,7 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
   struct Visit {
     int64_t query;
     bool inside;
+    double qc;
   };
   struct LeafTask {
     int64_t tree;
@@ -294,7 +301,7 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
     visits.resize(size_t(base + start.back()));
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t i : by_tree[t]) {
-      for (const auto& v : leaves[i]) visits[size_t(base + fill[size_t(v.block)]++)] = {i, v.inside};
+      for (const auto& v : leaves[i]) visits[size_t(base + fill[size_t(v.block)]++)] = {i, v.inside, v.qc};
       work += stats[i].points_scored + stats[i].points_sketched;
     }
     for (int32_t b = 0; b < trees[t].num_blocks(); ++b)
@@ -318,7 +325,7 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
     HSRTree::LeafScratch scratch{int(d)};
     float qbuf[index::kScanRows * HSRTree::kMaxDim], abuf[index::kScanRows * HSRTree::kMaxSketchGroups];
     float th[index::kScanRows];
-    double qn[index::kScanRows];
+    double qn[index::kScanRows], qc[index::kScanRows];
     bool inside[index::kScanRows];
     std::vector<Hit>* out[index::kScanRows];
     int64_t counts[index::kScanRows];
@@ -333,13 +340,17 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
           qn[r] = qnorm[size_t(v.query)];
           th[r] = thresh[v.query];
           inside[r] = v.inside;
+          qc[r] = v.qc;
           out[r] = &found[me][size_t(v.query)];
           counts[r] = 0;
         }
-        trees[task.tree].score_leaf(task.block, {qbuf, abuf, qn, th, inside, rows}, scratch, out, counts);
+        trees[task.tree].score_leaf(task.block, {qbuf, abuf, qn, th, inside, qc, rows}, scratch, out, counts);
         for (int r = 0; r < rows; ++r) scored[me][size_t(visits[size_t(v0 + r)].query)] += counts[r];
       }
     }
+    // Each thread sorts what it found (a query asked alone would otherwise sort all of its
+    // hits on one thread); the runs are merged below.
+    for (auto& f : found[me]) std::sort(f.begin(), f.end(), by_id);
   });
   at::parallel_for(0, m, grain_for(work / std::max<int64_t>(1, m)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -348,16 +359,91 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
       for (const auto& f : found) total += f[size_t(i)].size();
       for (const auto& c : scored) stats[i].points_scored += c[size_t(i)];
       hits[i].reserve(total);
-      for (const auto& f : found) hits[i].insert(hits[i].end(), f[size_t(i)].begin(), f[size_t(i)].end());
-      std::sort(hits[i].begin(), hits[i].end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
+      for (const auto& f : found) {
+        const auto middle = hits[i].insert(hits[i].end(), f[size_t(i)].begin(), f[size_t(i)].end());
+        std::inplace_merge(hits[i].begin(), middle, hits[i].end(), by_id);
+      }
       stats[i].results = int64_t(hits[i].size());
     }
   });
 }
 
+// The range walks of route_queries: query i walks trees[tree_of(i)] into leaves[i] and
+// stats[i] with its frontier count capped at scan_above of the tree's points (no cap from 1
+// on); a walk that passes the cap gives up and the query scans instead (scan[i]: its leaves
+// and point counts are dropped, the nodes it visited stay counted). estimate[i]: the frontier
+// count over the tree's points. Fewer walks than threads cannot keep the threads busy one
+// walk each: each walk then stops at a level of kSplitItemsPerThread nodes per thread, and
+// the threads walk those nodes' subtrees as parts, each taking the next part when done.
+template <typename TreeOf>
+void walk_range_queries(const float* qp, int64_t m, int64_t d, const HSRTree* trees, const TreeOf& tree_of,
+                        const float* thresh, double scan_above, int64_t largest, std::vector<char>& scan,
+                        std::vector<std::vector<HSRTree::LeafVisit>>& leaves, std::vector<QueryStats>& stats,
+                        std::vector<double>& estimate) {
+  const int threads = at::get_num_threads();
+  const size_t split_at = m < threads ? kSplitItemsPerThread * size_t(threads) : 0;
+  std::vector<HSRTree::FrontierCount> counts(static_cast<size_t>(m));
+  std::vector<std::vector<HSRTree::WalkItem>> levels(static_cast<size_t>(m));
+  std::vector<index::BoxGate> gates(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t n = trees[tree_of(i)].size();
+    if (n == 0) continue;
+    if (scan_above < 1.0) counts[i].cap = int64_t(std::floor(scan_above * double(n)));
+    levels[i].push_back({0, false, false});
+  }
+  at::parallel_for(0, m, grain_for(largest), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      if (!levels[i].empty())
+        trees[tree_of(i)].range_walk(qp + i * d, thresh[i], levels[i], split_at, gates[i], counts[i], leaves[i],
+                                     stats[i]);
+  });
+  struct Part {
+    int64_t query;
+    HSRTree::WalkItem item;
+  };
+  std::vector<Part> parts;
+  for (int64_t i = 0; i < m; ++i)
+    if (!counts[i].exceeded())
+      for (const HSRTree::WalkItem& item : levels[i]) parts.push_back({i, item});
+  if (!parts.empty()) {
+    std::vector<std::vector<HSRTree::LeafVisit>> part_leaves(parts.size());
+    std::vector<QueryStats> part_stats(parts.size());
+    std::atomic<size_t> next_part{0};
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (size_t p = next_part.fetch_add(1); p < parts.size(); p = next_part.fetch_add(1)) {
+          const int64_t i = parts[p].query;
+          if (counts[i].exceeded()) continue;  // another part of the walk gave up
+          std::vector<HSRTree::WalkItem> level{parts[p].item};
+          index::BoxGate box = gates[i];
+          trees[tree_of(i)].range_walk(qp + i * d, thresh[i], level, 0, box, counts[i], part_leaves[p],
+                                       part_stats[p]);
+        }
+    });
+    for (size_t p = 0; p < parts.size(); ++p) {
+      auto& to = leaves[parts[p].query];
+      to.insert(to.end(), part_leaves[p].begin(), part_leaves[p].end());
+      stats[parts[p].query].add(part_stats[p]);
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t n = trees[tree_of(i)].size();
+    if (n == 0) continue;
+    estimate[i] = double(counts[i].points.load()) / double(n);
+    if (counts[i].exceeded()) scan[i] = 1;
+  }
+}
+
+// Drops a range walk's leaves when its query scans instead; the nodes it visited stay counted.
+void drop_walk(std::vector<HSRTree::LeafVisit>& leaves, QueryStats& stats) {
+  leaves.clear();
+  stats.points_scored = stats.points_sketched = 0;
+}
+
 // Answers m queries, query i against trees[tree_of(i)]: a range query when k < 0 (with
-// thresh[i]), a top-k query otherwise. Each query goes through its tree, or through a scan
-// when the tree's frontier estimate says it would score more than scan_above of the points.
+// thresh[i]), a top-k query otherwise. A range query walks its tree, or scans when its walk's
+// frontier count says it would score more than scan_above of the points; a top-k query
+// searches its tree with a budget and scans when the budget runs out.
 template <typename TreeOf>
 void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches, int64_t num_trees,
                    const TreeOf& tree_of, const float* thresh, int64_t k, double scan_above,
@@ -368,48 +454,40 @@ void route_queries(const at::Tensor& q, const HSRTree* trees, ScanCache* caches,
   stats.assign(m, {});
   std::vector<char> scan(m, 0);
   std::vector<std::vector<HSRTree::LeafVisit>> leaves(k < 0 ? m : 0);
-  std::vector<double> estimate(k < 0 ? m : 0, 0.0);  // a range query's estimated scored fraction
-  // A query's routing costs up to a traversal of its tree, or nothing for a top-k query sent
-  // straight to the scan (a small tree).
   int64_t largest = 0;
   for (int64_t t = 0; t < num_trees; ++t) largest = std::max(largest, trees[t].size());
-  const bool routed_for_free = k == 0 || scan_above <= 0.0 ||
-                               (k > 0 && scan_above < 1.0 && largest < kTopkTreeMinPoints);
-  at::parallel_for(0, m, routed_for_free ? m : grain_for(largest), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const HSRTree& tree = trees[tree_of(i)];
-      if (tree.size() == 0 || k == 0) continue;
-      const float* qi = qp + i * d;
-      if (scan_above <= 0.0) {
-        scan[i] = 1;
-      } else if (k > 0 && scan_above < 1.0 && tree.size() < kTopkTreeMinPoints) {
-        scan[i] = 1;
-      } else if (k > 0) {
-        const int64_t budget = scan_above >= 1.0
-                                   ? std::numeric_limits<int64_t>::max()
-                                   : int64_t(scan_above / kTopkBudgetDivisor * double(tree.size()));
-        scan[i] = !tree.search(qi, k, hits[i], stats[i], budget);
-      } else if (scan_above < 1.0) {
-        estimate[i] = tree.estimated_scored_fraction(qi, thresh[i], scan_above);
-        scan[i] = estimate[i] > scan_above;
-      }
-    }
-  });
-  if (k < 0) {
+  if (k < 0 && scan_above <= 0.0) {
+    for (int64_t i = 0; i < m; ++i) scan[i] = trees[tree_of(i)].size() > 0;
+  } else if (k < 0) {
+    std::vector<double> estimate(m, 0.0);
+    walk_range_queries(qp, m, d, trees, tree_of, thresh, scan_above, largest, scan, leaves, stats, estimate);
+    for (int64_t i = 0; i < m; ++i)
+      if (scan[i]) drop_walk(leaves[i], stats[i]);
     // A tree scanned anyway costs a query that joins its scan only the scoring, not a read
     // of the points: the queries that would score a good part of it join.
     std::vector<char> scanned(num_trees, 0);
     for (int64_t i = 0; i < m; ++i) scanned[tree_of(i)] |= scan[i];
-    std::vector<int64_t> walkers;
-    for (int64_t i = 0; i < m; ++i) {
-      if (scan[i] || trees[tree_of(i)].size() == 0) continue;
-      if (scanned[tree_of(i)] && estimate[i] > kJoinScanShare * scan_above) scan[i] = 1;
-      else walkers.push_back(i);
-    }
-    at::parallel_for(0, int64_t(walkers.size()), grain_for(largest), [&](int64_t begin, int64_t end) {
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t i = walkers[w];
-        trees[tree_of(i)].range_leaves(qp + i * d, thresh[i], leaves[i], stats[i]);
+    for (int64_t i = 0; i < m; ++i)
+      if (!scan[i] && scanned[tree_of(i)] && estimate[i] > kJoinScanShare * scan_above) {
+        scan[i] = 1;
+        drop_walk(leaves[i], stats[i]);
+      }
+  } else if (k > 0) {
+    // A top-k search costs up to a traversal of its tree, or nothing when sent straight to
+    // the scan (a small tree).
+    const bool small = scan_above < 1.0 && largest < kTopkTreeMinPoints;
+    at::parallel_for(0, m, scan_above <= 0.0 || small ? m : grain_for(largest), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const HSRTree& tree = trees[tree_of(i)];
+        if (tree.size() == 0) continue;
+        if (scan_above <= 0.0 || (scan_above < 1.0 && tree.size() < kTopkTreeMinPoints)) {
+          scan[i] = 1;
+          continue;
+        }
+        const int64_t budget = scan_above >= 1.0
+                                   ? std::numeric_limits<int64_t>::max()
+                                   : int64_t(scan_above / kTopkBudgetDivisor * double(tree.size()));
+        scan[i] = !tree.search(qp + i * d, k, hits[i], stats[i], budget);
       }
     });
   }

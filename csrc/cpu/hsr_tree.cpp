@@ -24,8 +24,6 @@ constexpr double kInflate = 1.0 + 1e-9;
 constexpr double kFloatEps = 1.0 / 16777216.0;
 // gamma_d of a float dot product of d terms (its rounding error over sum |q_t x_t|), with margin.
 double dot_gamma(int d) { return 1.01 * (d + 2) * kFloatEps; }
-// The scan-or-traverse estimate stops at nodes of at most this many leaves' worth of points.
-constexpr int kFrontierLeaves = 4;
 // A walk asks for the summaries of the node this many places ahead of the one it bounds.
 constexpr size_t kPrefetchNodes = 4;
 // Points of a leaf scored per kernel call (leaves may hold up to 65536): the score tile of
@@ -360,25 +358,25 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 constexpr char kMagic[8] = {'H', 'S', 'R', 'T', 'R', 'E', 'E', '\0'};
 
-int32_t node_of(int32_t item) { return item; }
-int32_t node_of(const std::pair<int32_t, bool>& item) { return item.first; }
-
-// Calls visit(item, next) for the items of `level` (a node, alone or with what the walk carries
-// for it), then for those visit put in `next`, level after level, while the summaries of the
-// node kPrefetchNodes places ahead are on their way (depth first, every node waited for its
-// own loads); stops when visit returns false.
-template <typename Item, typename Visit>
-void walk_by_level(const HSRTree& tree, std::vector<Item> level, const BoxGate& box, const Visit& visit) {
-  std::vector<Item> next;
-  while (!level.empty()) {
-    for (size_t i = 0; i < std::min(level.size(), kPrefetchNodes); ++i) tree.prefetch_node(node_of(level[i]), box.on());
+// Calls visit(item, next) for the items of `level` (a node and what the walk carries for it),
+// then for those visit put in `next`, level after level, while the summaries of the node
+// kPrefetchNodes places ahead are on their way (depth first, every node waited for its own
+// loads). Returns false as soon as visit does; with split_at > 0, returns true once a level
+// holds at least split_at items, leaving them in `level` (which is empty when the walk ends).
+template <typename Visit>
+bool walk_by_level(const HSRTree& tree, std::vector<HSRTree::WalkItem>& level, size_t split_at, const BoxGate& box,
+                   const Visit& visit) {
+  std::vector<HSRTree::WalkItem> next;
+  while (!level.empty() && (split_at == 0 || level.size() < split_at)) {
+    for (size_t i = 0; i < std::min(level.size(), kPrefetchNodes); ++i) tree.prefetch_node(level[i].node, box.on());
     next.clear();
     for (size_t i = 0; i < level.size(); ++i) {
-      if (i + kPrefetchNodes < level.size()) tree.prefetch_node(node_of(level[i + kPrefetchNodes]), box.on());
-      if (!visit(level[i], next)) return;
+      if (i + kPrefetchNodes < level.size()) tree.prefetch_node(level[i + kPrefetchNodes].node, box.on());
+      if (!visit(level[i], next)) return false;
     }
     level.swap(next);
   }
+  return true;
 }
 
 }  // namespace
@@ -828,7 +826,7 @@ void HSRTree::prefetch_node(int32_t node, bool with_box) const {
 }
 
 void HSRTree::ball_bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
-                          double& slack) const {
+                          double& slack, double* qc_out) const {
   const int d = dim_;
   // |float dot - exact| <= gamma_d * sum|q_t x_t| <= gamma_d * |q| * max|x|, with margin.
   slack = dot_gamma(d) * qnorm * max_norm_[node] + 1e-30;
@@ -838,6 +836,7 @@ void HSRTree::ball_bounds(int32_t node, const float* q, double qnorm, double& up
   const double ball = qnorm * radius_[node] + slack;
   upper = qc + ball;
   lower = qc - ball;
+  if (qc_out != nullptr) *qc_out = qc;
 }
 
 void HSRTree::tighten_with_box(int32_t node, const float* q, double& upper, double& lower) const {
@@ -856,35 +855,9 @@ void HSRTree::bounds(int32_t node, const float* q, double qnorm, double prune_be
   tighten_with_box(node, q, upper, lower);
 }
 
-double HSRTree::estimated_scored_fraction(const float* q, float thresh, double stop_above) const {
-  // Walk the tree as a range query would (walk_by_level, the box while it pays), but stop at
-  // nodes of at most kFrontierLeaves leaves' worth of points: the points in such nodes whose
-  // upper bound reaches the threshold over-estimate what the traversal scores, at a small
-  // fraction of its cost.
-  if (live_ == 0) return 0.0;
-  const double qnorm = norm_rounded_up(q, dim_);
-  const int64_t frontier_size = int64_t(kFrontierLeaves) * leaf_size_;
-  BoxGate box;
-  int64_t must_score = 0;
-  walk_by_level(*this, std::vector<int32_t>{0}, box, [&](int32_t node, std::vector<int32_t>& next) {
-    if (count_[node] == 0) return true;
-    double upper, lower, slack;
-    gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
-    if (upper + slack < thresh) return true;
-    if (count_[node] <= frontier_size || block_[node] >= 0 || lower - slack >= thresh) {
-      must_score += count_[node];
-      return double(must_score) <= stop_above * double(live_);
-    }
-    next.push_back(left_[node]);
-    next.push_back(right_[node]);
-    return true;
-  });
-  return double(must_score) / double(live_);
-}
-
 void HSRTree::gated_bounds(int32_t node, const float* q, double qnorm, float thresh, BoxGate& box, double& upper,
-                           double& lower, double& slack) const {
-  ball_bounds(node, q, qnorm, upper, lower, slack);
+                           double& lower, double& slack, double* qc) const {
+  ball_bounds(node, q, qnorm, upper, lower, slack, qc);
   const auto settled = [&] { return upper + slack < thresh || lower - slack >= thresh; };
   if (settled() || !box.on()) return;
   tighten_with_box(node, q, upper, lower);
@@ -893,32 +866,43 @@ void HSRTree::gated_bounds(int32_t node, const float* q, double qnorm, float thr
 
 void HSRTree::range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
                            QueryStats& stats) const {
-  require_points("range_search");
+  std::vector<WalkItem> level;
+  if (live_ > 0) level.push_back({0, false, false});
+  BoxGate box;
+  FrontierCount count;
   leaves.clear();
   stats = QueryStats{};
-  if (live_ == 0) return;
+  range_walk(q, thresh, level, 0, box, count, leaves, stats);
+}
+
+bool HSRTree::range_walk(const float* q, float thresh, std::vector<WalkItem>& level, size_t split_at, BoxGate& box,
+                         FrontierCount& count, std::vector<LeafVisit>& leaves, QueryStats& stats) const {
+  require_points("range_search");
   const double qnorm = norm_rounded_up(q, dim_);
-  BoxGate box;
-  // (node, inside): inside = every point below is known to pass, no bounds needed.
-  using Item = std::pair<int32_t, bool>;
-  walk_by_level(*this, std::vector<Item>{{0, false}}, box, [&](Item item, std::vector<Item>& next) {
-    auto [node, inside] = item;
-    if (count_[node] == 0) return true;
+  const int64_t frontier_size = int64_t(kFrontierLeaves) * leaf_size_;
+  return walk_by_level(*this, level, split_at, box, [&](WalkItem item, std::vector<WalkItem>& next) {
+    if (count_[item.node] == 0) return true;
     ++stats.nodes_visited;
-    if (!inside) {
+    double qc = std::numeric_limits<double>::quiet_NaN();
+    if (!item.inside) {
       double upper, lower, slack;
-      gated_bounds(node, q, qnorm, thresh, box, upper, lower, slack);
+      gated_bounds(item.node, q, qnorm, thresh, box, upper, lower, slack, &qc);
       if (upper + slack < thresh) return true;
-      inside = lower - slack >= thresh;
+      item.inside = lower - slack >= thresh;
     }
-    const int32_t b = block_[node];
+    const int32_t b = block_[item.node];
+    if (!item.counted && (count_[item.node] <= frontier_size || b >= 0 || item.inside)) {
+      item.counted = true;
+      const int64_t n = count_[item.node];
+      if (count.points.fetch_add(n, std::memory_order_relaxed) + n > count.cap) return false;
+    }
     if (b < 0) {
-      next.push_back({left_[node], inside});
-      next.push_back({right_[node], inside});
+      next.push_back({left_[item.node], item.inside, item.counted});
+      next.push_back({right_[item.node], item.inside, item.counted});
       return true;
     }
-    leaves.push_back({b, inside});
-    (inside ? stats.points_scored : stats.points_sketched) += block_used_[b];
+    leaves.push_back({b, item.inside, qc});
+    (item.inside ? stats.points_scored : stats.points_sketched) += block_used_[b];
     return true;
   });
 }
@@ -968,7 +952,7 @@ void HSRTree::score_leaf(int32_t block, const LeafQueries& lq, LeafScratch& scra
   for (int i = 0; i < n_some; ++i) {
     const double qnorm = lq.qnorm[some[i]];
     const double slack = dot_gamma(d) * qnorm * max_norm_[leaf] + 1e-30;
-    const double qc = centroid_dot(qbuf + i * d, centroid_.data() + int64_t(leaf) * d, d);
+    const double qc = lq.qc[some[i]];
     const double offset_err = 2.0 * kFloatEps * qnorm * radius_[leaf];
     const double sums_err = 1e-12 * (qnorm * (max_norm_[leaf] + radius_[leaf]) + std::fabs(lq.thresh[some[i]]));
     cut[i] = double(lq.thresh[some[i]]) - qc - 2.0 * slack - offset_err - sums_err;
@@ -1007,7 +991,7 @@ void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
     LeafScratch scratch(dim_);
     std::vector<Hit>* target = &out;
     for (const LeafVisit& v : leaves)
-      score_leaf(v.block, {q, qabs, &qnorm, &thresh, &v.inside, 1}, scratch, &target, &stats.points_scored);
+      score_leaf(v.block, {q, qabs, &qnorm, &thresh, &v.inside, &v.qc, 1}, scratch, &target, &stats.points_scored);
   }
   std::sort(out.begin(), out.end(), [](const Hit& a, const Hit& b) { return a.id < b.id; });
   stats.results = int64_t(out.size());

@@ -15,6 +15,7 @@
 // threshold; the bound is widened by every rounding involved, so the reported set is the same.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -113,13 +114,42 @@ class HSRTree {
   // (each leaf read once for all the queries that open it): the leaves whose points may
   // reach thresh, and whether every point of the leaf is known to (stats: nodes visited; the
   // points of these leaves, as scored when inside or without a sketch, else as sketched: the
-  // caller adds the candidates score_leaf scores).
+  // caller adds the candidates score_leaf scores). qc: the walk's <q, c> of the leaf's
+  // centroid, which score_leaf needs for a leaf not inside.
   struct LeafVisit {
     int32_t block;
     bool inside;
+    double qc;
   };
   void range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
                     QueryStats& stats) const;
+  // range_leaves in parts, for a caller that routes a query (tree or scan) by the walk itself
+  // and spreads one query's walk over threads. A node of the walk, with whether every point
+  // below is known to pass (no bounds needed) and whether its points are already in the
+  // frontier count.
+  struct WalkItem {
+    int32_t node;
+    bool inside;
+    bool counted;
+  };
+  // The frontier count of one query's walk, shared by its parts: the points of the nodes of
+  // at most kFrontierLeaves leaves' worth (or leaves, or inside) whose upper bound reaches the
+  // threshold, counted where the walk first meets such a node. It over-estimates what the
+  // walk will score (as estimated_scored_fraction does); the walk gives up once it passes cap.
+  struct FrontierCount {
+    int64_t cap = INT64_MAX;
+    std::atomic<int64_t> points{0};
+    bool exceeded() const { return points.load(std::memory_order_relaxed) > cap; }
+  };
+  // Walks level by level from the items of `level` (the root: {0, false, false}), appending
+  // leaves and counting stats as range_leaves does. With split_at > 0 it returns as soon as a
+  // level holds at least split_at items, leaving them in `level` for further calls (one per
+  // part; the gate `box` carries what the walk so far learnt about boxes). Returns false when
+  // the frontier count passed its cap (the walk gave up: leaves and stats are incomplete).
+  bool range_walk(const float* q, float thresh, std::vector<WalkItem>& level, size_t split_at, BoxGate& box,
+                  FrontierCount& count, std::vector<LeafVisit>& leaves, QueryStats& stats) const;
+  // Points in nodes of at most this many leaves' worth count whole in the frontier count.
+  static constexpr int kFrontierLeaves = 4;
   // The second half: score_leaf's per-query terms, computed once per query: |q| rounded up
   // and, with a sketch, its sketch_groups() sums of |q_t| per channel group.
   int sketch_groups() const { return keep_points_ ? sketch_layout_.groups() : 0; }
@@ -131,6 +161,7 @@ class HSRTree {
     const double* qnorm;  // rows
     const float* thresh;  // rows
     const bool* inside;   // rows: every point is known to pass
+    const double* qc;     // rows: <q, c> of the leaf's centroid (LeafVisit::qc), unused when inside
     int rows;
   };
   // Working memory of score_leaf, one per thread (any tree of this dim).
@@ -189,13 +220,14 @@ class HSRTree {
               double& lower, double& slack) const;
   // bounds() in two parts, for walks that decide themselves whether the box pays: the ball
   // bound alone (the same contract), then the box's tightening of a ball's upper and lower.
+  // qc, when given, receives <q, c> of the node's centroid.
   void ball_bounds(int32_t node, const float* q, double qnorm, double& upper, double& lower,
-                   double& slack) const;
+                   double& slack, double* qc = nullptr) const;
   void tighten_with_box(int32_t node, const float* q, double& upper, double& lower) const;
   // bounds() for a range walk against thresh, the box computed only while `box` says it pays
   // (it records whether the box settled a node the ball left open).
   void gated_bounds(int32_t node, const float* q, double qnorm, float thresh, BoxGate& box, double& upper,
-                    double& lower, double& slack) const;
+                    double& lower, double& slack, double* qc = nullptr) const;
 
  private:
   int32_t new_node(int32_t parent);

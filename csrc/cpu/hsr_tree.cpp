@@ -1006,38 +1006,67 @@ bool HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   const double qnorm = norm_rounded_up(q, dim_);
   // frontier: nodes by the largest score they can reach, largest on top.
   TopK best(k);
-  std::priority_queue<std::pair<double, int32_t>> frontier;
+  // Nodes by the largest score they can reach, largest on top, with <q, c> of their centroid.
+  struct Entry {
+    double reach, qc;
+    int32_t node;
+    bool operator<(const Entry& o) const { return reach < o.reach; }
+  };
+  std::priority_queue<Entry> frontier;
   auto offer = [&](int32_t node) {
     if (count_[node] == 0) return;
-    double upper, lower, slack;
-    const double entry = best.full() ? double(best.worst().score) : -HUGE_VAL;
-    bounds(node, q, qnorm, entry, upper, lower, slack);
+    double upper, lower, slack, qc;
+    ball_bounds(node, q, qnorm, upper, lower, slack, &qc);
+    if (!best.full() || upper + slack >= best.worst().score) tighten_with_box(node, q, upper, lower);
     const double reach = upper + slack;
     if (best.full() && reach < best.worst().score) return;
-    frontier.push({reach, node});
+    frontier.push({reach, qc, node});
   };
   offer(0);
   std::vector<float> buf(leaf_size_);
+  // Once k points are in, a leaf is scored as a range query at the k-th score: its sketch
+  // rules out the points that cannot enter before their float score is read.
+  float qabs[kMaxSketchGroups];
+  sketch::IntervalScanner::query_terms(sketch_layout_, q, 1, qabs);
+  std::unique_ptr<LeafScratch> scratch;
+  std::vector<Hit> found;
+  std::vector<Hit>* found_ptr = &found;
+  int64_t reached = 0;  // points of the leaves opened, sketched or scored
   while (!frontier.empty()) {
-    const auto [reach, node] = frontier.top();
+    const Entry top = frontier.top();
     frontier.pop();
-    if (best.full() && reach < best.worst().score) break;  // nothing left can enter
+    if (best.full() && top.reach < best.worst().score) break;  // nothing left can enter
     ++stats.nodes_visited;
-    const int32_t b = block_[node];
+    const int32_t b = block_[top.node];
     if (b < 0) {
-      offer(left_[node]);
-      offer(right_[node]);
+      // Both children's summaries load at once, not each after the other's bound.
+      prefetch_node(left_[top.node]);
+      prefetch_node(right_[top.node]);
+      offer(left_[top.node]);
+      offer(right_[top.node]);
       continue;
     }
     const int32_t used = block_used_[b];
-    if (stats.points_scored + used > max_scored) {
+    if (reached + used > max_scored) {
       out.clear();
       return false;
     }
-    score_points(q, 1, dim_, point(b, 0), used, buf.data(), 1);
-    stats.points_scored += used;
-    for (int32_t s = 0; s < used; ++s)
-      if (best.may_enter(buf[s])) best.offer({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
+    reached += used;
+    if (!best.full()) {
+      score_points(q, 1, dim_, point(b, 0), used, buf.data(), 1);
+      stats.points_scored += used;
+      for (int32_t s = 0; s < used; ++s)
+        if (best.may_enter(buf[s])) best.offer({buf[s], slot_id_[int64_t(b) * leaf_size_ + s]});
+      continue;
+    }
+    if (!scratch) scratch = std::make_unique<LeafScratch>(dim_);
+    const float entry = best.worst().score;
+    const bool inside = false;
+    found.clear();
+    score_leaf(b, {q, qabs, &qnorm, &entry, &inside, &top.qc, 1}, *scratch, &found_ptr, &stats.points_scored);
+    stats.points_sketched += used;
+    for (const Hit& h : found)
+      if (best.may_enter(h.score)) best.offer(h);
   }
   out = best.sorted();
   stats.results = int64_t(out.size());

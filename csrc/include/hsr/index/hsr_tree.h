@@ -177,8 +177,9 @@ class HSRTree {
   // Leaf blocks ever allocated (block ids are below this).
   int32_t num_blocks() const { return int32_t(block_used_.size()); }
   // The k points of largest <q, x>, by descending score (ties by ascending id); fewer than
-  // k when fewer points are stored. Gives up (returns false, out empty) rather than score
-  // more than max_scored points.
+  // k when fewer points are stored. Once k points are in, a leaf's points are bounded from
+  // the sketch first and only those that may enter get a float score. Gives up (returns
+  // false, out empty) rather than open leaves of more than max_scored points in all.
   bool search(const float* q, int64_t k, std::vector<Hit>& out, QueryStats& stats,
               int64_t max_scored = INT64_MAX) const;
 

@@ -98,9 +98,9 @@ class _QueryRouting:
     @property
     def scan_fraction(self) -> float:
         """When a query is answered by an exact scan instead of the tree (same results, same
-        scores): a range query when the tree's frontier estimate says it would score more than
-        this fraction of the points; a top-k search when it has scored a thirty-second of this
-        fraction without finishing, or at once below 32768 points. 0 scans every query, 1
+        scores): a range query when its walk's frontier count (which over-states what the walk
+        opens) passes this fraction of the points; a top-k search when the leaves it opened hold
+        a thirty-second of this fraction without finishing, or at once below 32768 points. 0 scans every query, 1
         never scans; default 0.5. A runtime setting: not saved by write_index."""
         return self._impl.scan_fraction()
 

@@ -42,13 +42,13 @@ void check_finite(const at::Tensor& x, const char* what, const char* name) {
   check_all_finite(x.data_ptr<float>(), x.numel(), what, name);
 }
 
-// Default of scan_fraction: a range query is answered by a scan when the frontier estimate
-// says the tree would score more than this fraction of the points. The estimate over-states
-// what the traversal opens (1e6 x 128 clustered, 1%: 0.3-0.45 estimated, 0.21 opened), and a
-// traversal that sketches a fifth of the points costs a third of a scan of them all (4.6 vs
-// 12.5 ms a query; 0.3 sent 15 of those 16 queries to the scan).
+// Default of scan_fraction: a range query is answered by a scan when its walk's frontier
+// count says the tree would score more than this fraction of the points. The count
+// over-states what the traversal opens (1e6 x 128 clustered, 1%: 0.3-0.45 counted, 0.21
+// opened), and a traversal that sketches a fifth of the points costs a third of a scan of them
+// all (4.6 vs 12.5 ms a query in session 19; 0.3 sent 15 of those 16 queries to the scan).
 constexpr double kDefaultScanFraction = 0.5;
-// When a tree is scanned for some queries of a call, its other range queries whose estimate
+// When a tree is scanned for some queries of a call, its other range queries whose count
 // exceeds this share of scan_fraction join that scan: with the points read anyway, a joining
 // query pays only its scoring, about a fifth of what a traversal pays per point it scores
 // (1e6 x 128 clustered, 16 queries, 1%: 14 walks + 2 scans 91 ms, all 16 scanned 63 ms).

@@ -135,7 +135,7 @@ class HSRTree {
   // The frontier count of one query's walk, shared by its parts: the points of the nodes of
   // at most kFrontierLeaves leaves' worth (or leaves, or inside) whose upper bound reaches the
   // threshold, counted where the walk first meets such a node. It over-estimates what the
-  // walk will score (as estimated_scored_fraction does); the walk gives up once it passes cap.
+  // walk will score, so callers route by it (tree or scan); the walk gives up once it passes cap.
   struct FrontierCount {
     int64_t cap = INT64_MAX;
     std::atomic<int64_t> points{0};
@@ -186,11 +186,6 @@ class HSRTree {
   std::vector<uint8_t> serialize() const;
   // Throws std::invalid_argument on a truncated, corrupted or incompatible buffer.
   static HSRTree deserialize(const uint8_t* data, size_t size);
-
-  // Cost model for choosing between the tree and a scan: the fraction of points in frontier
-  // nodes (a few levels down) whose upper bound reaches `thresh`, which over-estimates what a
-  // traversal scores. Stops early (returning a value above stop_above) once it exceeds it.
-  double estimated_scored_fraction(const float* q, float thresh, double stop_above = 1.0) const;
 
   // The stored point with this id, or nullptr when the id was removed or never added (or the
   // tree keeps no points).

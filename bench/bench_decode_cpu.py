@@ -16,7 +16,9 @@ every step and head) and the output error, next to the certified bounds the step
 (mass bound: the largest over steps and heads; steps_tv_over_bound counts the steps where some q head's
 measured TV exceeds that head's reported bound: 0 when every certificate held).
 Softmax and ReLU run with each selection: tree+sketch, sketch (every key's sketch), and tree
-(whole leaves) for softmax, index (the index's half-space query on float32 keys) for ReLU;
+(whole leaves) for softmax, index (the index's half-space query on float32 keys) for ReLU
+(`relu 1%`: the bias passes 1% of the (q head, key) pairs; `relu union 1%`, tree+sketch only:
+it passes 1% of the keys for some q head of their group, the keys a GQA step reads);
 softmax also runs at eps=0.1 with and without the estimate mode (Softmax(estimate=True): the keys
 left out are added in from their sketch scores and block value means; its err column is the
 measured error of that uncertified estimate, next to the certified err bound); top-1024
@@ -99,8 +101,8 @@ def quality(q, k, v, out, policy, selection, indexed):
     return torch.cat(errs), left
 
 
-def policy_name(policy):
-    """The row label of a policy (ReLU rows use a bias at the 1% quantile)."""
+def policy_name(policy, relu_active="1%"):
+    """The row label of a policy (ReLU rows: relu_active says where the bias sits)."""
     if isinstance(policy, hsr.TopK):
         return f"top-{policy.k}"
     if isinstance(policy, hsr.Softmax) and policy.threshold is not None:
@@ -109,10 +111,11 @@ def policy_name(policy):
         return f"softmax eps={policy.eps:g} sketch estimate"
     if isinstance(policy, hsr.Softmax):
         return f"softmax eps={policy.eps:g} {policy.select}"
-    return f"relu 1% {policy.select}"
+    return f"relu {relu_active} {policy.select}"
 
 
-def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=torch.bfloat16, fallback=False):
+def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=torch.bfloat16, fallback=False,
+               name=None):
     group = heads_q // heads_kv
     q, k, v = make_stream(n, heads_kv, group, d, batch=batch)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -145,7 +148,7 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=t
         if softmax else float("nan")
     err, _ = quality(q, k, v, out, policy, info.selection, cache.indexed_length)
     dense_bytes = 2 * batch * heads_kv * n * d * k.element_size()
-    name = policy_name(policy)
+    name = name or policy_name(policy)
     if fallback:  # the default cache: the path and selection its probe kept
         name = f"softmax eps={policy.eps:g} default -> {info.select or info.path}"
     return dict(n=n, batch=batch, heads=f"{heads_q}/{heads_kv}", d=d, policy=name, step_ms=float(np.median(times)),
@@ -158,11 +161,14 @@ def bench_case(n, policy, steps, heads_q=32, heads_kv=8, d=128, batch=1, dtype=t
                 prefill_s=prefill_s)
 
 
-def relu_bias_for(n, fraction, heads_kv=8, group=4, d=128):
-    """The bias at which about `fraction` of the keys get a positive ReLU weight (measured on
-    batch entry 0; the others are streams of the same kind)."""
+def relu_bias_for(n, fraction, heads_kv=8, group=4, d=128, union=False):
+    """The bias at which about `fraction` of the keys get a positive ReLU weight from a q head
+    (union=False: over all (q head, key) pairs) or from any q head of their kv head's group
+    (union=True: the keys a GQA step must read). Measured on batch entry 0; the others are
+    streams of the same kind."""
     q, k, _ = make_stream(n, heads_kv, group, d)
-    s = torch.cat([(q[0, h * group:(h + 1) * group, 0] @ k[0, h].T).flatten() for h in range(heads_kv)])
+    per_group = [q[0, h * group:(h + 1) * group, 0] @ k[0, h].T for h in range(heads_kv)]
+    s = torch.cat([p.amax(0) if union else p.flatten() for p in per_group])
     return float(torch.quantile(s[:: max(1, s.numel() // 1_000_000)] / math.sqrt(d), 1 - fraction))
 
 
@@ -214,13 +220,19 @@ def main():
         for batch, heads_q, heads_kv, d in shapes:
             shape = dict(heads_q=heads_q, heads_kv=heads_kv, d=d, batch=batch)
             bias = relu_bias_for(n, 0.01, heads_kv, heads_q // heads_kv, d)
-            for policy in (hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.Softmax(eps=1e-3, select="sketch"),
-                           hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(1024), hsr.Softmax(threshold="paper"),
-                           hsr.ReLU(alpha=2, bias=bias, select="tree+sketch"),
-                           hsr.ReLU(alpha=2, bias=bias, select="sketch"), hsr.ReLU(alpha=2, bias=bias, select="index"),
-                           hsr.Softmax(eps=1e-1, select="sketch"), hsr.Softmax(eps=1e-1, estimate=True)):
-                if wanted(policy_name(policy), args.policies):
-                    row = bench_case(n, policy, args.steps, **shape)
+            union_bias = relu_bias_for(n, 0.01, heads_kv, heads_q // heads_kv, d, union=True)
+            cases = [(p, policy_name(p)) for p in (
+                hsr.Softmax(eps=1e-3, select="tree+sketch"), hsr.Softmax(eps=1e-3, select="sketch"),
+                hsr.Softmax(eps=1e-3, select="tree"), hsr.TopK(1024), hsr.Softmax(threshold="paper"),
+                hsr.ReLU(alpha=2, bias=bias, select="tree+sketch"), hsr.ReLU(alpha=2, bias=bias, select="sketch"),
+                hsr.ReLU(alpha=2, bias=bias, select="index"))]
+            union = hsr.ReLU(alpha=2, bias=union_bias, select="tree+sketch")
+            cases.append((union, policy_name(union, "union 1%")))
+            cases += [(p, policy_name(p)) for p in (hsr.Softmax(eps=1e-1, select="sketch"),
+                                                     hsr.Softmax(eps=1e-1, estimate=True))]
+            for policy, name in cases:
+                if wanted(name, args.policies):
+                    row = bench_case(n, policy, args.steps, name=name, **shape)
                     print_row(row)
                     rows.append(row)
             # The default cache: times its candidate paths every probe_every steps, keeps the fastest.

@@ -1004,7 +1004,6 @@ bool HSRTree::search(const float* q, int64_t k, std::vector<Hit>& out, QueryStat
   stats = QueryStats{};
   if (live_ == 0 || k <= 0) return true;
   const double qnorm = norm_rounded_up(q, dim_);
-  // frontier: nodes by the largest score they can reach, largest on top.
   TopK best(k);
   // Nodes by the largest score they can reach, largest on top, with <q, c> of their centroid.
   struct Entry {

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["HSRIndex", "HSRIndexBatch", "write_index", "read_index", "paper_threshold", "KeyStats", "IndexStats", "sketch_bytes_per_point",
-           "expected_reported_fraction"]
+__all__ = ["HSRIndex", "HSRIndexBatch", "write_index", "read_index", "paper_threshold", "KeyStats", "IndexStats",
+           "sketch_bytes_per_point", "expected_reported_fraction"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,9 @@ class _QueryRouting:
         """When a query is answered by an exact scan instead of the tree (same results, same
         scores): a range query when its walk's frontier count (which over-states what the walk
         opens) passes this fraction of the points; a top-k search when the leaves it opened hold
-        a thirty-second of this fraction without finishing, or at once below 32768 points. 0 scans every query, 1
-        never scans; default 0.5. A runtime setting: not saved by write_index."""
+        a thirty-second of this fraction without finishing, or at once below 32768 points. 0
+        scans every query, 1 never scans; default 0.5. A runtime setting: not saved by
+        write_index."""
         return self._impl.scan_fraction()
 
     @scan_fraction.setter

@@ -14,6 +14,7 @@
 
 #include "hsr/cpu/vec_math.h"
 #include "index_holders.h"
+#include "parallel_items.h"
 #include "selection_pack.h"
 #include "value_checks.h"
 
@@ -315,7 +316,7 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
   std::vector<float> qabs(size_t(m) * ng, 0.0f);
   for (int64_t t = 0; t < int64_t(by_tree.size()); ++t)
     for (int64_t i : by_tree[t]) trees[t].leaf_query_terms(qp + i * d, qnorm[size_t(i)], qabs.data() + i * ng);
-  // Hits and float scores per thread and query, joined and sorted by id at the end.
+  // Hits and float scores per thread and query, joined in id order at the end.
   const int threads = at::get_num_threads();
   std::vector<std::vector<std::vector<Hit>>> found(size_t(threads), std::vector<std::vector<Hit>>(static_cast<size_t>(m)));
   std::vector<std::vector<int64_t>> scored(size_t(threads), std::vector<int64_t>(size_t(m), 0));
@@ -374,7 +375,8 @@ void score_listed_leaves(const at::Tensor& q, const HSRTree* trees,
 // and point counts are dropped, the nodes it visited stay counted). estimate[i]: the frontier
 // count over the tree's points. Fewer walks than threads cannot keep the threads busy one
 // walk each: each walk then stops at a level of kSplitItemsPerThread nodes per thread, and
-// the threads walk those nodes' subtrees as parts, each taking the next part when done.
+// the threads walk those nodes' subtrees as parts, each taking the next part when done
+// (parallel_for_each_item).
 template <typename TreeOf>
 void walk_range_queries(const float* qp, int64_t m, int64_t d, const HSRTree* trees, const TreeOf& tree_of,
                         const float* thresh, double scan_above, int64_t largest, std::vector<char>& scan,
@@ -408,17 +410,12 @@ void walk_range_queries(const float* qp, int64_t m, int64_t d, const HSRTree* tr
   if (!parts.empty()) {
     std::vector<std::vector<HSRTree::LeafVisit>> part_leaves(parts.size());
     std::vector<QueryStats> part_stats(parts.size());
-    std::atomic<size_t> next_part{0};
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (size_t p = next_part.fetch_add(1); p < parts.size(); p = next_part.fetch_add(1)) {
-          const int64_t i = parts[p].query;
-          if (counts[i].exceeded()) continue;  // another part of the walk gave up
-          std::vector<HSRTree::WalkItem> level{parts[p].item};
-          index::BoxGate box = gates[i];
-          trees[tree_of(i)].range_walk(qp + i * d, thresh[i], level, 0, box, counts[i], part_leaves[p],
-                                       part_stats[p]);
-        }
+    parallel_for_each_item(int64_t(parts.size()), [&](int64_t p) {
+      const int64_t i = parts[p].query;
+      if (counts[i].exceeded()) return;  // another part of the walk gave up
+      std::vector<HSRTree::WalkItem> level{parts[p].item};
+      index::BoxGate box = gates[i];
+      trees[tree_of(i)].range_walk(qp + i * d, thresh[i], level, 0, box, counts[i], part_leaves[p], part_stats[p]);
     });
     for (size_t p = 0; p < parts.size(); ++p) {
       auto& to = leaves[parts[p].query];

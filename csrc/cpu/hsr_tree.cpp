@@ -864,17 +864,6 @@ void HSRTree::gated_bounds(int32_t node, const float* q, double qnorm, float thr
   box.record(settled());
 }
 
-void HSRTree::range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
-                           QueryStats& stats) const {
-  std::vector<WalkItem> level;
-  if (live_ > 0) level.push_back({0, false, false});
-  BoxGate box;
-  FrontierCount count;
-  leaves.clear();
-  stats = QueryStats{};
-  range_walk(q, thresh, level, 0, box, count, leaves, stats);
-}
-
 bool HSRTree::range_walk(const float* q, float thresh, std::vector<WalkItem>& level, size_t split_at, BoxGate& box,
                          FrontierCount& count, std::vector<LeafVisit>& leaves, QueryStats& stats) const {
   require_points("range_search");
@@ -981,8 +970,13 @@ void HSRTree::score_leaf(int32_t block, const LeafQueries& lq, LeafScratch& scra
 
 void HSRTree::range_search(const float* q, float thresh, std::vector<Hit>& out,
                            QueryStats& stats) const {
+  std::vector<WalkItem> level;
+  if (live_ > 0) level.push_back({0, false, false});
+  BoxGate box;
+  FrontierCount count;
   std::vector<LeafVisit> leaves;
-  range_leaves(q, thresh, leaves, stats);
+  stats = QueryStats{};
+  range_walk(q, thresh, level, 0, box, count, leaves, stats);
   out.clear();
   if (!leaves.empty()) {
     double qnorm;

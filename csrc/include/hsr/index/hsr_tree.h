@@ -111,22 +111,17 @@ class HSRTree {
   // Every point with <q, x> >= thresh (scores as the fp32 scan computes them), sorted by id.
   void range_search(const float* q, float thresh, std::vector<Hit>& out, QueryStats& stats) const;
   // The first half of range_search, for callers that score many queries' leaves together
-  // (each leaf read once for all the queries that open it): the leaves whose points may
-  // reach thresh, and whether every point of the leaf is known to (stats: nodes visited; the
-  // points of these leaves, as scored when inside or without a sketch, else as sketched: the
-  // caller adds the candidates score_leaf scores). qc: the walk's <q, c> of the leaf's
-  // centroid, which score_leaf needs for a leaf not inside.
+  // (each leaf read once for all the queries that open it), route a query (tree or scan) by
+  // its walk and spread one query's walk over threads: a walk lists the leaves whose points
+  // may reach thresh, whether every point of the leaf is known to, and qc, the walk's <q, c>
+  // of the leaf's centroid, which score_leaf needs for a leaf not inside.
   struct LeafVisit {
     int32_t block;
     bool inside;
     double qc;
   };
-  void range_leaves(const float* q, float thresh, std::vector<LeafVisit>& leaves,
-                    QueryStats& stats) const;
-  // range_leaves in parts, for a caller that routes a query (tree or scan) by the walk itself
-  // and spreads one query's walk over threads. A node of the walk, with whether every point
-  // below is known to pass (no bounds needed) and whether its points are already in the
-  // frontier count.
+  // A node of the walk, with whether every point below is known to pass (no bounds needed)
+  // and whether its points are already in the frontier count.
   struct WalkItem {
     int32_t node;
     bool inside;
@@ -142,10 +137,12 @@ class HSRTree {
     bool exceeded() const { return points.load(std::memory_order_relaxed) > cap; }
   };
   // Walks level by level from the items of `level` (the root: {0, false, false}), appending
-  // leaves and counting stats as range_leaves does. With split_at > 0 it returns as soon as a
-  // level holds at least split_at items, leaving them in `level` for further calls (one per
-  // part; the gate `box` carries what the walk so far learnt about boxes). Returns false when
-  // the frontier count passed its cap (the walk gave up: leaves and stats are incomplete).
+  // the leaves to visit and adding to stats the nodes visited and the points of those leaves
+  // (as scored when inside, else as sketched: the caller adds the candidates score_leaf
+  // scores). With split_at > 0 it returns as soon as a level holds at least split_at items,
+  // leaving them in `level` for further calls (one per part; the gate `box` carries what the
+  // walk so far learnt about boxes). Returns false when the frontier count passed its cap
+  // (the walk gave up: leaves and stats are incomplete).
   bool range_walk(const float* q, float thresh, std::vector<WalkItem>& level, size_t split_at, BoxGate& box,
                   FrontierCount& count, std::vector<LeafVisit>& leaves, QueryStats& stats) const;
   // Points in nodes of at most this many leaves' worth count whole in the frontier count.

@@ -129,6 +129,24 @@ def test_tree_and_sketch_exact_whether_or_not_the_walk_keeps_reading_node_boxes(
             assert boxes >= nodes / 2
 
 
+@pytest.mark.parametrize("D,G", [(64, 2), (37, 1)])
+def test_tree_and_sketch_scan_every_sketch_when_the_tree_cannot_prune(D, G):
+    # Gaussian keys without clusters: every leaf's ball reaches a bias at the 99th percentile,
+    # so the walk gives up where it would open most leaves and scans every key's sketch
+    # instead (leaves opened 0, every key sketched): the sketch-alone selection, exact output.
+    q, k, v = make("random", 2, 2, G, 3000, D, torch.float32, seed=4)
+    s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k.repeat_interleave(G, 1)) / D ** 0.5
+    bias = float(torch.quantile(s.flatten(), 0.99))
+    out, tree = run("tree+sketch", q, k, v, bias=bias)
+    _, alone = run("sketch", q, k, v, bias=bias)
+    nodes, leaves, sketched, _ = tree.index_stats.tolist()
+    assert leaves == 0 and sketched == 4 * 3000 and nodes > 0
+    assert per_head_sets(tree, G) == per_head_sets(alone, G)
+    assert torch.equal(tree.keys_reported, alone.keys_reported)
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), kind="relu", bias=bias)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("offset", [-0.2, 0.2])
 def test_tree_and_sketch_on_duplicated_keys_where_node_bounds_are_tight(offset):
     # 16 distinct keys, each repeated 125 times: leaves hold copies of one key, so a node's

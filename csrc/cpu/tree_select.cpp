@@ -2,6 +2,7 @@
 #include "hsr/sketch/tree_select.h"
 
 #include "hsr/index/box_gate.h"
+#include "hsr/sketch/sketch_select.h"
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +17,11 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // With the sketch level, the tree may leave out this share of the eps budget; the keys the
 // sketch prunes inside the opened leaves use the rest.
 constexpr double kTreeShare = 0.5;
+// The ReLU walk gives up for a scan of every key's sketch once it expects to open more than
+// this share of the keys: read a leaf at a time, the sketch costs more per key than in one
+// stream (8 trees of 256k keys x 128 whose bounds pruned nothing: the walk took 25 ms, the
+// scan 15 ms).
+constexpr double kReluScanFraction = 0.5;
 // Relative widening of logits computed in double (far above double rounding).
 constexpr double kWiden = 1e-12;
 
@@ -299,26 +305,30 @@ class ReluWalk {
   // Fills ids_ (candidate keys, leaf after leaf) and pass_ (G flags per candidate). Level by
   // level: a level's children are bounded in one pass, each while the summaries of the next
   // kPrefetchNodes are on their way (depth first, every node waits for its own loads); the
-  // leaves reached are opened afterwards, in id order.
-  bool run(TreeSelectStats& stats) {
-    std::vector<Item> level, next, children, leaves;
+  // leaves reached are opened afterwards, in id order. Gives up (kGaveUp, nothing opened)
+  // once the keys below the small nodes kept (see small_points_) pass scan_cap.
+  enum class Outcome { kDone, kGaveUp, kNonFinite };
+  Outcome run(TreeSelectStats& stats, int64_t scan_cap) {
+    std::vector<Item> level, next, leaves;
+    std::vector<Child> children;
     const std::vector<Verdict> all_open(size_t(G_), Verdict::kOpen);
-    keep_if_any(0, all_open.data(), level, leaves, stats);
+    keep_if_any(0, all_open.data(), true, level, leaves, stats);
     while (!level.empty()) {
       children.clear();
       for (const auto& [node, slot] : level)
         for (const int32_t c : {tree_.left_child(node), tree_.right_child(node)})
-          if (tree_.live_count(c) > 0) children.emplace_back(c, slot);
+          if (tree_.live_count(c) > 0) children.push_back({c, slot, !small(node)});
       for (size_t i = 0; i < std::min(children.size(), kPrefetchNodes); ++i)
-        tree_.prefetch_node(children[i].first, box_.on());
+        tree_.prefetch_node(children[i].node, box_.on());
       next.clear();
       for (size_t i = 0; i < children.size(); ++i) {
-        if (i + kPrefetchNodes < children.size()) tree_.prefetch_node(children[i + kPrefetchNodes].first, box_.on());
+        if (i + kPrefetchNodes < children.size()) tree_.prefetch_node(children[i + kPrefetchNodes].node, box_.on());
         // keep_if_any appends to verdicts_, which may move: the parent's verdicts go by copy.
-        const auto at = verdicts_.begin() + children[i].second * G_;
+        const auto at = verdicts_.begin() + children[i].parent_slot * G_;
         parent_.assign(at, at + G_);
-        keep_if_any(children[i].first, parent_.data(), next, leaves, stats);
+        keep_if_any(children[i].node, parent_.data(), children[i].parent_large, next, leaves, stats);
       }
+      if (small_points_ > scan_cap) return Outcome::kGaveUp;
       level.swap(next);
     }
     std::sort(leaves.begin(), leaves.end(),
@@ -329,9 +339,9 @@ class ReluWalk {
         prefetch_leaf_sketch(sketch_, tree_.leaf_ids(ahead), tree_.leaf_point_count(ahead));
       }
       const auto [leaf, slot] = leaves[i];
-      if (!open_leaf(leaf, verdicts_.data() + slot * G_, stats)) return false;
+      if (!open_leaf(leaf, verdicts_.data() + slot * G_, stats)) return Outcome::kNonFinite;
     }
-    return true;
+    return Outcome::kDone;
   }
 
   // How many keys pass for head g.
@@ -368,17 +378,32 @@ class ReluWalk {
  private:
   // A node and its heads' verdicts, at verdicts_[slot * G ...].
   using Item = std::pair<int32_t, int64_t>;
+  // A node of the next level, with where its parent's verdicts sit and whether the parent is
+  // larger than small().
+  struct Child {
+    int32_t node;
+    int64_t parent_slot;
+    bool parent_large;
+  };
   // Nodes bounded ahead of the one being bounded.
   static constexpr size_t kPrefetchNodes = 4;
 
+  // Nodes of at most index::HSRTree::kFrontierLeaves leaves' worth of keys: the keys below
+  // the first such node kept on each path are about what the walk will open there (as the
+  // index's range walk counts them; above, a kept node's count says little).
+  bool small(int32_t node) const {
+    return tree_.live_count(node) <= int64_t(index::HSRTree::kFrontierLeaves) * tree_.leaf_size();
+  }
+
   // Keeps node, with its heads' verdicts (from their verdicts at its parent), in `leaves` or
-  // `inner` unless every head is out.
-  void keep_if_any(int32_t node, const Verdict* parent, std::vector<Item>& inner, std::vector<Item>& leaves,
-                   TreeSelectStats& stats) {
+  // `inner` unless every head is out; a small node kept open for some head (its keys will be
+  // sketched) under a large parent adds its keys to small_points_.
+  void keep_if_any(int32_t node, const Verdict* parent, bool parent_large, std::vector<Item>& inner,
+                   std::vector<Item>& leaves, TreeSelectStats& stats) {
     const int64_t slot = int64_t(verdicts_.size()) / G_;
     verdicts_.insert(verdicts_.end(), parent, parent + G_);
     Verdict* out = verdicts_.data() + slot * G_;
-    bool bounded = false, boxed = false, any = false;
+    bool bounded = false, boxed = false, any = false, open = false;
     for (int g = 0; g < G_; ++g) {
       if (out[g] == Verdict::kOpen) {
         const float* q = q_ + int64_t(g) * d_;
@@ -394,13 +419,16 @@ class ReluWalk {
         }
       }
       any = any || out[g] != Verdict::kOut;
+      open = open || out[g] == Verdict::kOpen;
     }
     stats.nodes_visited += bounded;
     stats.boxes_read += boxed;
-    if (any)
-      (tree_.is_leaf(node) ? leaves : inner).emplace_back(node, slot);
-    else
+    if (!any) {
       verdicts_.resize(size_t(slot) * G_);
+      return;
+    }
+    (tree_.is_leaf(node) ? leaves : inner).emplace_back(node, slot);
+    if (open && parent_large && small(node)) small_points_ += tree_.live_count(node);
   }
 
   // A head's verdict at a node from its bounds of <q, x> (before scaling) and their slack.
@@ -468,6 +496,7 @@ class ReluWalk {
   std::vector<uint8_t> pass_;  // G flags per entry of ids_
   std::vector<uint8_t> any_;   // per entry of ids_: whether any head passes it
   std::vector<int64_t> kept_;  // per head: entries passed
+  int64_t small_points_ = 0;   // keys below the small nodes kept open under large parents
   std::vector<float> est_, rad_;
   std::vector<uint8_t> flags_;  // one head's pass flags over a leaf
 };
@@ -479,8 +508,23 @@ bool select_relu_two_level(const index::HSRTree& tree, const float* q, int G, co
   out = GroupSelection{};
   out.heads.assign(size_t(G), RowSelection{0.0, 0.0, 0.0, 0});
   if (tree.size() == 0) return true;
+  // A scan of the sketch rows [0, next_id) reads exactly the tree's keys when none was removed.
+  const int64_t scan_cap = tree.size() == tree.next_id() ? int64_t(kReluScanFraction * double(tree.size()))
+                                                         : INT64_MAX;
   ReluWalk walk(tree, q, G, sketch, scale, bias);
-  if (!walk.run(out.stats)) return false;
+  switch (walk.run(out.stats, scan_cap)) {
+    case ReluWalk::Outcome::kNonFinite:
+      return false;
+    case ReluWalk::Outcome::kGaveUp: {
+      const TreeSelectStats walked = out.stats;
+      const bool finite = select_relu_by_sketch(sketch, tree.next_id(), q, G, scale, bias, out);
+      out.stats.nodes_visited = walked.nodes_visited;
+      out.stats.boxes_read = walked.boxes_read;
+      return finite;
+    }
+    case ReluWalk::Outcome::kDone:
+      break;
+  }
   for (int g = 0; g < G; ++g) out.heads[g].kept = walk.kept(g);
   walk.collect(tree.next_id(), out);
   return true;

@@ -312,7 +312,8 @@ class ReluWalk {
     std::vector<Item> level, next, leaves;
     std::vector<Child> children;
     const std::vector<Verdict> all_open(size_t(G_), Verdict::kOpen);
-    keep_if_any(0, all_open.data(), true, level, leaves, stats);
+    // The root counts as under a small parent: a tree of a few leaves has nothing to give up for.
+    keep_if_any(0, all_open.data(), false, level, leaves, stats);
     while (!level.empty()) {
       children.clear();
       for (const auto& [node, slot] : level)

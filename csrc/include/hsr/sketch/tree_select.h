@@ -40,8 +40,8 @@ bool select_two_level(const index::HSRTree& tree, const float* q, int G, const S
 // heads[g].kept counts head g's. When the walk finds it would open more than half the keys
 // (the bounds cannot prune) and the tree holds every id below next_id(), it gives up and
 // scans every key's sketch instead (select_relu_by_sketch over [0, next_id()), read as one
-// stream: the sketch alone's superset; stats keep the nodes the walk visited). Returns false when a
-// sketch bound came out non-finite.
+// stream: the sketch alone's superset; stats keep the nodes the walk visited). Returns false
+// when a sketch bound came out non-finite.
 bool select_relu_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch,
                            double scale, double bias, GroupSelection& out);
 

@@ -111,9 +111,10 @@ struct IndexBatchHolder : torch::CustomClassHolder {
                    double eps);
   // ReLU selection in two levels (sketch::select_relu_two_level) for decode queries q
   // (B, Hq, D): every key that can have relu(scale * <q, k> - bias) > 0, found by the tree,
-  // then the key sketch (codes, lo, delta as certified_select's). Returns (offsets, ids,
-  // mask) as certified_select, keys_kept (B, Hq) int64 and stats [nodes_visited,
-  // leaves_opened, keys_sketched, boxes_read].
+  // then the key sketch (codes, lo, delta as certified_select's); a tree whose walk would
+  // sketch more than scan_fraction of its keys scans every key's sketch instead. Returns
+  // (offsets, ids, mask) as certified_select, keys_kept (B, Hq) int64 and stats
+  // [nodes_visited, leaves_opened, keys_sketched, boxes_read].
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   relu_select(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& delta,
               int64_t bits, int64_t group, double scale, double bias);

@@ -100,9 +100,11 @@ class _QueryRouting:
         """When a query is answered by an exact scan instead of the tree (same results, same
         scores): a range query when its walk's frontier count (which over-states what the walk
         opens) passes this fraction of the points; a top-k search when the leaves it opened hold
-        a thirty-second of this fraction without finishing, or at once below 32768 points. 0
-        scans every query, 1 never scans; default 0.5. A runtime setting: not saved by
-        write_index."""
+        a thirty-second of this fraction without finishing, or at once below 32768 points; an
+        HSRIndexBatch's ReLU selection (hsr.relu_sketch_attention(index=), a cache's ReLU
+        tree+sketch step) scans every key's sketch of a tree when the nodes its walk keeps open
+        hold more than this fraction of the keys. 0 scans every query, 1 never scans; default
+        0.5. A runtime setting: not saved by write_index."""
         return self._impl.scan_fraction()
 
     @scan_fraction.setter

@@ -145,6 +145,15 @@ def test_tree_and_sketch_scan_every_sketch_when_the_tree_cannot_prune(D, G):
     assert torch.equal(tree.keys_reported, alone.keys_reported)
     ref, _ = attention_ref(q.double(), k.double(), v.double(), kind="relu", bias=bias)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # The index's scan_fraction sets where the walk gives up: at 1 it never does and opens leaves.
+    index = hsr.HSRIndexBatch(k, keep_points=False)
+    index.scan_fraction = 1.0
+    out, walked = hsr.relu_sketch_attention(q, k, v, hsr.KeySketch.from_keys(k), bias=bias, index=index)
+    nodes, leaves, sketched, _ = walked.index_stats.tolist()
+    assert leaves > 0 and sketched <= 4 * 3000
+    for (p, g), chosen in per_head_sets(walked, G).items():
+        assert chosen <= per_head_sets(alone, G)[p, g]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("offset", [-0.2, 0.2])

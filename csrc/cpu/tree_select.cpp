@@ -17,11 +17,6 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // With the sketch level, the tree may leave out this share of the eps budget; the keys the
 // sketch prunes inside the opened leaves use the rest.
 constexpr double kTreeShare = 0.5;
-// The ReLU walk gives up for a scan of every key's sketch once it expects to open more than
-// this share of the keys: read a leaf at a time, the sketch costs more per key than in one
-// stream (8 trees of 256k keys x 128 whose bounds pruned nothing: the walk took 25 ms, the
-// scan 15 ms).
-constexpr double kReluScanFraction = 0.5;
 // Relative widening of logits computed in double (far above double rounding).
 constexpr double kWiden = 1e-12;
 
@@ -505,12 +500,14 @@ class ReluWalk {
 }  // namespace
 
 bool select_relu_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch,
-                           double scale, double bias, GroupSelection& out) {
+                           double scale, double bias, double scan_fraction, GroupSelection& out) {
   out = GroupSelection{};
   out.heads.assign(size_t(G), RowSelection{0.0, 0.0, 0.0, 0});
   if (tree.size() == 0) return true;
   // A scan of the sketch rows [0, next_id) reads exactly the tree's keys when none was removed.
-  const int64_t scan_cap = tree.size() == tree.next_id() ? int64_t(kReluScanFraction * double(tree.size()))
+  // Read a leaf at a time, the sketch costs more per key than in one stream (8 trees of 256k
+  // keys x 128 whose bounds pruned nothing: the walk took 25 ms, the scan 15 ms).
+  const int64_t scan_cap = tree.size() == tree.next_id() ? int64_t(scan_fraction * double(tree.size()))
                                                          : INT64_MAX;
   ReluWalk walk(tree, q, G, sketch, scale, bias);
   switch (walk.run(out.stats, scan_cap)) {

@@ -77,15 +77,16 @@ void check_finite_sketch_bounds(const std::vector<char>& finite, const char* wha
                       "hsr.sketch_keys over finite keys");
 }
 
-// The ReLU walk (sketch::select_relu_two_level) of every tree for its G queries, in parallel.
+// The ReLU walk (sketch::select_relu_two_level) of every tree for its G queries, in parallel;
+// scan_fraction: the index's.
 std::vector<sketch::GroupSelection> relu_walks(const std::vector<index::HSRTree>& trees, const TreeSketchArgs& a,
-                                               double scale, double bias, const char* what) {
+                                               double scale, double bias, double scan_fraction, const char* what) {
   const int64_t pairs = int64_t(trees.size()), heads = a.codes.size(1), dim = a.q.size(2);
   std::vector<sketch::GroupSelection> sel(static_cast<size_t>(pairs));
   std::vector<char> finite(static_cast<size_t>(pairs), 1);
   parallel_for_each_item(pairs, [&](int64_t p) {
     finite[p] = sketch::select_relu_two_level(trees[p], a.q.const_data_ptr<float>() + p * a.G * dim, int(a.G),
-                                              a.view(p, heads), scale, bias, sel[p]);
+                                              a.view(p, heads), scale, bias, scan_fraction, sel[p]);
   });
   check_finite_sketch_bounds(finite, what);
   return sel;
@@ -160,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> IndexBatc
   const TreeSketchArgs a = checked_tree_sketch_args(what, q_in, batch, heads, dim, largest_next_id(trees), codes_in,
                                                     lo_in, delta_in, bits, group, scale);
   TORCH_CHECK_VALUE(std::isfinite(bias), what, ": bias must be finite, got ", bias);
-  const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
+  const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, scan_above, what);
   auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, a.G);
   return {offsets, ids, mask, kept, stats};
 }
@@ -176,7 +177,7 @@ IndexBatchHolder::relu_attend(const at::Tensor& q_in, const at::Tensor& codes, c
                                             normalize, positions_in, tail_begin, what);
   const TreeSketchArgs a = checked_tree_sketch_args(what, in.q.select(2, 0).to(at::kFloat), batch, heads, dim,
                                                     in.rows, codes, lo, delta, bits, group, scale);
-  const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, what);
+  const std::vector<sketch::GroupSelection> sel = relu_walks(trees, a, scale, bias, scan_above, what);
   // The selection as the step reports it (ids as arrival positions, keys kept with the tail's).
   auto [offsets, ids, mask, log_left, v_left, v_kept, kept, stats] = pack_selections(sel, batch, heads, a.G);
   const at::Tensor reported = positions_in.has_value() ? map_to_positions(offsets, ids, *positions_in, what) : ids;

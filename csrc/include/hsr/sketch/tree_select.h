@@ -37,12 +37,13 @@ bool select_two_level(const index::HSRTree& tree, const float* q, int G, const S
 // key below, keeps every key below once its lower bound shows > bias, and inside the leaves
 // still undecided a key passes when its scaled sketch upper bound exceeds bias (as
 // select_relu_by_sketch). A superset of the positive-weight keys, never missing one;
-// heads[g].kept counts head g's. When the walk finds it would open more than half the keys
-// (the bounds cannot prune) and the tree holds every id below next_id(), it gives up and
-// scans every key's sketch instead (select_relu_by_sketch over [0, next_id()), read as one
-// stream: the sketch alone's superset; stats keep the nodes the walk visited). Returns false
-// when a sketch bound came out non-finite.
+// heads[g].kept counts head g's. When the walk finds it would open more than scan_fraction
+// of the keys (counted as the index's range walk counts its frontier: the bounds cannot
+// prune; 1 never gives up) and the tree holds every id below next_id(), it gives up and scans
+// every key's sketch instead (select_relu_by_sketch over [0, next_id()), read as one stream:
+// the sketch alone's superset; stats keep the nodes the walk visited). Returns false when a
+// sketch bound came out non-finite.
 bool select_relu_two_level(const index::HSRTree& tree, const float* q, int G, const SketchView& sketch,
-                           double scale, double bias, GroupSelection& out);
+                           double scale, double bias, double scan_fraction, GroupSelection& out);
 
 }  // namespace hsr::sketch
